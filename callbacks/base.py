@@ -1,0 +1,115 @@
+"""The machinery every evaluation callback shares: collect per-sample outputs keyed by sample id,
+gather them from every rank, drop duplicates, compute set-level metrics once, log them everywhere.
+
+A subclass implements ``collect`` (per batch: {sample_id: record}) and ``compute`` (on the merged,
+id-sorted records: {metric: value}). Callbacks never know families; they call capabilities such as
+``pl_module.encode_image``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lit_vlm.distributed import all_gather_objects
+
+log = logging.getLogger("lit_vlm.eval")
+
+_STAGES = ("val", "test")
+
+
+class EvalCallback(pl.Callback):
+    """Base of the evaluation callbacks.
+
+    Args:
+        splits: Stages to evaluate on, among "val" and "test".
+        prefix: Metric names are logged as ``{stage}/{prefix}/{metric}``.
+    """
+
+    def __init__(self, splits: tuple[str, ...] | list[str] = ("val", "test"), prefix: str = "eval") -> None:
+        bad = [s for s in splits if s not in _STAGES]
+        if bad:
+            raise ValueError(f"{type(self).__name__} splits must be among {_STAGES}, got {bad}")
+        self.splits = tuple(splits)
+        self.prefix = prefix
+        self._records: dict[str, Any] = {}
+        self.metrics: dict[str, dict[str, float]] = {}  # stage -> last computed metrics
+
+    # ---- to implement ----------------------------------------------------------------------
+    def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+        """Prepare before an evaluation epoch; return False to skip this epoch."""
+        return True
+
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def compute(self, records: list[Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # ---- shared flow -----------------------------------------------------------------------
+    def _active(self, trainer: pl.Trainer, stage: str) -> bool:
+        return stage in self.splits and not trainer.sanity_checking
+
+    def _start(self, trainer, pl_module, stage):
+        self._records = {}
+        self._enabled = self._active(trainer, stage) and self.setup_epoch(trainer, pl_module, stage)
+
+    def _batch(self, trainer, pl_module, batch):
+        if not getattr(self, "_enabled", False):
+            return
+        with torch.no_grad():
+            for sample_id, record in self.collect(trainer, pl_module, batch).items():
+                self._records.setdefault(sample_id, record)
+
+    def _end(self, trainer, pl_module, stage):
+        if not getattr(self, "_enabled", False):
+            return
+        merged: dict[str, Any] = {}
+        duplicates = 0
+        for part in all_gather_objects(self._records):  # rank order
+            for sample_id, record in part.items():
+                if sample_id in merged:
+                    duplicates += 1
+                else:
+                    merged[sample_id] = record
+        if duplicates:
+            log.info("%s: dropped %d duplicate sample(s) gathered from several ranks", type(self).__name__, duplicates)
+        self._records = {}
+        if not merged:
+            log.warning("%s: no samples to evaluate on the %s split", type(self).__name__, stage)
+            return
+        ids = sorted(merged)
+        metrics = self.compute([merged[i] for i in ids])
+        metrics["num_samples"] = float(len(ids))
+        self.metrics[stage] = metrics
+        for name, value in metrics.items():
+            # Every rank holds the same value; sync_dist keeps Lightning's epoch-level logging consistent.
+            pl_module.log(f"{stage}/{self.prefix}/{name}", float(value), sync_dist=True)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._start(trainer, pl_module, "val")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch(trainer, pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._end(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._start(trainer, pl_module, "test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._batch(trainer, pl_module, batch)
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._end(trainer, pl_module, "test")
+
+
+def require_capability(pl_module: pl.LightningModule, *names: str) -> None:
+    """Raise a clear error if the family lacks a capability an evaluation needs."""
+    missing = [n for n in names if not callable(getattr(pl_module, n, None))]
+    if missing:
+        raise TypeError(f"{type(pl_module).__name__} does not implement {', '.join(missing)}, needed by this evaluation")

@@ -1,0 +1,159 @@
+"""Run bookkeeping: the checkpoint index that lets a later ``lit-vlm test --ckpt_path best`` find
+the best checkpoint, and the results JSON every test run writes (the leaderboard's only input)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+import lit_vlm
+
+INDEX_FILE = "index.json"
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over, so a crash never leaves a
+    half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that also keeps ``checkpoints/index.json`` ({"best", "last",
+    "monitor", "best_score"}) up to date, so ``--ckpt_path best|last`` resolves in a later process."""
+
+    def _write_index(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or not self.dirpath:
+            return
+        last = self.last_model_path or None
+        best = self.best_model_path or last
+        if not best and not last:
+            return
+        score = self.best_model_score
+        write_json_atomic(
+            Path(self.dirpath) / INDEX_FILE,
+            {
+                "best": best,
+                "last": last,
+                "monitor": self.monitor,
+                "best_score": None if score is None else float(score),
+            },
+        )
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        self._write_index(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        super().on_train_epoch_end(trainer, pl_module)
+        self._write_index(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        self._write_index(trainer)
+        if trainer.is_global_zero and self.dirpath:
+            log_dir = trainer.log_dir or str(Path(self.dirpath).parent)
+            rank_zero_info(
+                f"\nRun directory: {log_dir}\n"
+                f"  checkpoints: {self.dirpath} (best: {self.best_model_path or '-'}, last: {self.last_model_path or '-'})\n"
+                f"  TensorBoard: tensorboard --logdir {Path(log_dir).parent}"
+            )
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit of the lit-vlm checkout in use (and whether it has local changes), if any."""
+    root = Path(lit_vlm.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return {"commit": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a number was measured: host, OS, CPU, accelerators and library versions."""
+    import lightning
+
+    info = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "lit_vlm": lit_vlm.__version__,
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+class ResultsWriter(pl.Callback):
+    """Writes ``results.json`` into the run directory at the end of every ``test``: family, config,
+    checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit.
+
+    Args:
+        dirpath: Directory for the file; default: the run's log directory.
+        filename: File name; an existing file is never overwritten (a numbered name is used).
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "results.json") -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+        self.last_path: Path | None = None
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        log_dir = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        config_file = log_dir / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test/")}
+        throughput = next((c.test_samples_per_sec for c in trainer.callbacks if hasattr(c, "test_samples_per_sec")), None)
+        skipped = next((c.totals.get("test") for c in trainer.callbacks if hasattr(c, "totals")), None)
+        dm = trainer.datamodule
+        results = {
+            "family": type(pl_module).__name__,
+            "family_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+            "config_file": str(config_file) if config_file.is_file() else None,
+            "config": config,
+            "checkpoint": trainer.ckpt_path,
+            "data": {
+                "class": type(dm).__name__ if dm is not None else None,
+                "hparams": dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else None,
+                "skipped": skipped,
+            },
+            "metrics": metrics,
+            "samples_per_sec": throughput,
+            "world_size": trainer.world_size,
+            "machine": machine_info(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **git_commit(),
+        }
+        path = log_dir / self.filename
+        n = 1
+        while path.exists():
+            path = log_dir / f"{Path(self.filename).stem}-{n}{Path(self.filename).suffix}"
+            n += 1
+        write_json_atomic(path, results)
+        self.last_path = path
+        rank_zero_info(f"\nResults JSON: {path}\n  TensorBoard: tensorboard --logdir {log_dir.parent}")

@@ -1,0 +1,1 @@
+"""Data: the synthetic world, shard writers, streaming DataModules, transforms, tokenisation."""

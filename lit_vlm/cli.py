@@ -1,0 +1,184 @@
+"""The ``lit-vlm`` command: LightningCLI (fit / validate / test / predict) plus ``lit-vlm data ...``.
+
+Defaults a researcher expects are built in (TensorBoard under ``runs/``, the resolved config saved
+beside each run, samples/s on the progress bar, ``last`` and ``best`` checkpoints, learning-rate
+monitoring, gradient clipping, seed 0); every one can be overridden from YAML or the command line.
+
+Values that must agree between data and model are given once: any ``image_size``,
+``vocab_size``, ``context_length`` or ``pad_id`` argument left unset anywhere in the model's config
+(the family's own arguments or its towers') is filled from the DataModule's attribute of that
+name; a value set in both places that disagrees is an error naming both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from lit_vlm.callbacks.results import INDEX_FILE, Checkpoint
+
+LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id")
+
+_DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
+
+subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`), and
+`lit-vlm data synth --out DIR` (write the synthetic world; `lit-vlm data --help`)."""
+
+
+class LitVLMCLI(LightningCLI):
+    """LightningCLI with lit-vlm's defaults, soft links and ``--ckpt_path best|last`` resolution."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        trainer_defaults = {
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "lit-vlm", "default_hp_metric": False},
+            },
+            "gradient_clip_val": 1.0,
+            "log_every_n_steps": 10,
+            "callbacks": _default_callbacks(),
+        }
+        kwargs.setdefault("trainer_defaults", trainer_defaults)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_kwargs", {"description": _DESCRIPTION})
+        super().__init__(LightningModule, LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "epoch{epoch:03d}-step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        apply_soft_links(cfg)
+        if self.subcommand in ("validate", "test", "predict") and cfg.get("ckpt_path") in ("best", "last"):
+            cfg.ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.trainer.logger)
+            print(f"Using checkpoint: {cfg.ckpt_path}", file=sys.stderr)
+
+
+def _default_callbacks() -> list:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
+    from lit_vlm.callbacks.results import ResultsWriter
+
+    return [LearningRateMonitor(logging_interval="step"), SamplesPerSecond(), DataStats(), ResultsWriter()]
+
+
+# ---- soft links ---------------------------------------------------------------------------------
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _data_values(data_cfg: Namespace) -> dict[str, Any]:
+    """Instantiate the DataModule once (cheap: no data is read) to read the linked attributes."""
+    init_args = data_cfg.init_args.as_dict() if isinstance(data_cfg.init_args, Namespace) else dict(data_cfg.init_args or {})
+    dm = _import(data_cfg.class_path)(**init_args)
+    return {k: getattr(dm, k) for k in LINKED_KEYS if getattr(dm, k, None) is not None}
+
+
+def _fill(node: Any, values: dict[str, Any], path: str) -> None:
+    if not isinstance(node, Namespace) or "class_path" not in node or "init_args" not in node:
+        return
+    init_args = node.init_args
+    if init_args is None:
+        return
+    for key, value in values.items():
+        if key in init_args:
+            current = init_args[key]
+            if current is None:
+                init_args[key] = value
+            elif current != value:
+                raise ValueError(
+                    f"{path}.init_args.{key}={current!r} disagrees with data.init_args.{key}={value!r}; "
+                    f"set {key} once, in the data config (leave the model's unset)"
+                )
+    for key in list(init_args.keys()):
+        child = init_args[key]
+        if isinstance(child, Namespace):
+            _fill(child, values, f"{path}.init_args.{key}")
+
+
+def apply_soft_links(cfg: Namespace) -> None:
+    """Fill the model config's unset linked keys from the DataModule (see the module docstring)."""
+    if cfg.get("model") is None or cfg.get("data") is None:
+        return
+    _fill(cfg.model, _data_values(cfg.data), "model")
+
+
+# ---- checkpoint resolution ----------------------------------------------------------------------
+def _logger_location(logger_cfg: Any) -> tuple[str, str]:
+    init = {}
+    if isinstance(logger_cfg, Namespace):
+        init = logger_cfg.get("init_args") or {}
+    elif isinstance(logger_cfg, dict):
+        init = logger_cfg.get("init_args", {})
+    elif isinstance(logger_cfg, list) and logger_cfg:
+        return _logger_location(logger_cfg[0])
+    get = init.get if hasattr(init, "get") else (lambda k, d=None: d)
+    return str(get("save_dir", "runs") or "runs"), str(get("name", "lit-vlm") or "lit-vlm")
+
+
+def resolve_checkpoint(which: str, logger_cfg: Any) -> str:
+    """Path of the ``best`` or ``last`` checkpoint of the newest fit run under the logger's
+    ``save_dir/name`` (read from ``checkpoints/index.json``, written by :class:`Checkpoint`)."""
+    save_dir, name = _logger_location(logger_cfg)
+    indexes = sorted(Path(save_dir, name).glob(f"version_*/checkpoints/{INDEX_FILE}"), key=lambda p: p.stat().st_mtime)
+    for index in reversed(indexes):
+        import json
+
+        entry = json.loads(index.read_text()).get(which)
+        if entry and Path(entry).is_file():
+            return entry
+    raise FileNotFoundError(
+        f"--ckpt_path {which}: no '{which}' checkpoint found under {Path(save_dir, name)}/version_*/checkpoints/ "
+        f"(run `lit-vlm fit` with the same config first, or pass a checkpoint path)"
+    )
+
+
+# ---- entry point --------------------------------------------------------------------------------
+def data_main(argv: list[str]) -> int:
+    """``lit-vlm data <command>``: dataset tools."""
+    commands = {"synth": "lit_vlm.datamodules.synth"}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lit-vlm data {synth} ...\n\n  synth   write the synthetic world (shards + annotation JSON)\n\n"
+              "`lit-vlm data synth --help` lists its options.")
+        return 0 if argv else 2
+    if argv[0] not in commands:
+        print(f"lit-vlm data: unknown command '{argv[0]}' (choose from: {', '.join(commands)})", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(commands[argv[0]]).main(argv[1:]) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "data":
+        return data_main(argv[1:])
+    try:
+        LitVLMCLI(args=argv)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        if os.environ.get("LIT_VLM_DEBUG"):
+            raise
+        print(f"lit-vlm: error: {err}\n(set LIT_VLM_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

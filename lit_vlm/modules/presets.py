@@ -1,0 +1,65 @@
+"""Named tower sizes, from tiny (unit tests) to the published CLIP shapes.
+
+A preset is a plain dict of constructor values. ``resolve_preset`` merges a preset with explicit
+overrides (an override of None means "keep the preset value").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: 4x4 grid of 8px patches
+    "tiny": dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=4.0),
+    # laptop-CPU quickstart: 8x8 grid
+    "small": dict(image_size=64, patch_size=8, width=192, layers=6, heads=6, mlp_ratio=4.0),
+    # published CLIP / ViT shapes
+    "B/32": dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0),
+    "B/16": dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0),
+    "L/14": dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0),
+    "L/14-336": dict(image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0),
+}
+
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=1000, context_length=16, width=32, layers=2, heads=2, mlp_ratio=4.0),
+    # vocab_size None: taken from the tokenizer, the caller must pass it
+    "small": dict(vocab_size=None, context_length=32, width=192, layers=4, heads=6, mlp_ratio=4.0),
+    # CLIP text towers (ViT-B/* and ViT-L/14 CLIP models)
+    "clip-B": dict(vocab_size=49408, context_length=77, width=512, layers=12, heads=8, mlp_ratio=4.0),
+    "clip-L": dict(vocab_size=49408, context_length=77, width=768, layers=12, heads=12, mlp_ratio=4.0),
+}
+
+
+def resolve_preset(presets: Mapping[str, Mapping[str, Any]], name: str | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return the preset ``name`` updated with the non-None entries of ``overrides``.
+
+    Args:
+        presets: Table of named presets (e.g. ``VISION_PRESETS``).
+        name: Preset name, or None to start from an empty dict (every value then comes from
+            ``overrides``).
+        overrides: Explicit values; None entries are ignored so that unset constructor arguments
+            keep the preset value.
+
+    Raises:
+        ValueError: if ``name`` is not a key of ``presets`` (the message lists the valid names).
+    """
+    if name is None:
+        config: dict[str, Any] = {}
+    elif name in presets:
+        config = dict(presets[name])
+    else:
+        valid = ", ".join(repr(k) for k in presets)
+        raise ValueError(f"unknown preset {name!r}; valid presets: {valid} (or None to give every size explicitly)")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            config[key] = value
+    return config
+
+
+def require(config: Mapping[str, Any], keys: list[str], preset: str | None, what: str) -> None:
+    """Raise a ValueError naming every key of ``keys`` that is missing or None in ``config``."""
+    missing = [k for k in keys if config.get(k) is None]
+    if missing:
+        source = f"preset {preset!r} does not set them" if preset is not None else "no preset was given"
+        raise ValueError(f"{what}: {', '.join(missing)} must be given ({source})")

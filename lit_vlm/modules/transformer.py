@@ -1,0 +1,331 @@
+"""Transformer building blocks shared by every model family in lit-vlm.
+
+Plain ``torch.nn`` modules (no Lightning). Attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` so it picks the fastest kernel available.
+
+Shape letters used in the comments:
+    B batch, L query length, S key/value length, D model width, H heads, Dh head width (D // H),
+    Q number of learned queries.
+
+Attention masks follow the ``scaled_dot_product_attention`` convention: a boolean mask is True
+where attention is *allowed*; a float mask is *added* to the attention logits (use ``-inf`` to
+block). A mask must broadcast to ``[B, H, L, S]``; a 3-D ``[B, L, S]`` mask is broadcast over
+heads for convenience.
+
+Initialisation follows the CLIP text tower (used by open_clip for both towers' blocks):
+qkv and query/key/value projections ~ N(0, D^-0.5), MLP input ~ N(0, (2D)^-0.5), residual output
+projections (attention out-proj and MLP output) ~ N(0, D^-0.5 * (2 * layers)^-0.5), biases zero,
+LayerNorm weight 1 / bias 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _prepare_mask(attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
+    """Return a mask broadcastable to [B, H, L, S], folding in causality if both are requested.
+
+    ``scaled_dot_product_attention`` refuses ``attn_mask`` together with ``is_causal=True``, so
+    when both are given the causal constraint is merged into the explicit mask here.
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(1)  # [B, 1, L, S]
+    if is_causal:
+        # bottom-right aligned like SDPA's is_causal when L != S
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)  # [L, S]
+        if attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal  # [..., L, S]
+        else:
+            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))  # [..., L, S]
+    return attn_mask
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    Args:
+        dim: Model width D (input and output feature size).
+        heads: Number of attention heads; must divide ``dim``.
+        dropout: Dropout on the attention weights and on the output projection (training only).
+        bias: Whether the qkv and output projections have a bias.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"width {dim} must be divisible by heads {heads}")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.proj_drop = nn.Dropout(dropout)
+        self.init_weights()
+
+    def init_weights(self, proj_std: float | None = None) -> None:
+        """CLIP-style init; ``proj_std`` (default D^-0.5) is the std of the output projection."""
+        nn.init.normal_(self.qkv.weight, std=self.dim**-0.5)
+        nn.init.normal_(self.proj.weight, std=proj_std if proj_std is not None else self.dim**-0.5)
+        for lin in (self.qkv, self.proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Attend ``x`` [B, L, D] to itself; returns [B, L, D]."""
+        B, L, D = x.shape
+        qkv = self.qkv(x)  # [B, L, 3D]
+        qkv = qkv.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
+        q, k, v = qkv.unbind(0)  # 3 x [B, H, L, Dh]
+        mask = _prepare_mask(attn_mask, is_causal, L, L, x.device)  # broadcastable to [B, H, L, L]
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and mask is None,
+        )  # [B, H, L, Dh]
+        y = y.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
+        return self.proj_drop(self.proj(y))  # [B, L, D]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from ``x``, keys/values from ``context``.
+
+    Reused by the attentional pooler and by families that attend from text to image features
+    (BLIP, CoCa, Flamingo). The context may have a different width than the queries.
+
+    Args:
+        dim: Query / output width D.
+        heads: Number of attention heads; must divide ``dim``.
+        context_dim: Width of the context tokens (keys/values). Defaults to ``dim``.
+        dropout: Dropout on the attention weights and on the output projection (training only).
+        bias: Whether the projections have a bias.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"width {dim} must be divisible by heads {heads}")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.context_dim = context_dim if context_dim is not None else dim
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(self.context_dim, 2 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.proj_drop = nn.Dropout(dropout)
+        self.init_weights()
+
+    def init_weights(self, proj_std: float | None = None) -> None:
+        """CLIP-style init; ``proj_std`` (default D^-0.5) is the std of the output projection."""
+        nn.init.normal_(self.q.weight, std=self.dim**-0.5)
+        nn.init.normal_(self.kv.weight, std=self.dim**-0.5)
+        nn.init.normal_(self.proj.weight, std=proj_std if proj_std is not None else self.dim**-0.5)
+        for lin in (self.q, self.kv, self.proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor, context: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Attend queries ``x`` [B, L, D] to ``context`` [B, S, Dc]; returns [B, L, D].
+
+        ``attn_mask`` must broadcast to [B, H, L, S] (or be [B, L, S]); for a key-padding mask
+        ``m`` [B, S] pass ``m[:, None, None, :]``.
+        """
+        B, L, D = x.shape
+        S = context.shape[1]
+        q = self.q(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
+        kv = self.kv(context)  # [B, S, 2D]
+        kv = kv.view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, S, Dh]
+        k, v = kv.unbind(0)  # 2 x [B, H, S, Dh]
+        mask = _prepare_mask(attn_mask, False, L, S, x.device)  # broadcastable to [B, H, L, S]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # [B, H, L, Dh]
+        y = y.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
+        return self.proj_drop(self.proj(y))  # [B, L, D]
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear -> GELU -> Linear.
+
+    Args:
+        dim: Input and output width D.
+        mlp_ratio: Hidden width as a multiple of ``dim`` (hidden = int(dim * mlp_ratio)).
+        dropout: Dropout after the output projection (training only).
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+        self.init_weights()
+
+    def init_weights(self, proj_std: float | None = None) -> None:
+        """CLIP-style init: fc1 ~ N(0, (2D)^-0.5), fc2 ~ N(0, proj_std or D^-0.5), zero biases."""
+        dim = self.fc1.in_features
+        nn.init.normal_(self.fc1.weight, std=(2 * dim) ** -0.5)
+        nn.init.normal_(self.fc2.weight, std=proj_std if proj_std is not None else dim**-0.5)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the MLP to ``x`` [..., D]; returns [..., D]."""
+        x = self.act(self.fc1(x))  # [..., hidden]
+        return self.drop(self.fc2(x))  # [..., D]
+
+
+class LayerScale(nn.Module):
+    """Learned per-channel scaling of a residual branch (CaiT / DINOv2 style).
+
+    Args:
+        dim: Width D of the scaled features.
+        init: Initial value of every scale entry.
+    """
+
+    def __init__(self, dim: int, init: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))  # [D]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scale ``x`` [..., D] channel-wise; returns [..., D]."""
+        return x * self.gamma  # [..., D]
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``.
+
+    Args:
+        dim: Model width D.
+        heads: Number of attention heads; must divide ``dim``.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        ls_init: If set, wrap both residual branches in a LayerScale initialised to this value;
+            None (default) disables LayerScale.
+        dropout: Dropout used inside attention and the MLP (training only).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, ls_init: float | None = None, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.ls_1 = LayerScale(dim, ls_init) if ls_init is not None else nn.Identity()
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout=dropout)
+        self.ls_2 = LayerScale(dim, ls_init) if ls_init is not None else nn.Identity()
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """Run the block on ``x`` [B, L, D]; returns [B, L, D]."""
+        x = x + self.ls_1(self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal))  # [B, L, D]
+        x = x + self.ls_2(self.mlp(self.ln_2(x)))  # [B, L, D]
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN :class:`Block` s (no final LayerNorm; the towers add their own).
+
+    Args:
+        width: Model width D.
+        layers: Number of blocks.
+        heads: Number of attention heads per block; must divide ``width``.
+        mlp_ratio: MLP hidden width as a multiple of ``width``.
+        ls_init: LayerScale initial value for every block; None disables LayerScale.
+        dropout: Dropout inside attention and MLPs (training only).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        ls_init: float | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.width = width
+        self.layers = layers
+        self.heads = heads
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, ls_init, dropout) for _ in range(layers)])
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """CLIP init: residual output projections get std D^-0.5 * (2 * layers)^-0.5."""
+        proj_std = self.width**-0.5 * (2 * max(self.layers, 1)) ** -0.5
+        for block in self.blocks:
+            block.attn.init_weights(proj_std=proj_std)
+            block.mlp.init_weights(proj_std=proj_std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory (training only)."""
+        self.grad_checkpointing = enable
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+        """Run all blocks on ``x`` [B, L, D].
+
+        Returns ``(x, hidden_states)``: the output [B, L, D] and, if ``output_hidden_states``, a
+        tuple of ``layers + 1`` tensors [B, L, D] where ``hidden_states[0]`` is the input to block 0
+        and ``hidden_states[i]`` is the output of block ``i - 1`` (Hugging Face convention), else None.
+        """
+        hidden_states: list[Tensor] | None = [x] if output_hidden_states else None
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)  # [B, L, D]
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)  # [B, L, D]
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x, (tuple(hidden_states) if hidden_states is not None else None)
+
+
+class AttentionalPooler(nn.Module):
+    """Learned queries cross-attending to a token sequence (CoCa / open_clip attentional pooling).
+
+    The queries and the tokens are each LayerNorm-ed before a single :class:`CrossAttention`;
+    there is no residual connection, so the output is purely the attended summary.
+
+    Args:
+        width: Width of the queries and of the output.
+        n_queries: Number of learned queries Q (output tokens).
+        heads: Number of attention heads; must divide ``width``.
+        context_dim: Width of the tokens being pooled. Defaults to ``width``.
+    """
+
+    def __init__(self, width: int, n_queries: int = 1, heads: int = 8, context_dim: int | None = None) -> None:
+        super().__init__()
+        if n_queries < 1:
+            raise ValueError(f"n_queries must be >= 1, got {n_queries}")
+        context_dim = context_dim if context_dim is not None else width
+        self.n_queries = n_queries
+        # open_clip initialises the queries with a unit normal; ln_q makes their scale irrelevant
+        self.query = nn.Parameter(torch.randn(n_queries, width))  # [Q, D]
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.attn = CrossAttention(width, heads, context_dim=context_dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Pool tokens ``x`` [B, S, Dc] into [B, Q, D]; ``attn_mask`` as in :class:`CrossAttention`."""
+        B = x.shape[0]
+        x = self.ln_k(x)  # [B, S, Dc]
+        q = self.ln_q(self.query).unsqueeze(0).expand(B, -1, -1)  # [B, Q, D]
+        return self.attn(q, x, attn_mask=attn_mask)  # [B, Q, D]
+
+
+__all__ = ["Attention", "CrossAttention", "MLP", "LayerScale", "Block", "Transformer", "AttentionalPooler"]
