@@ -39,8 +39,8 @@ class Checkpoint(ModelCheckpoint):
     def _write_index(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not self.dirpath:
             return
-        last = self.last_model_path or None
-        best = self.best_model_path or last
+        last = str(Path(self.last_model_path).resolve()) if self.last_model_path else None
+        best = str(Path(self.best_model_path).resolve()) if self.best_model_path else last
         if not best and not last:
             return
         score = self.best_model_score

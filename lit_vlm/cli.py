@@ -109,8 +109,7 @@ def _fill(node: Any, values: dict[str, Any], path: str) -> None:
                     f"{path}.init_args.{key}={current!r} disagrees with data.init_args.{key}={value!r}; "
                     f"set {key} once, in the data config (leave the model's unset)"
                 )
-    for key in list(init_args.keys()):
-        child = init_args[key]
+    for key, child in vars(init_args).items():  # direct children (keys() would flatten nested ones)
         if isinstance(child, Namespace):
             _fill(child, values, f"{path}.init_args.{key}")
 
@@ -167,11 +166,12 @@ def data_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    explicit = argv is not None
+    argv = list(argv if explicit else sys.argv[1:])
     if argv and argv[0] == "data":
         return data_main(argv[1:])
     try:
-        LitVLMCLI(args=argv)
+        LitVLMCLI(args=argv if explicit else None)
     except (ValueError, FileNotFoundError, KeyError) as err:
         if os.environ.get("LIT_VLM_DEBUG"):
             raise

@@ -1,0 +1,286 @@
+"""Text tokenisation for the image-text pipelines.
+
+:class:`Tokenizer` wraps a Hugging Face :class:`tokenizers.Tokenizer` and produces fixed-length,
+CLIP-style id tensors: ``[bos] + tokens + [eos]``, truncated so that the end token is always the
+last real token, then right-padded with ``pad_id``; a boolean mask marks the real tokens.
+
+* :meth:`Tokenizer.synthetic` builds the default tokenizer in memory, with no download: a
+  word-level vocabulary made of every token of the synthetic world
+  (:func:`lit_vlm.datamodules.synth.vocabulary`) plus the specials ``[PAD]`` = 0, ``[UNK]`` = 1,
+  ``[SOS]`` = 2, ``[EOS]`` = 3, ``[MASK]`` = 4.  Text is lower-cased and split like
+  ``re.findall(r"\\w+|[^\\w\\s]", text)``.
+* :meth:`Tokenizer.from_file` loads any ``tokenizer.json`` (CLIP, BERT, GPT-2/BPE, ...).  Start,
+  end, pad and mask tokens are recognised by their usual names; the file's own post-processor,
+  padding and truncation are bypassed so that every tokenizer yields the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+__all__ = ["SYNTH_SPECIALS", "Tokenizer"]
+
+SYNTH_SPECIALS: tuple[str, ...] = ("[PAD]", "[UNK]", "[SOS]", "[EOS]", "[MASK]")
+"""Special tokens of the synthetic word-level tokenizer, in id order (0..4)."""
+
+# (start, end) pairs tried in order on foreign tokenizers.
+_BOS_EOS_CANDIDATES: tuple[tuple[str, str], ...] = (
+    ("[SOS]", "[EOS]"),
+    ("<|startoftext|>", "<|endoftext|>"),  # OpenAI CLIP
+    ("[CLS]", "[SEP]"),  # BERT family
+    ("<s>", "</s>"),  # RoBERTa, T5-ish, LLaMA
+    ("<bos>", "<eos>"),  # Gemma
+    ("<|begin_of_text|>", "<|end_of_text|>"),  # LLaMA 3
+)
+_PAD_CANDIDATES: tuple[str, ...] = ("[PAD]", "<pad>", "<|pad|>", "<PAD>", "[pad]")
+_MASK_CANDIDATES: tuple[str, ...] = ("[MASK]", "<mask>", "<|mask|>", "<MASK>")
+_UNK_CANDIDATES: tuple[str, ...] = ("[UNK]", "<unk>", "<|unk|>", "<UNK>")
+
+
+class Tokenizer:
+    """Fixed-length batch tokenizer around a :class:`tokenizers.Tokenizer`.
+
+    Build it with :meth:`synthetic`, :meth:`from_file`, :meth:`from_words` or :meth:`load`
+    rather than calling the constructor directly.
+
+    Args:
+        backend: The Hugging Face tokenizer; it is copied, and the copy's padding, truncation and
+            post-processor are disabled.
+        name: Where it came from (``"synth"`` or a path), for messages and ``repr``.
+        bos_token: Start token prepended to every text (``None``: nothing is prepended).
+        eos_token: End token appended to every text (``None``: nothing is appended).
+        pad_token: Token whose id fills the padding; when ``None`` the padding config of
+            ``backend``, then ``eos_token``, then id 0 is used.
+        mask_token: Mask token for masked-language objectives (``None`` if there is none).
+    """
+
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        *,
+        name: str = "custom",
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        mask_token: str | None = None,
+    ) -> None:
+        padding = backend.padding
+        self._tok = HFTokenizer.from_str(backend.to_str())
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self._tok.post_processor = None
+        self.name = name
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.mask_token = mask_token
+        self._bos_id = self._require_id(bos_token)
+        self._eos_id = self._require_id(eos_token)
+        self._mask_id = self._require_id(mask_token)
+        if pad_token is not None:
+            self._pad_id = self._require_id(pad_token)
+        elif padding is not None and padding.get("pad_id") is not None:
+            self._pad_id = int(padding["pad_id"])
+        elif self._eos_id is not None:
+            self._pad_id = self._eos_id
+        else:
+            self._pad_id = 0
+        self._unk_id = next((i for i in map(self._tok.token_to_id, _UNK_CANDIDATES) if i is not None), None)
+        self._special_ids = {i for i in (self._bos_id, self._eos_id, self._mask_id) if i is not None}
+
+    def _require_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer {self.name!r} has no token {token!r}")
+        return token_id
+
+    # ---------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_words(cls, words: Iterable[str], name: str = "words") -> Tokenizer:
+        """Word-level tokenizer over ``words`` (lower-cased, deduplicated, order kept).
+
+        The specials ``[PAD]``, ``[UNK]``, ``[SOS]``, ``[EOS]``, ``[MASK]`` take ids 0..4; text is
+        lower-cased and split on whitespace with every punctuation/symbol character isolated,
+        the same as ``re.findall(r"\\w+|[^\\w\\s]", text.lower())``.
+        """
+        vocab: dict[str, int] = {token: i for i, token in enumerate(SYNTH_SPECIALS)}
+        for word in words:
+            word = word.lower()
+            if word and word not in vocab:
+                vocab[word] = len(vocab)
+        backend = HFTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\s]"), behavior="isolated")]
+        )
+        backend.add_special_tokens(list(SYNTH_SPECIALS))
+        return cls(backend, name=name, bos_token="[SOS]", eos_token="[EOS]", pad_token="[PAD]", mask_token="[MASK]")
+
+    @classmethod
+    def synthetic(cls) -> Tokenizer:
+        """The default tokenizer: word level over :func:`lit_vlm.datamodules.synth.vocabulary`."""
+        from lit_vlm.datamodules import synth  # local import: synth is heavier and optional here
+
+        return cls.from_words(synth.vocabulary(), name="synth")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a Hugging Face ``tokenizer.json`` and detect its special tokens by name.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: If the file is not a valid ``tokenizer.json``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {str(path)!r} (expected a Hugging Face tokenizer.json)")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as exc:
+            raise ValueError(
+                f"cannot load tokenizer {str(path)!r}: not a valid Hugging Face tokenizer.json ({exc})"
+            ) from exc
+        vocab = backend.get_vocab(with_added_tokens=True)
+        bos = eos = None
+        for start, end in _BOS_EOS_CANDIDATES:
+            if start in vocab or end in vocab:
+                bos = start if start in vocab else None
+                eos = end if end in vocab else None
+                break
+        padding = backend.padding
+        if padding is not None and padding.get("pad_id") is not None:
+            pad = None  # __init__ takes the id from the padding config
+        else:
+            pad = next((t for t in _PAD_CANDIDATES if t in vocab), None)
+        mask = next((t for t in _MASK_CANDIDATES if t in vocab), None)
+        return cls(backend, name=str(path), bos_token=bos, eos_token=eos, pad_token=pad, mask_token=mask)
+
+    @classmethod
+    def load(cls, spec: str) -> Tokenizer:
+        """``"synth"`` → :meth:`synthetic`; anything else is a path for :meth:`from_file`."""
+        if spec == "synth":
+            return cls.synthetic()
+        return cls.from_file(spec)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the (special-token-free) backend as a ``tokenizer.json``."""
+        self._tok.save(str(path))
+
+    # ---------------------------------------------------------------------------- properties
+
+    @property
+    def backend(self) -> HFTokenizer:
+        """The wrapped Hugging Face tokenizer (post-processor, padding, truncation disabled)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (an embedding table needs this many rows)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        """Id used for right padding."""
+        return self._pad_id
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the start token, or ``None`` when the tokenizer has none."""
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id of the end token, or ``None`` when the tokenizer has none."""
+        return self._eos_id
+
+    @property
+    def mask_id(self) -> int | None:
+        """Id of the mask token, or ``None`` when the tokenizer has none."""
+        return self._mask_id
+
+    @property
+    def unk_id(self) -> int | None:
+        """Id of the unknown token, or ``None`` when the tokenizer has none."""
+        return self._unk_id
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of ``token`` or ``None``."""
+        return self._tok.token_to_id(token)
+
+    def tokenize(self, text: str) -> list[str]:
+        """The tokens of ``text`` without any special token."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    # ---------------------------------------------------------------------------- encode / decode
+
+    def encode(self, texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise a batch into fixed-length ids and a mask.
+
+        Args:
+            texts: The strings to encode.
+            context_length: Length ``L`` of every row.
+
+        Returns:
+            ``(ids, mask)``: ``ids`` is a long tensor ``[B, L]`` holding ``[bos] + tokens + [eos]``
+            (text tokens truncated so that ``eos`` is always kept as the last real token) followed
+            by ``pad_id``; ``mask`` is a bool tensor ``[B, L]``, True on real tokens.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode expects a list of strings, not a single string")
+        n_special = (self._bos_id is not None) + (self._eos_id is not None)
+        room = context_length - n_special
+        if room < 0 or context_length < 1:
+            raise ValueError(f"context_length={context_length} leaves no room for the start/end tokens")
+        ids = torch.full((len(texts), context_length), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), context_length), dtype=torch.bool)
+        prefix = [] if self._bos_id is None else [self._bos_id]
+        suffix = [] if self._eos_id is None else [self._eos_id]
+        for row, text in enumerate(texts):
+            # A plain loop of `encode` (not `encode_batch`) keeps the Rust thread pool unused, so
+            # forking DataLoader workers afterwards is safe and silent.
+            tokens = self._tok.encode(text, add_special_tokens=False).ids[:room]
+            seq = prefix + tokens + suffix
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+        return ids, mask
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Decode one row of ids back to text.
+
+        Reading stops at the first end token; start, end, mask, padding and other special tokens
+        are dropped.
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode expects a 1-D sequence, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if self._eos_id is not None and self._eos_id in ids:
+            ids = ids[: ids.index(self._eos_id)]
+        elif self._pad_id not in self._special_ids and self._pad_id != self._unk_id:
+            while ids and ids[-1] == self._pad_id:  # no end token: strip trailing padding
+                ids.pop()
+        ids = [i for i in ids if i not in self._special_ids]
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def decode_batch(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
+        """Decode a ``[B, L]`` tensor (optionally restricted to ``mask``) into ``B`` strings."""
+        rows = []
+        for row in range(ids.shape[0]):
+            seq = ids[row] if mask is None else ids[row][mask[row]]
+            rows.append(self.decode(seq))
+        return rows
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+            f"eos={self.eos_token!r}, pad_id={self.pad_id}, mask={self.mask_token!r})"
+        )
