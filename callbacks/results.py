@@ -65,8 +65,9 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
         self._write_index(trainer)
+        log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
         if trainer.is_global_zero and self.dirpath:
-            log_dir = trainer.log_dir or str(Path(self.dirpath).parent)
+            log_dir = log_dir or str(Path(self.dirpath).parent)
             rank_zero_info(
                 f"\nRun directory: {log_dir}\n"
                 f"  checkpoints: {self.dirpath} (best: {self.best_model_path or '-'}, last: {self.last_model_path or '-'})\n"
@@ -122,9 +123,10 @@ class ResultsWriter(pl.Callback):
         self.last_path: Path | None = None
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = trainer.log_dir  # a collective under DDP: read it on every rank
         if not trainer.is_global_zero:
             return
-        log_dir = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        log_dir = Path(self.dirpath or run_dir or trainer.default_root_dir)
         config_file = log_dir / "config.yaml"
         config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
         metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test/")}

@@ -109,13 +109,13 @@ CLASSNAMES: list[str] = list(SHAPES)
 
 #: Zero-shot prompt templates (``template.format(classname)``).
 TEMPLATES: list[str] = [
-    "a photo of a {}.",
-    "a drawing of a {}.",
-    "a picture of a {} shape.",
-    "a {} on a plain background.",
-    "an image containing a {}.",
+    "a photo of a big {}.",
+    "a drawing of a large {}.",
+    "a picture of a large {} shape.",
+    "a big {} on a plain background.",
+    "an image containing a large {}.",
     "a rendering of a big {}.",
-    "a simple picture of a {}.",
+    "a simple picture of a large {}.",
     "the biggest shape is a {}.",
 ]
 
@@ -259,6 +259,11 @@ class SynthConfig:
         max_questions: maximum number of VQA questions per image (1-10).
         duplicate_prob: probability that an object repeats the colour and shape of an
             earlier object of the scene (so captions like "two red circles" occur).
+        main_object: every scene has exactly one large object (its subject, like the one
+            object an ImageNet photo is labelled by) and small other objects, so the zero-shot
+            label "shape of the largest object" is determined by what captions say; False draws
+            every size uniformly (then the largest object is often ambiguous between several
+            large ones of different shapes).
         exclude_eval_from_train: keep val/test scene signatures out of train, when cheap
             (the eval signatures are at most 10% of the possible train signatures; the
             manifest records whether it was done in ``eval_scenes_excluded_from_train``).
@@ -278,6 +283,7 @@ class SynthConfig:
     min_questions: int = 5
     max_questions: int = 8
     duplicate_prob: float = 0.15
+    main_object: bool = True
     exclude_eval_from_train: bool = True
 
     def validate(self) -> None:
@@ -312,6 +318,7 @@ class SynthConfig:
               f"need 1 <= min_questions <= max_questions <= 10, got {self.min_questions}, {self.max_questions}")
         check(isinstance(self.duplicate_prob, (int, float)) and 0.0 <= self.duplicate_prob <= 1.0,
               f"duplicate_prob must be in [0, 1], got {self.duplicate_prob!r}")
+        check(isinstance(self.main_object, bool), f"main_object must be a bool, got {self.main_object!r}")
         check(isinstance(self.exclude_eval_from_train, bool),
               f"exclude_eval_from_train must be a bool, got {self.exclude_eval_from_train!r}")
         check(isinstance(self.holdout, (list, tuple)), f"holdout must be a list of 'colour shape' strings, "
@@ -516,20 +523,22 @@ def make_scene(rng: np.random.Generator, config: SynthConfig, allow_holdout: boo
     The number of objects is uniform in ``[min_objects, max_objects]``; cells are distinct;
     each object's colour-shape pair is uniform over the allowed pairs (all 64, or without
     ``config.holdout`` when ``allow_holdout`` is false), except that with probability
-    ``duplicate_prob`` it repeats an earlier object's pair; sizes are uniform.
+    ``duplicate_prob`` it repeats an earlier object's pair; with ``main_object`` one object,
+    chosen uniformly, is large and the others small, otherwise sizes are uniform.
     """
     banned = set() if allow_holdout else _holdout_pairs(config.holdout)
     allowed = [p for p in _ALL_PAIRS if p not in banned]
     k = int(rng.integers(config.min_objects, config.max_objects + 1))
     cells = rng.permutation(9)[:k]
+    main = int(rng.integers(k))
     objects: list[SceneObject] = []
-    for cell in cells:
+    for i, cell in enumerate(cells):
         if objects and rng.random() < config.duplicate_prob:
             src = _pick(rng, objects)
             colour, shape = src.colour, src.shape
         else:
             colour, shape = _pick(rng, allowed)
-        size = _pick(rng, SIZES)
+        size = ("large" if i == main else "small") if config.main_object else _pick(rng, SIZES)
         lo, hi = _SCALE_RANGE[size]
         scale = float(rng.uniform(lo, hi))
         slack = 0.5 * (1.0 - 1.06 * scale)  # keep (rotated) shapes well inside their cell

@@ -1,7 +1,9 @@
 """CLIP under 2-process CPU DDP (gloo): loss and gradients equal one process holding the global batch."""
 
+import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def make_batch() -> dict:
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     model = make_model().train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -56,7 +58,13 @@ def _free_port() -> int:
 
 
 def test_clip_ddp_loss_and_grads_equal_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180  # never hang the suite: fail instead
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("2-process gloo workers did not finish within 180 s")
     got = torch.load(tmp_path / "ddp.pt")
 
     model = make_model().train()

@@ -349,3 +349,18 @@ def test_gradients_flow_to_all_parameters() -> None:
         (out.pooled.square().sum() + out.tokens.square().mean()).backward()
         for name, p in m.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{type(m).__name__}.{name} got no gradient"
+
+
+def test_conv_stem():
+    """The early-convolution stem reaches the patch stride; it needs a power-of-two patch size."""
+    vit = VisionTransformer("tiny", image_size=32, patch_size=8, stem="conv")
+    out = vit(torch.randn(2, 3, 32, 32))
+    assert out.tokens.shape == (2, 1 + 16, vit.width) and out.pooled.shape == (2, vit.width)
+    strides = [m.stride[0] for m in vit.conv1 if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2, 1]
+    out48 = vit(torch.randn(1, 3, 48, 48))  # positional interpolation still applies
+    assert out48.tokens.shape[1] == 1 + 36
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        VisionTransformer("tiny", image_size=36, patch_size=12, stem="conv")
+    with pytest.raises(ValueError, match="stem must be"):
+        VisionTransformer("tiny", stem="cnn")

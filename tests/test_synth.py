@@ -552,3 +552,18 @@ def test_cli(tmp_path, capsys):
 
     assert main(["--out", str(tmp_path / "bad"), "--min-objects", "5", "--max-objects", "2", "--quiet"]) == 2
     assert "min_objects" in capsys.readouterr().err
+
+
+def test_main_object_makes_the_zero_shot_label_well_defined():
+    """One large object per scene: its shape is the label, and every caption names it with its
+    colour, so the label is determined by what the text says (the flag off draws sizes freely)."""
+    rng = np.random.default_rng(0)
+    config = synth.SynthConfig()
+    for _ in range(300):
+        scene = synth.make_scene(rng, config, allow_holdout=True)
+        large = [o for o in scene.objects if o.size == "large"]
+        assert len(large) == 1
+        assert scene.classname == large[0].shape
+    free = synth.SynthConfig(main_object=False)
+    counts = Counter(sum(o.size == "large" for o in synth.make_scene(rng, free, True).objects) for _ in range(300))
+    assert any(n != 1 for n in counts)

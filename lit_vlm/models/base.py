@@ -10,8 +10,11 @@ A family subclasses :class:`VLMModule`, builds its connector and losses from the
 
 from __future__ import annotations
 
+import inspect
+
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
 
@@ -51,6 +54,19 @@ class VLMModule(pl.LightningModule):
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
 
+    def save_config(self) -> None:
+        """``save_hyperparameters`` for families that receive built towers.
+
+        Under the CLI, Lightning hands over the parsed config, in which towers are
+        ``class_path``/``init_args`` dicts: all of it is saved, so ``load_from_checkpoint`` and
+        ``lit-vlm test`` rebuild the model alone. Built in Python, the tower objects themselves are
+        not saved (pass them again to ``load_from_checkpoint``).
+        """
+        frame = inspect.currentframe().f_back
+        given = _given_hparams()
+        modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
+        self.save_hyperparameters(ignore=[] if given else modules, frame=frame)
+
     def configure_optimizers(self):
         optimizer = build_adamw(param_groups(self, self.weight_decay), self.lr, self.betas, self.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -71,3 +87,12 @@ class VLMModule(pl.LightningModule):
                 batch_size=batch_size,
                 **kwargs,
             )
+
+
+def _given_hparams() -> dict | None:
+    """The config LightningCLI is instantiating this module from, if any."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older/newer Lightning: fall back to ignoring modules
+        return None
+    return _given_hyperparameters.get()

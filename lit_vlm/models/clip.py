@@ -58,7 +58,7 @@ class CLIP(VLMModule):
         min_lr_ratio: float = 0.0,
     ) -> None:
         super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio)
-        self.save_hyperparameters(ignore=["vision", "text"])
+        self.save_config()
         self.vision = vision
         self.text = text
         self.image_projection = nn.Linear(vision.width, embed_dim, bias=False)
@@ -75,7 +75,14 @@ class CLIP(VLMModule):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
-        """ids [N, L], mask [N, L] -> embeddings [N, E] (L2-normalised unless ``normalize=False``)."""
+        """ids [N, L], mask [N, L] -> embeddings [N, E] (L2-normalised unless ``normalize=False``).
+
+        Padding columns after the longest sequence are dropped first: with right padding the
+        pooled output is unchanged and the tower does less work on short captions.
+        """
+        if mask is not None and mask.shape[1] > 1:
+            length = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
+            ids, mask = ids[:, :length], mask[:, :length]  # [N, l]
         emb = self.text_projection(self.text(ids, mask).pooled)  # [N, E]
         return F.normalize(emb, dim=-1) if normalize else emb
 

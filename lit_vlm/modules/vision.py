@@ -84,6 +84,19 @@ def interpolate_pos_embed(
     return out.squeeze(0) if squeeze else out
 
 
+def conv_stem(patch_size: int, width: int) -> nn.Sequential:
+    """log2(patch_size) 3x3 stride-2 convolutions (channels 32, 64, ... capped at ``width``), each
+    followed by GroupNorm(1) and GELU, then a 1x1 projection to ``width``: [B, 3, H, W] -> [B, D, H/p, W/p]."""
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(patch_size.bit_length() - 1):
+        c_out = min(width, 32 * 2**i)
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.GELU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, width, 1))
+    return nn.Sequential(*layers)
+
+
 class VisionTransformer(nn.Module):
     """ViT image encoder: strided-conv patchify, class token, learned positions, pre-LN transformer.
 
@@ -113,6 +126,11 @@ class VisionTransformer(nn.Module):
         patch_dropout: Fraction of patch tokens randomly dropped per sample during training
             (FLIP); the class token is always kept. 0 disables it. Must be in [0, 1).
         ln_pre: Apply a LayerNorm to the embedded tokens before the transformer (as CLIP does).
+        stem: How pixels become tokens: "patch" (one strided convolution with kernel = stride =
+            ``patch_size``, as ViT and CLIP do) or "conv" (a stack of 3x3 stride-2 convolutions
+            reaching the same stride, then a 1x1 projection: the early-convolution stem of Xiao et
+            al., 2021, which trains faster from scratch on small data; ``patch_size`` must then be
+            a power of two).
     """
 
     def __init__(
@@ -128,6 +146,7 @@ class VisionTransformer(nn.Module):
         attn_pool_queries: int = 1,
         patch_dropout: float = 0.0,
         ln_pre: bool = True,
+        stem: str = "patch",
     ) -> None:
         super().__init__()
         cfg = resolve_preset(
@@ -147,6 +166,10 @@ class VisionTransformer(nn.Module):
         if attn_pool_queries < 1:
             raise ValueError(f"attn_pool_queries must be >= 1, got {attn_pool_queries}")
         self._check_patch_dropout(patch_dropout)
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
 
         self.image_size = image_size
         self.patch_size = patch_size
@@ -158,7 +181,11 @@ class VisionTransformer(nn.Module):
         self.pool = pool
         self.patch_dropout = float(patch_dropout)
 
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.stem = stem
+        if stem == "patch":
+            self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        else:
+            self.conv1 = conv_stem(patch_size, width)
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))  # [D]
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.num_patches, width))  # [1+N, D]
