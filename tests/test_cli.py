@@ -108,6 +108,11 @@ def test_fit_then_test_best_through_the_cli(tmp_path):
     assert Path(index["best"]).is_file() and index["monitor"] == "val/retrieval/mean_R@1"
     events = list(run_dir.glob("events.out.tfevents.*"))
     assert events
+    # the checkpoint rebuilds the model alone, from the config LightningCLI recorded
+    from lit_vlm.models import CLIP
+
+    model = CLIP.load_from_checkpoint(index["best"], map_location="cpu", weights_only=False)
+    assert model.vision.image_size == 32 and model.text.context_length == 32
 
     test = subprocess.run([sys.executable, "-m", "lit_vlm", "test", *common, "--ckpt_path", "best"], capture_output=True, text=True, cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
