@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import lightning.pytorch as pl
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps (after 5 warmup steps)")
     parser.add_argument("--batches", type=int, default=40, help="timed data-pipeline batches")
     args, extra = parser.parse_known_args()
+    sys.argv = sys.argv[:1]  # the CLI below gets its arguments explicitly
 
     cli = build(args.config, extra)
     images_per_sec = data_throughput(cli.datamodule, args.batches)
