@@ -13,6 +13,7 @@ name; a value set in both places that disagrees is an error naming both.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -140,8 +141,6 @@ def resolve_checkpoint(which: str, logger_cfg: Any) -> str:
     save_dir, name = _logger_location(logger_cfg)
     indexes = sorted(Path(save_dir, name).glob(f"version_*/checkpoints/{INDEX_FILE}"), key=lambda p: p.stat().st_mtime)
     for index in reversed(indexes):
-        import json
-
         entry = json.loads(index.read_text()).get(which)
         if entry and Path(entry).is_file():
             return entry
