@@ -1,0 +1,38 @@
+"""One rank of the 2-process CLIP DDP check (run by tests/test_ddp_loss.py as a plain subprocess).
+
+usage: python tests/ddp_worker.py RANK WORLD PORT OUT_DIR
+"""
+
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_ddp_loss import GLOBAL_BATCH, make_batch, make_model  # noqa: E402
+
+
+def main(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    torch.set_num_threads(1)
+    model = make_model().train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    per = GLOBAL_BATCH // world
+    batch = {k: v[rank * per : (rank + 1) * per] for k, v in make_batch().items()}
+    loss = ddp(batch)["loss"]
+    loss.backward()  # DDP averages gradients over ranks
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    global_loss /= world
+    if rank == 0:
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": global_loss, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
