@@ -1,17 +1,21 @@
 """Evaluation and logging callbacks (installed as ``lit_vlm.callbacks``)."""
 
 from lit_vlm.callbacks.base import EvalCallback
+from lit_vlm.callbacks.captioning import CaptionEvaluation
 from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
 from lit_vlm.callbacks.results import Checkpoint, ResultsWriter
 from lit_vlm.callbacks.retrieval import RetrievalEvaluation
+from lit_vlm.callbacks.vqa import VQAEvaluation
 from lit_vlm.callbacks.zeroshot import ZeroShotEvaluation
 
 __all__ = [
+    "CaptionEvaluation",
     "Checkpoint",
     "DataStats",
     "EvalCallback",
     "ResultsWriter",
     "RetrievalEvaluation",
     "SamplesPerSecond",
+    "VQAEvaluation",
     "ZeroShotEvaluation",
 ]

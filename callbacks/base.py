@@ -49,6 +49,12 @@ class EvalCallback(pl.Callback):
     def compute(self, records: list[Any]) -> dict[str, float]:
         raise NotImplementedError
 
+    def log_examples(self, writer: Any, stage: str, step: int, ids: list[str], records: list[Any]) -> None:
+        """Optional qualitative logs (a few examples) on global rank zero, after ``compute``.
+
+        ``writer`` is the TensorBoard ``SummaryWriter`` of the run (only called when the trainer
+        has a TensorBoard logger); ``ids``/``records`` are the merged, id-sorted records."""
+
     # ---- shared flow -----------------------------------------------------------------------
     def _active(self, trainer: pl.Trainer, stage: str) -> bool:
         return stage in self.splits and not trainer.sanity_checking
@@ -88,6 +94,12 @@ class EvalCallback(pl.Callback):
         for name, value in metrics.items():
             # Every rank holds the same value; sync_dist keeps Lightning's epoch-level logging consistent.
             pl_module.log(f"{stage}/{self.prefix}/{name}", float(value), sync_dist=True)
+        writer = _tensorboard_writer(trainer)
+        if writer is not None and trainer.is_global_zero:
+            try:
+                self.log_examples(writer, stage, trainer.global_step, ids, [merged[i] for i in ids])
+            except Exception as exc:  # qualitative logs must never kill an evaluation
+                log.warning("%s: could not log examples: %s: %s", type(self).__name__, type(exc).__name__, exc)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._start(trainer, pl_module, "val")
@@ -106,6 +118,16 @@ class EvalCallback(pl.Callback):
 
     def on_test_epoch_end(self, trainer, pl_module):
         self._end(trainer, pl_module, "test")
+
+
+def _tensorboard_writer(trainer: pl.Trainer) -> Any:
+    """The SummaryWriter of the trainer's first TensorBoard logger, or None."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
 
 
 def require_capability(pl_module: pl.LightningModule, *names: str) -> None:

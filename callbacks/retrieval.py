@@ -1,25 +1,178 @@
-"""Image<->text retrieval evaluation with any number of captions per image."""
+"""Image<->text retrieval evaluation with any number of captions per image.
+
+Besides the metrics, the callback writes qualitative TensorBoard logs (rank zero, after the
+metrics): for a few images, their first caption as a text query with the top-5 retrieved images
+(an image grid, the ground truth framed in green) and the image as a query with its top-5
+captions.  Small thumbnails are kept only for the first few images per rank and epoch, so the
+memory stays bounded; retrieved images without a thumbnail show as a dark tile (their ids and
+scores are always in the text log).
+
+The small image helpers (:func:`make_thumbnail`, :func:`image_grid`, :func:`ranked`) are shared
+with the zero-shot callback.
+"""
 
 from __future__ import annotations
 
-import torch
+import logging
+from collections.abc import Sequence
+from typing import Any
 
-from lit_vlm.callbacks.base import EvalCallback, require_capability
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, require_capability
 from lit_vlm.metrics import retrieval_metrics
+
+__all__ = ["RetrievalEvaluation", "image_grid", "make_thumbnail", "md_code", "md_escape", "normalisation", "ranked"]
+
+log = logging.getLogger("lit_vlm.eval")
+
+TOP = 5  # retrieved items shown per query
+
+_GREEN = (40, 200, 40)
+_RED = (220, 40, 40)
+_GREY = (150, 150, 150)
+_MISSING = 60  # fill of a tile without thumbnail
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for qualitative logs
+# --------------------------------------------------------------------------------------------
+
+
+def normalisation(trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mean [3], std [3])`` of the trainer's DataModule (``mean``/``std`` attributes), else None."""
+    dm = getattr(trainer, "datamodule", None)
+    mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
+    try:
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()  # [3]
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()  # [3]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if mean_t.numel() != 3 or std_t.numel() != 3:
+        return None
+    return mean_t, std_t
+
+
+def make_thumbnail(
+    image: torch.Tensor,  # [C, H, W] float, normalised
+    norm: tuple[torch.Tensor, torch.Tensor] | None,
+    size: int = 64,
+) -> torch.Tensor:
+    """A small uint8 RGB copy ``[3, h, w]`` (``max(h, w) <= size``) of a model-input image.
+
+    Args:
+        image: The normalised image tensor ``[C, H, W]`` (C = 1 or 3).
+        norm: ``(mean, std)`` used for the normalisation, undone here; None: min-max scaling.
+        size: Longest side of the thumbnail in pixels.
+    """
+    x = image.detach().float().cpu()  # [C, H, W]
+    if x.dim() != 3:
+        raise ValueError(f"make_thumbnail expects [C, H, W], got {list(x.shape)}")
+    if norm is not None and x.shape[0] == 3:
+        mean, std = norm
+        x = x * std.view(3, 1, 1) + mean.view(3, 1, 1)  # [3, H, W] in [0, 1]
+    else:
+        lo, hi = x.min(), x.max()
+        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    if x.shape[0] == 1:
+        x = x.expand(3, -1, -1)  # [3, H, W]
+    x = x[:3].clamp(0, 1)
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    if scale < 1:
+        new = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(x.unsqueeze(0), size=new, mode="bilinear", antialias=True)[0]  # [3, h, w]
+    return (x * 255).round().to(torch.uint8)  # [3, h, w]
+
+
+def image_grid(
+    tiles: Sequence[torch.Tensor | None],
+    colours: Sequence[tuple[int, int, int]],
+    size: int = 64,
+    border: int = 3,
+) -> torch.Tensor:
+    """One row of framed tiles as a uint8 image ``[3, size + 2 border, n (size + 2 border)]``.
+
+    Args:
+        tiles: uint8 thumbnails ``[3, h, w]``, or None for a missing one (dark tile); larger ones are
+            cropped to ``size``, much smaller ones enlarged by an integer factor.
+        colours: RGB frame colour of every tile.
+        size: Inner tile size in pixels.
+        border: Frame width in pixels.
+    """
+    cell = size + 2 * border
+    grid = torch.full((3, cell, max(1, len(tiles)) * cell), 255, dtype=torch.uint8)  # [3, cell, n * cell]
+    for n, (tile, colour) in enumerate(zip(tiles, colours, strict=True)):
+        x0 = n * cell
+        grid[:, :, x0 : x0 + cell] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
+        grid[:, border : border + size, x0 + border : x0 + border + size] = _MISSING
+        if tile is not None:
+            factor = size // max(tile.shape[1], tile.shape[2])
+            if factor > 1:  # small images: enlarge by an integer factor (nearest) for viewing
+                tile = tile.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # [3, f h, f w]
+            h, w = min(tile.shape[1], size), min(tile.shape[2], size)
+            top, left = border + (size - h) // 2, x0 + border + (size - w) // 2
+            grid[:, top : top + h, left : left + w] = tile[:3, :h, :w]
+    return grid
+
+
+def ranked(
+    scores: torch.Tensor,  # [N]
+    correct: torch.Tensor,  # [N] bool
+) -> torch.Tensor:
+    """Candidate order ``[N]``, best first, with the metrics' pessimistic ties.
+
+    Among equal scores wrong candidates come before correct ones, then lower index first, so the
+    position of the first correct candidate is exactly the rank used by :mod:`lit_vlm.metrics`.
+
+    Args:
+        scores: Score of every candidate ``[N]``.
+        correct: Whether each candidate is a ground-truth match ``[N]``.
+    """
+    by_truth = torch.sort(correct.to(torch.uint8), stable=True).indices  # [N] wrong first
+    by_score = torch.sort(scores[by_truth], descending=True, stable=True).indices  # [N]
+    return by_truth[by_score]  # [N]
+
+
+def md_code(text: str) -> str:
+    """``text`` as a Markdown code span (ids: shown verbatim, backslash escapes don't apply there)."""
+    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
+
+
+def md_escape(text: str) -> str:
+    """Escape the Markdown characters that would garble a caption in TensorBoard's text view."""
+    for ch in "\\`*_|[]<>#":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\n", " ")
+
+
+# --------------------------------------------------------------------------------------------
+# The callback
+# --------------------------------------------------------------------------------------------
 
 
 class RetrievalEvaluation(EvalCallback):
-    """Recall@k in both directions, their mean, and median/mean rank, on the val/test split.
+    """Recall@k in both directions, their mean and sum, and median/mean rank on the val/test split.
 
-    Reads the batch keys ``image``, ``caption_ids``, ``caption_mask``, ``caption_owner`` and
-    ``sample_id``; calls the family's ``encode_image`` and ``encode_text``. Exact under DDP:
-    per-image records are gathered by sample id, duplicates dropped, metrics computed once.
-    Logged as ``{stage}/retrieval/i2t_R@1`` ... ``rmean``, ``mean_R@1``.
+    Reads the batch keys ``image``, ``caption_ids``, ``caption_mask``, ``caption_owner``,
+    ``sample_id`` and, for the qualitative logs only, ``captions`` (raw strings, optional); calls
+    the family's ``encode_image`` and ``encode_text``. Exact under DDP: per-image records are
+    gathered by sample id, duplicates dropped, metrics computed once on the id-sorted set.
+    Logged as ``{stage}/retrieval/i2t_R@1`` ... ``t2i_R@10``, ``i2t_medr``, ``i2t_meanr``,
+    ``t2i_medr``, ``t2i_meanr``, ``rmean``, ``rsum``, ``mean_R@1`` (fractions, not percent; see
+    :mod:`lit_vlm.metrics`). With a TensorBoard logger it also logs example queries (images
+    ``{stage}/retrieval/t2i_example_{n}`` and ``i2t_example_images``, texts ``t2i_examples`` and
+    ``i2t_examples``).
 
     Args:
         splits: Stages to evaluate on, among "val" and "test".
         ks: The k of recall@k.
         chunk_size: Rows of the similarity matrix processed at a time (bounds memory).
+        num_examples: Example queries in each direction for the TensorBoard logs (0: none).
+        thumbnails: Images per rank and epoch that keep a small thumbnail for the example logs.
+        thumbnail_size: Longest side of a thumbnail in pixels.
         prefix: Metric namespace.
     """
 
@@ -28,27 +181,165 @@ class RetrievalEvaluation(EvalCallback):
         splits: tuple[str, ...] | list[str] = ("val", "test"),
         ks: tuple[int, ...] | list[int] = (1, 5, 10),
         chunk_size: int = 1024,
+        num_examples: int = 4,
+        thumbnails: int = 16,
+        thumbnail_size: int = 64,
         prefix: str = "retrieval",
     ) -> None:
         super().__init__(splits, prefix)
+        if num_examples < 0 or thumbnails < 0 or thumbnail_size < 1 or chunk_size < 1:
+            raise ValueError(
+                "RetrievalEvaluation needs num_examples >= 0, thumbnails >= 0, thumbnail_size >= 1 and chunk_size >= 1"
+            )
         self.ks = tuple(ks)
+        if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise ValueError(f"RetrievalEvaluation ks must be distinct positive integers, got {list(ks)}")
         self.chunk_size = chunk_size
+        self.num_examples = num_examples
+        self.thumbnails = thumbnails
+        self.thumbnail_size = thumbnail_size
+        self._examples = False
+        self._thumbs_left = 0
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._warned_texts = False
 
-    def setup_epoch(self, trainer, pl_module, stage):
+    def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
         require_capability(pl_module, "encode_image", "encode_text")
+        self._examples = self.num_examples > 0 and _tensorboard_writer(trainer) is not None
+        self._thumbs_left = self.thumbnails if self._examples else 0
+        self._norm = normalisation(trainer)
         return True
 
-    def collect(self, trainer, pl_module, batch):
-        for key in ("caption_ids", "caption_mask", "caption_owner"):
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
+        for key in ("image", "sample_id", "caption_ids", "caption_mask", "caption_owner"):
             if key not in batch:
                 raise KeyError(f"RetrievalEvaluation needs batch key '{key}' (an evaluation split with captions)")
+        ids = list(batch["sample_id"])
+        if len(ids) != batch["image"].shape[0]:
+            raise ValueError(
+                f"RetrievalEvaluation: {len(ids)} sample ids for {batch['image'].shape[0]} images in a batch"
+            )
         image_emb = pl_module.encode_image(batch["image"]).float().cpu()  # [B, E]
         caption_emb = pl_module.encode_text(batch["caption_ids"], batch["caption_mask"]).float().cpu()  # [N, E]
         owner = batch["caption_owner"].cpu()  # [N]
-        return {sid: (image_emb[i], caption_emb[owner == i]) for i, sid in enumerate(batch["sample_id"])}
+        bad_owner = owner.shape != (caption_emb.shape[0],) or (
+            owner.numel() > 0 and (int(owner.min()) < 0 or int(owner.max()) >= len(ids))
+        )
+        if bad_owner:
+            raise ValueError(
+                f"RetrievalEvaluation: caption_owner has {owner.numel()} entries for "
+                f"{caption_emb.shape[0]} caption rows (batch {ids[0]} .. {ids[-1]}) "
+                f"or points outside the batch's {len(ids)} images"
+            )
+        texts = batch.get("captions") if self._examples else None
+        records: dict[str, Any] = {}
+        for i, sid in enumerate(ids):
+            caps = caption_emb[owner == i]  # [n_i, E] (a copy)
+            record: dict[str, Any] = {"id": sid, "image": image_emb[i].clone(), "captions": caps}  # clone: own storage
+            if self._examples:
+                record["texts"] = self._texts(texts, i, caps.shape[0], sid)
+                if self._thumbs_left > 0:
+                    record["thumb"] = make_thumbnail(batch["image"][i], self._norm, self.thumbnail_size)  # [3, h, w]
+                    self._thumbs_left -= 1
+            records[sid] = record
+        return records
 
-    def compute(self, records):
-        image_emb = torch.stack([img for img, _ in records])  # [I, E]
-        caption_emb = torch.cat([caps for _, caps in records])  # [T, E]
-        owner = torch.cat([torch.full((caps.shape[0],), i) for i, (_, caps) in enumerate(records)])  # [T]
+    def _texts(self, texts: Any, row: int, count: int, sid: str) -> list[str] | None:
+        if texts is None or row >= len(texts):
+            return None
+        mine = [str(t) for t in texts[row]]
+        if len(mine) != count:
+            if not self._warned_texts:
+                self._warned_texts = True
+                log.warning(
+                    "RetrievalEvaluation: sample %s has %d caption strings but %d caption rows; "
+                    "example logs show no text",
+                    sid,
+                    len(mine),
+                    count,
+                )
+            return None
+        return mine
+
+    @staticmethod
+    def _stack(records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        empty = [r["id"] for r in records if r["captions"].shape[0] == 0]
+        if empty:
+            raise ValueError(
+                f"RetrievalEvaluation: {len(empty)} image(s) without any caption, e.g. sample ids {empty[:5]}; "
+                "image->text recall is undefined"
+            )
+        image_emb = torch.stack([r["image"] for r in records])  # [I, E]
+        caption_emb = torch.cat([r["captions"] for r in records])  # [T, E]
+        counts = torch.tensor([r["captions"].shape[0] for r in records])  # [I]
+        owner = torch.repeat_interleave(torch.arange(len(records)), counts)  # [T]
+        return image_emb, caption_emb, owner
+
+    def compute(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        image_emb, caption_emb, owner = self._stack(records)
         return retrieval_metrics(image_emb, caption_emb, owner, self.ks, self.chunk_size)
+
+    def log_examples(self, writer: Any, stage: str, step: int, ids: list[str], records: list[dict[str, Any]]) -> None:
+        if self.num_examples <= 0:
+            return
+        image_emb, caption_emb, owner = self._stack(records)
+        counts = torch.bincount(owner, minlength=len(records))  # [I]
+        first = (torch.cumsum(counts, 0) - counts).tolist()  # first caption row of every image
+        texts: list[str | None] = []
+        for r in records:
+            n = r["captions"].shape[0]
+            texts.extend(r.get("texts") or [None] * n)
+
+        def caption_text(t: int) -> str:
+            img = int(owner[t])
+            given = texts[t]
+            if given is None:
+                return f"caption {t - first[img]} of {md_code(ids[img])}"
+            return f'"{md_escape(given)}"'
+
+        with_thumb = [i for i, r in enumerate(records) if r.get("thumb") is not None]
+        rest = [i for i in range(len(records)) if records[i].get("thumb") is None]
+        picks = (with_thumb + rest)[: self.num_examples]
+        tag = f"{stage}/{self.prefix}"
+
+        # text -> image: the first caption of each picked image as query
+        t2i_lines = [f"Top-{TOP} images for caption queries (ground truth in green; ties ranked pessimistically).", ""]
+        for n, i in enumerate(picks):
+            q = first[i]
+            scores = image_emb @ caption_emb[q]  # [I]
+            order = ranked(scores, torch.arange(len(records)) == i)  # [I]
+            gt_rank = int((order == i).nonzero()[0, 0]) + 1
+            top = order[:TOP].tolist()
+            grid = image_grid(
+                [records[j].get("thumb") for j in top],
+                [_GREEN if j == i else _GREY for j in top],
+                self.thumbnail_size,
+            )
+            writer.add_image(f"{tag}/t2i_example_{n}", grid, step, dataformats="CHW")
+            t2i_lines.append(
+                f"**Query {n}** {caption_text(q)} (image {md_code(ids[i])}, ground truth at rank {gt_rank})"
+            )
+            t2i_lines.append("")
+            for pos, j in enumerate(top, 1):
+                mark = " **<- ground truth**" if j == i else ""
+                t2i_lines.append(f"{pos}. {md_code(ids[j])} score {float(scores[j]):.4f}{mark}")
+            t2i_lines.append("")
+        writer.add_text(f"{tag}/t2i_examples", "\n".join(t2i_lines), step)
+
+        # image -> text: the same images as queries
+        i2t_lines = [f"Top-{TOP} captions for image queries (images in `i2t_example_images`, left to right).", ""]
+        for n, i in enumerate(picks):
+            scores = caption_emb @ image_emb[i]  # [T]
+            correct = owner == i  # [T]
+            order = ranked(scores, correct)  # [T]
+            gt_rank = int(correct[order].nonzero()[0, 0]) + 1
+            i2t_lines.append(f"**Image {n}** {md_code(ids[i])} (best ground-truth caption at rank {gt_rank})")
+            i2t_lines.append("")
+            for pos, t in enumerate(order[:TOP].tolist(), 1):
+                mark = " **<- ground truth**" if bool(correct[t]) else ""
+                i2t_lines.append(f"{pos}. {caption_text(t)} score {float(scores[t]):.4f}{mark}")
+            i2t_lines.append("")
+        writer.add_text(f"{tag}/i2t_examples", "\n".join(i2t_lines), step)
+        if any(records[i].get("thumb") is not None for i in picks):
+            grid = image_grid([records[i].get("thumb") for i in picks], [_GREY] * len(picks), self.thumbnail_size)
+            writer.add_image(f"{tag}/i2t_example_images", grid, step, dataformats="CHW")

@@ -1,11 +1,19 @@
-"""Image-text pairs streamed from webdataset shards (synthetic world or img2dataset output).
+"""Image-text pairs streamed from webdataset shards (synthetic world, converted corpora, img2dataset).
 
 :class:`ImageTextDataModule` reads shards in the img2dataset layout -- per sample ``KEY.jpg``
 (or ``.jpeg``/``.png``/``.webp``), ``KEY.txt`` (one caption) and optionally ``KEY.json``
-(``"captions"``: all captions, ``"label"``: class index, ...) -- either from a synthetic world
-directory (``root``, generated on demand by :mod:`lit_vlm.datamodules.synth`) or from explicit
-shard specs (local paths, brace patterns, ``pipe:`` commands, URLs).  The streaming mechanics
-(rank/worker splitting, epochs, robust decoding) live in :mod:`lit_vlm.datamodules.stream`.
+(``"captions"``: all captions, ``"label"``: class index, ``"image_id"``, ``"questions"``, ...)
+-- either from a dataset directory (``root``: a synthetic world, generated on demand by
+:mod:`lit_vlm.datamodules.synth`, or a corpus converted by :mod:`lit_vlm.datamodules.convert`)
+or from explicit shard specs (local paths, brace patterns, ``pipe:`` commands, URLs).  The
+streaming mechanics (rank/worker splitting, epochs, robust decoding) live in
+:mod:`lit_vlm.datamodules.stream`.
+
+Images stay where they are or are packed into the shards; the user chooses.  A sample without
+an image member but with a JSON ``"image_path"`` is read from that file: an absolute path, or a
+path relative to ``image_root`` (the DataModule argument, else the split's ``image_root`` in
+``root``'s manifest, as ``lit-vlm data karpathy --no-pack`` writes it).  An image member, when
+present, wins.
 
 Batch contract
 --------------
@@ -28,10 +36,25 @@ Evaluation batches (``val``/``test``/``predict``) have the same keys, plus:
 * ``caption_ids``: long ``[N, L]`` and ``caption_mask``: bool ``[N, L]``, *all* captions of the
   batch's images (JSON ``"captions"``, else the ``.txt`` caption), image after image;
 * ``caption_owner``: long ``[N]``, the row in this batch of each caption's image;
+* ``captions``: ``list[list[str]]``, the raw caption strings of each image (what ``caption_ids``
+  encodes, untokenised; for caption metrics);
+* ``image_id``: ``list[int | str]``, the JSON ``"image_id"`` of each image (the id used by the
+  COCO / VQAv2 annotation files), falling back to the shard key;
+* ``question``: ``list[str]`` and ``question_id``: ``list[int]``, the VQA questions of the
+  batch's images (JSON ``"questions"``: objects with ``question_id`` and ``question``), image
+  after image; ``question_owner``: long ``[Q]``, the row of each question's image.  Empty lists
+  and an empty tensor when the shards hold no questions;
 
 and ``text_ids``/``text_mask`` hold the *first* caption of every image, so a validation loss can
-be computed.  Prediction also accepts images without any caption (they own no ``caption_ids``
-row and their ``text_ids`` row is just ``[bos, eos]``).
+be computed.  Images with questions need no caption in evaluation (VQA shards have none), and
+prediction accepts images without any caption: such images own no ``caption_ids`` row, their
+``captions`` entry is ``[]`` and their ``text_ids`` row is just ``[bos, eos]``.  A malformed
+``"questions"`` (not a list, an entry without an integer ``question_id`` or a string
+``question``) or ``"image_id"`` (neither an integer nor a string) makes the sample bad
+(``bad_json``).
+
+:meth:`ImageTextDataModule.eval_annotations` names the evaluation annotation files (COCO
+captions, VQAv2 questions/annotations) that describe the val/test shards, when known.
 
 ``data_stats`` is ``{"split", "worker", "epoch", "samples", "skipped"}``: the global worker
 index, how many samples that worker yielded so far in this epoch/pass and how many it skipped
@@ -74,7 +97,7 @@ from lit_vlm.datamodules.transforms import (
     train_transform,
 )
 
-__all__ = ["ImageTextCollator", "ImageTextDataModule", "ImageTextDecoder"]
+__all__ = ["EVAL_ANNOTATION_KINDS", "ImageTextCollator", "ImageTextDataModule", "ImageTextDecoder"]
 
 logger = logging.getLogger("lit_vlm.data")
 
@@ -91,12 +114,15 @@ _CAPTION_SAMPLING = ("random", "first")
 
 
 class ImageTextDecoder:
-    """Turn a raw webdataset sample into ``{"image", "caption" | "captions", "label"}``.
+    """Turn a raw webdataset sample into ``{"image", "caption", "label"}`` (training) or
+    ``{"image", "captions", "label", "image_id", "questions"}`` (evaluation).
 
     Cheap checks come first so that bad samples cost little: JSON parsing (``bad_json``), image
-    member lookup (``missing_image``), captions (``missing_caption``, ``empty_caption``, and
-    ``bad_json`` for a ``.txt`` that is not UTF-8), and finally the image itself
-    (``image_decode``, ``image_too_large``).  Each failure raises :class:`BadSample`.
+    member lookup or the JSON ``image_path`` file's existence (``missing_image``), in evaluation
+    the ``image_id`` and ``questions`` fields (``bad_json``), captions (``missing_caption``,
+    ``empty_caption``, and ``bad_json`` for a ``.txt`` that is not UTF-8), and finally the image
+    itself (``image_decode`` -- also for an ``image_path`` file that cannot be read --,
+    ``image_too_large``).  Each failure raises :class:`BadSample`.
 
     Args:
         transform: Image transform (PIL in, tensor out; receives the worker's generator).
@@ -105,7 +131,10 @@ class ImageTextDecoder:
         caption_sampling: ``"random"`` or ``"first"`` caption of the JSON ``"captions"``.
         max_pixels: Decompression-bomb limit, see :func:`decode_image`.
         draft_size: JPEG draft size hint, see :func:`decode_image`.
-        require_caption: Skip samples without a caption (False for prediction).
+        require_caption: Skip samples without a caption (False for prediction).  In evaluation
+            a sample with questions needs no caption.
+        image_root: Folder that a relative JSON ``image_path`` is resolved against (samples
+            stored without image bytes); ``None``: only absolute paths can be read.
     """
 
     def __init__(
@@ -118,6 +147,7 @@ class ImageTextDecoder:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         draft_size: int | None = None,
         require_caption: bool = True,
+        image_root: str | None = None,
     ) -> None:
         if caption_sampling not in _CAPTION_SAMPLING:
             raise ValueError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {caption_sampling!r}")
@@ -128,6 +158,7 @@ class ImageTextDecoder:
         self.max_pixels = max_pixels
         self.draft_size = draft_size
         self.require_caption = require_caption
+        self.image_root = None if image_root is None else Path(image_root)
 
     @staticmethod
     def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +173,71 @@ class ImageTextDecoder:
             raise BadSample("bad_json", f"json member is a {type(meta).__name__}, not an object")
         return meta
 
-    def _captions(self, raw: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    def _image_source(self, raw: dict[str, Any], meta: dict[str, Any]) -> bytes | Path:
+        """The image member's bytes, else the existing file named by the JSON ``image_path``."""
+        data = next((raw[key] for key in self.image_keys if key in raw), None)
+        if data is not None:
+            return data
+        if "image_path" not in meta:
+            raise BadSample(
+                "missing_image", f"no member with extension {'/'.join(self.image_keys)} and no json 'image_path'"
+            )
+        name = meta["image_path"]
+        if not isinstance(name, str) or not name.strip():
+            raise BadSample("bad_json", f"json 'image_path' is {name!r}, not a non-empty string")
+        path = Path(name)
+        if not path.is_absolute():
+            if self.image_root is None:
+                raise BadSample("missing_image", f"json image_path {name!r} is relative and no image_root is set")
+            path = self.image_root / path
+        if not path.is_file():
+            raise BadSample("missing_image", f"image file {str(path)!r} (json image_path) does not exist")
+        return path
+
+    @staticmethod
+    def _read_image_file(path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise BadSample("missing_image", f"image file {str(path)!r} disappeared: {exc}") from exc
+        except OSError as exc:
+            raise BadSample("image_decode", f"cannot read image file {str(path)!r}: {exc}") from exc
+
+    @staticmethod
+    def _image_id(meta: dict[str, Any]) -> int | str | None:
+        """JSON ``image_id`` (an int or a non-empty string), ``None`` when absent."""
+        image_id = meta.get("image_id")
+        if image_id is None:
+            return None
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) or image_id == "":
+            raise BadSample("bad_json", f"json 'image_id' is {image_id!r}, not an integer or a non-empty string")
+        return image_id
+
+    @staticmethod
+    def _questions(meta: dict[str, Any]) -> list[tuple[int, str]]:
+        """``(question_id, question)`` of each entry of the JSON ``questions`` list (``[]`` if absent)."""
+        listed = meta.get("questions")
+        if listed is None:
+            return []
+        if not isinstance(listed, list):
+            raise BadSample("bad_json", f"json 'questions' is a {type(listed).__name__}, not a list")
+        result: list[tuple[int, str]] = []
+        seen: set[int] = set()
+        for i, entry in enumerate(listed):
+            if not isinstance(entry, dict):
+                raise BadSample("bad_json", f"json 'questions'[{i}] is a {type(entry).__name__}, not an object")
+            qid, text = entry.get("question_id"), entry.get("question")
+            if not isinstance(qid, int) or isinstance(qid, bool):
+                raise BadSample("bad_json", f"json 'questions'[{i}] 'question_id' is {qid!r}, not an integer")
+            if not isinstance(text, str) or not text.strip():
+                raise BadSample("bad_json", f"json 'questions'[{i}] 'question' is {text!r}, not a non-empty string")
+            if qid in seen:
+                raise BadSample("bad_json", f"json 'questions' repeats question_id {qid}")
+            seen.add(qid)
+            result.append((qid, text.strip()))
+        return result
+
+    def _captions(self, raw: dict[str, Any], meta: dict[str, Any], required: bool) -> list[str]:
         """All usable captions: JSON ``captions``, else the ``.txt`` member, else JSON ``caption``."""
         listed = meta.get("captions")
         if isinstance(listed, list) and listed:
@@ -163,16 +258,20 @@ class ImageTextDecoder:
             if not single.strip():
                 raise BadSample("empty_caption", "json 'caption' is empty")
             return [single.strip()]
-        if self.require_caption:
+        if required:
             raise BadSample("missing_caption", "no txt member and no captions in the json")
         return []
 
     def __call__(self, raw: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         meta = self._metadata(raw)
-        image_bytes = next((raw[key] for key in self.image_keys if key in raw), None)
-        if image_bytes is None:
-            raise BadSample("missing_image", f"no member with extension {'/'.join(self.image_keys)}")
-        captions = self._captions(raw, meta)
+        source = self._image_source(raw, meta)
+        if self.train:
+            captions = self._captions(raw, meta, self.require_caption)
+        else:
+            image_id = self._image_id(meta)
+            questions = self._questions(meta)
+            captions = self._captions(raw, meta, self.require_caption and not questions)
+        image_bytes = self._read_image_file(source) if isinstance(source, Path) else source
         image = self.transform(decode_image(image_bytes, self.max_pixels, self.draft_size), generator)
         label = meta.get("label")
         label = label if isinstance(label, int) and not isinstance(label, bool) else -1
@@ -182,7 +281,7 @@ class ImageTextDecoder:
             else:
                 caption = captions[0]
             return {"image": image, "caption": caption, "label": label}
-        return {"image": image, "captions": captions, "label": label}
+        return {"image": image, "captions": captions, "label": label, "image_id": image_id, "questions": questions}
 
 
 class ImageTextCollator:
@@ -214,8 +313,14 @@ class ImageTextCollator:
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         every = [c for s in samples for c in s["captions"]]
         owner = [row for row, s in enumerate(samples) for _ in s["captions"]]
-        batch["caption_ids"], batch["caption_mask"] = self.tokenizer.encode(every, self.context_length)
-        batch["caption_owner"] = torch.tensor(owner, dtype=torch.long)
+        batch["caption_ids"], batch["caption_mask"] = self.tokenizer.encode(every, self.context_length)  # [N, L]
+        batch["caption_owner"] = torch.tensor(owner, dtype=torch.long)  # [N]
+        batch["captions"] = [list(s["captions"]) for s in samples]
+        batch["image_id"] = [s["__key__"] if s.get("image_id") is None else s["image_id"] for s in samples]
+        questions = [(row, qid, text) for row, s in enumerate(samples) for qid, text in s.get("questions", ())]
+        batch["question"] = [text for _, _, text in questions]
+        batch["question_id"] = [qid for _, qid, _ in questions]
+        batch["question_owner"] = torch.tensor([row for row, _, _ in questions], dtype=torch.long)  # [Q]
         return batch
 
 
@@ -230,6 +335,22 @@ def _synth_module() -> Any:
     return synth
 
 
+def _convert_module() -> Any:
+    from lit_vlm.datamodules import convert
+
+    return convert
+
+
+#: Keys of :meth:`ImageTextDataModule.eval_annotations` and the manifest entry name of each
+#: (``{split}`` is ``val`` or ``test``), as the synthetic world and the converters write them.
+EVAL_ANNOTATION_KINDS: dict[str, str] = {
+    "captions": "captions_{split}",
+    "vqa_questions": "vqa_{split}_questions",
+    "vqa_annotations": "vqa_{split}_annotations",
+}
+_STAGE_SPLITS = {"fit": "val", "val": "val", "validate": "val", "test": "test", "predict": "predict"}
+
+
 def _spec_sources(spec: str | list[str]) -> int:
     return 1 if isinstance(spec, str) else len(spec)
 
@@ -237,15 +358,18 @@ def _spec_sources(spec: str | list[str]) -> int:
 class ImageTextDataModule(pl.LightningDataModule):
     """Streaming image-text data (contrastive, captioning, retrieval, zero-shot).
 
-    Data comes from a synthetic world directory (``root``) or explicit shard specs; see the
-    module docstring for the batch contract.  The tokenizer is loaded at construction, so
+    Data comes from a dataset directory (``root``) or explicit shard specs; see the module
+    docstring for the batch contract.  The tokenizer is loaded at construction, so
     ``vocab_size``, ``pad_id``, ``context_length`` and ``image_size`` are known before any data
     exists.
 
     Args:
-        root: Directory of a synthetic world.  Its ``manifest.json`` lists the train/val/test
-            shards and its ``zeroshot.json`` the zero-shot class names and templates.  If the
-            manifest is missing and ``synthesize`` is true, ``prepare_data`` generates the world.
+        root: Directory of a synthetic world or of a converted dataset (``lit-vlm data karpathy``
+            / ``vqav2``).  Its ``manifest.json`` lists the train/val/test shards and its
+            evaluation annotation files; a synthetic world's ``zeroshot.json`` holds the
+            zero-shot class names and templates.  If the manifest is missing and ``synthesize``
+            is true, ``prepare_data`` generates a synthetic world there (never over a converted
+            dataset, nor over a folder a conversion was writing when it was interrupted).
         synthesize: Generate the synthetic world in ``root`` when it does not exist yet.
         synth_config: Overrides of the synthetic world's settings (fields of
             ``synth.SynthConfig``, e.g. ``{"num_train": 5000, "image_size": 64}``).
@@ -291,6 +415,14 @@ class ImageTextDataModule(pl.LightningDataModule):
         seed: Seed of shard order, shuffling, augmentation and caption choice (combined with the
             epoch, rank and worker).
         pin_memory: Use pinned host memory for batches (faster host-to-GPU copies).
+        image_root: Folder that relative JSON ``image_path`` entries are resolved against, for
+            shards that hold no image bytes (``lit-vlm data karpathy --no-pack``).  Default: the
+            split's ``image_root`` recorded in ``root``'s manifest, if any.
+        val_annotations: Evaluation annotation files of the validation data, for shards that
+            live outside a ``root`` (or to override its files): keys among ``captions`` (COCO
+            caption JSON), ``vqa_questions`` and ``vqa_annotations`` (official VQAv2 JSON),
+            values the file paths.  See :meth:`eval_annotations`.
+        test_annotations: Evaluation annotation files of the test data (same keys).
     """
 
     def __init__(
@@ -321,6 +453,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         seed: int = 0,
         pin_memory: bool = False,
+        image_root: str | None = None,
+        val_annotations: dict[str, str] | None = None,
+        test_annotations: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -351,6 +486,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.max_image_pixels = max_image_pixels
         self.seed = int(seed)
         self.pin_memory = pin_memory
+        self.image_root = None if image_root is None else str(image_root)
+        self.annotation_files: dict[str, dict[str, str]] = {
+            "val": {k: str(v) for k, v in (val_annotations or {}).items()},
+            "test": {k: str(v) for k, v in (test_annotations or {}).items()},
+        }
         self._validate()
         try:
             self.tokenizer: Tokenizer = Tokenizer.load(tokenizer)
@@ -411,12 +551,32 @@ class ImageTextDataModule(pl.LightningDataModule):
         if self.synth_config and self.root is None:
             raise ValueError("synth_config is set but root is not: the synthetic world needs a directory")
         if self.root is not None:
+            if (Path(self.root) / _convert_module().MARKER).exists() and not self._manifest_path().is_file():
+                raise ValueError(
+                    f"root={self.root!r} holds an interrupted dataset conversion (no manifest.json); "
+                    "run the conversion again"
+                )
             if not self._manifest_path().is_file() and not self.synthesize:
                 raise ValueError(
-                    f"root={self.root!r} holds no synthetic world (no manifest.json) and synthesize=False; "
-                    "set synthesize=True to generate it or point root at an existing world"
+                    f"root={self.root!r} holds no dataset (no manifest.json) and synthesize=False; "
+                    "set synthesize=True to generate a synthetic world or point root at an existing dataset"
+                )
+            if self.synth_config and self._is_converted():
+                raise ValueError(
+                    f"root={self.root!r} is a converted dataset, not a synthetic world: synth_config does not apply"
                 )
             self._check_synth_config_fields()
+        for split, files in self.annotation_files.items():
+            unknown = sorted(set(files) - set(EVAL_ANNOTATION_KINDS))
+            if unknown:
+                raise ValueError(
+                    f"{split}_annotations has unknown keys {unknown}; valid keys: {sorted(EVAL_ANNOTATION_KINDS)}"
+                )
+            for kind, path in files.items():
+                if not Path(path).is_file():
+                    raise ValueError(f"{split}_annotations[{kind!r}]={path!r} does not exist")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise ValueError(f"image_root={self.image_root!r} is not a folder")
         if self.zeroshot_file is not None and not Path(self.zeroshot_file).is_file():
             raise ValueError(f"zeroshot_file={self.zeroshot_file!r} does not exist")
 
@@ -494,21 +654,49 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ValueError(f"{what} {str(path)!r} must hold a JSON object")
         return data
 
+    def _manifest_format(self) -> str | None:
+        """The ``format`` field of ``root``'s manifest (``None`` when missing or unreadable)."""
+        try:
+            with open(self._manifest_path(), encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return data.get("format") if isinstance(data, dict) else None
+
+    def _is_converted(self) -> bool:
+        return self._manifest_format() == _convert_module().FORMAT
+
     def _manifest(self) -> dict[str, Any]:
         if not self._manifest_path().is_file():
             raise RuntimeError(
                 f"root={self.root!r} has no manifest.json yet: call prepare_data() (the Trainer does) "
                 "or generate the world first"
             )
+        convert = _convert_module()
         try:
+            if self._is_converted():
+                return convert.load_manifest(self.root)
             return _synth_module().load_manifest(self.root)
         except ValueError as exc:
-            raise ValueError(f"root={self.root!r}: {exc}") from exc
+            raise ValueError(
+                f"root={self.root!r}: {exc} (a root must hold a synthetic world or a converted dataset)"
+            ) from exc
 
     def prepare_data(self) -> None:
-        """Generate the synthetic world in ``root`` if it is missing (once per node)."""
+        """Generate the synthetic world in ``root`` if it is missing (once per node).
+
+        A converted dataset is used as it is; a folder left by an interrupted conversion is an
+        error (it is never synthesized over).
+        """
         if self.root is None:
             return
+        if self._is_converted():
+            self._manifest()  # checks it
+            return
+        if (Path(self.root) / _convert_module().MARKER).exists():
+            raise RuntimeError(
+                f"root={self.root!r} holds an interrupted dataset conversion (no manifest.json); run it again"
+            )
         synth = _synth_module()
         if synth.is_generated(self.root):
             self._check_existing_world()
@@ -563,6 +751,51 @@ class ImageTextDataModule(pl.LightningDataModule):
         weight = self.train_weights[0] if split == "train" and self.train_weights else 1.0
         return [Source(urls=urls, weight=weight, num_samples=entry.get("num_samples"), name=f"{self.root}:{split_key}")]
 
+    def _image_root(self, split: str) -> str | None:
+        """``image_root``, else the manifest's ``image_root`` of the split when it comes from ``root``."""
+        if self.image_root is not None:
+            return self.image_root
+        if self.shard_specs[split] is not None or self.root is None or not self._manifest_path().is_file():
+            return None
+        entry = self._manifest().get("splits", {}).get("test" if split == "predict" else split) or {}
+        recorded = entry.get("image_root")
+        if not isinstance(recorded, str) or not recorded:
+            return None
+        return str(Path(self.root) / recorded)  # an absolute recorded path stays as it is
+
+    def eval_annotations(self, stage: str) -> dict[str, str]:
+        """Evaluation annotation files of a stage's data, when known.
+
+        Keys among ``"captions"`` (COCO caption format, as pycocoevalcap reads it),
+        ``"vqa_questions"`` and ``"vqa_annotations"`` (official VQAv2 formats); values are file
+        paths.  The files come from ``root`` (a synthetic world or a converted dataset: its
+        manifest's ``captions_{split}``, ``vqa_{split}_questions`` and
+        ``vqa_{split}_annotations``, or those names under ``annotations/`` when the manifest
+        lists none) if the split's shards come from ``root`` and the files exist, overridden
+        key by key by ``val_annotations`` / ``test_annotations``.
+
+        Args:
+            stage: ``"val"`` / ``"validate"`` / ``"fit"`` (the validation data), ``"test"`` or
+                ``"predict"`` (``root``'s test files when ``predict_shards`` is not set).
+        """
+        split = _STAGE_SPLITS.get(stage)
+        if split is None:
+            raise ValueError(f"stage must be one of {sorted(_STAGE_SPLITS)}, got {stage!r}")
+        found: dict[str, str] = {}
+        if self.shard_specs[split] is None and self.root is not None and self._manifest_path().is_file():
+            file_split = "test" if split == "predict" else split
+            listed = self._manifest().get("annotations")
+            for kind, pattern in EVAL_ANNOTATION_KINDS.items():
+                name = pattern.format(split=file_split)
+                if isinstance(listed, dict):
+                    rel = listed.get(name)
+                else:
+                    rel = f"annotations/{name}.json"
+                if isinstance(rel, str) and (Path(self.root) / rel).is_file():
+                    found[kind] = str(Path(self.root) / rel)
+        found.update(self.annotation_files.get(split, {}))
+        return found
+
     def _transform(self, train: bool) -> Compose:
         if train:
             return train_transform(self.image_size, self.mean, self.std, self.train_crop_scale)
@@ -583,6 +816,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             max_pixels=self.max_image_pixels,
             draft_size=draft,
             require_caption=split != "predict",
+            image_root=self._image_root(split),
         )
         return StreamDataset(
             sources,

@@ -29,8 +29,9 @@ LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id")
 
 _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
-subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`), and
-`lit-vlm data synth --out DIR` (write the synthetic world; `lit-vlm data --help`)."""
+subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
+`lit-vlm data {synth,karpathy,vqav2} ...` (write the synthetic world, convert datasets; `lit-vlm data --help`),
+`lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`)."""
 
 
 class LitVLMCLI(LightningCLI):
@@ -151,31 +152,59 @@ def resolve_checkpoint(which: str, logger_cfg: Any) -> str:
 
 
 # ---- entry point --------------------------------------------------------------------------------
-def data_main(argv: list[str]) -> int:
-    """``lit-vlm data <command>``: dataset tools."""
-    commands = {"synth": "lit_vlm.datamodules.synth"}
+#: ``lit-vlm <group> <command>``: tool groups beside LightningCLI's subcommands.
+#: command -> (module, function, one-line help).
+TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "data": {
+        "synth": ("lit_vlm.datamodules.synth", "main", "write the synthetic world (shards + annotation JSON)"),
+        "karpathy": ("lit_vlm.datamodules.convert", "karpathy_main",
+                     "convert COCO / Flickr30k Karpathy-split JSON + images into shards + caption annotations"),
+        "vqav2": ("lit_vlm.datamodules.convert", "vqav2_main",
+                  "convert VQAv2 questions + annotations + images into shards + the official annotation files"),
+    },
+    "eval": {
+        "vqa": ("lit_vlm.vqa", "main", "score a VQAv2 results file with the official VQA accuracy"),
+        "caption": ("lit_vlm.captioning", "main", "score a COCO-format captions results file (BLEU, METEOR, ROUGE-L, CIDEr)"),
+    },
+}
+
+
+def _user_error(err: BaseException) -> int:
+    if os.environ.get("LIT_VLM_DEBUG"):
+        raise err
+    print(f"lit-vlm: error: {err}\n(set LIT_VLM_DEBUG=1 to see the traceback)", file=sys.stderr)
+    return 2
+
+
+def tool_main(group: str, argv: list[str]) -> int:
+    """``lit-vlm data <command>`` / ``lit-vlm eval <command>``: dataset and scoring tools."""
+    commands = TOOL_GROUPS[group]
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lit-vlm data {synth} ...\n\n  synth   write the synthetic world (shards + annotation JSON)\n\n"
-              "`lit-vlm data synth --help` lists its options.")
+        width = max(map(len, commands))
+        lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, _, help_) in commands.items())
+        print(f"usage: lit-vlm {group} {{{','.join(commands)}}} ...\n\n{lines}\n\n`lit-vlm {group} <command> --help` lists its options.")
         return 0 if argv else 2
     if argv[0] not in commands:
-        print(f"lit-vlm data: unknown command '{argv[0]}' (choose from: {', '.join(commands)})", file=sys.stderr)
+        print(f"lit-vlm {group}: unknown command '{argv[0]}' (choose from: {', '.join(commands)})", file=sys.stderr)
         return 2
-    return int(importlib.import_module(commands[argv[0]]).main(argv[1:]) or 0)
+    module, function, _ = commands[argv[0]]
+    try:
+        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        return _user_error(err)
+    except SystemExit as exit_:  # argparse's --help and usage errors
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
 
 
 def main(argv: list[str] | None = None) -> int:
     explicit = argv is not None
     argv = list(argv if explicit else sys.argv[1:])
-    if argv and argv[0] == "data":
-        return data_main(argv[1:])
+    if argv and argv[0] in TOOL_GROUPS:
+        return tool_main(argv[0], argv[1:])
     try:
         LitVLMCLI(args=argv if explicit else None)
     except (ValueError, FileNotFoundError, KeyError) as err:
-        if os.environ.get("LIT_VLM_DEBUG"):
-            raise
-        print(f"lit-vlm: error: {err}\n(set LIT_VLM_DEBUG=1 to see the traceback)", file=sys.stderr)
-        return 2
+        return _user_error(err)
     return 0
 
 

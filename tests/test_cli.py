@@ -37,13 +37,22 @@ def test_every_config_parses(config, capsys):
 
 def test_help(capsys):
     code, out = run_cli(["--help"], capsys)
-    assert code == 0 and "fit" in out and "data synth" in out
+    assert code == 0 and "fit" in out and "karpathy" in out and "eval" in out
     code, out = run_cli(["fit", "--config", str(TINY), "--help"], capsys)
     assert code == 0
     code, out = run_cli(["fit", "--model", "lit_vlm.models.CLIP", "--model.help", "lit_vlm.models.CLIP"], capsys)
     assert code == 0 and "Dimension of the joint embedding space" in out and "max_logit_scale" in out
     code, out = run_cli(["fit", "--data", "lit_vlm.datamodules.ImageTextDataModule", "--data.help", "lit_vlm.datamodules.ImageTextDataModule"], capsys)
     assert code == 0 and "train_shards" in out
+
+
+def test_tool_groups_help(capsys):
+    assert main(["eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "vqa" in out and "caption" in out
+    assert main(["eval", "nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+    assert main(["eval", "vqa", "--help"]) == 0 and "--predictions" in capsys.readouterr().out
+    assert main(["data", "karpathy", "--help"]) == 0 and "--no-pack" in capsys.readouterr().out
 
 
 def test_data_synth_help(capsys):

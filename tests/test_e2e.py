@@ -90,3 +90,51 @@ def test_clip_capabilities():
         model.logit_scale.fill_(10.0)
     model.on_train_batch_end(None, None, 0)
     assert model.logit_scale.exp().item() == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+def test_generation_callbacks_through_the_cli_and_offline_scoring_agree(tmp_path):
+    """A user adds the VQA and captioning callbacks to a config and runs `lit-vlm test` on the
+    synthetic world (with the generating test double as the family); the results JSON holds the
+    metrics, and `lit-vlm eval vqa|caption` on the written predictions prints the same numbers."""
+    import os
+    import shutil
+
+    extra = tmp_path / "generation.yaml"
+    extra.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: lit_vlm.callbacks.VQAEvaluation\n"
+        "    - class_path: lit_vlm.callbacks.CaptionEvaluation\n"
+        "      init_args: {splits: [test], metrics: [BLEU, ROUGE_L, CIDEr]}\n"
+        "model:\n"
+        "  class_path: doubles.GeneratingDouble\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "lit_vlm", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    world = tmp_path / "world"
+    run("test", "--config", TINY, "--config", str(extra), "--data.init_args.root", str(world), "--trainer.enable_progress_bar", "false")
+    run_dir = tmp_path / "runs" / "clip-tiny" / "version_0"
+    metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert metrics["test/vqa/num_questions"] > 23 * 4 and 0 <= metrics["test/vqa/overall"] <= 1
+    assert {"test/vqa/answer_type/yes_no", "test/vqa/answer_type/number", "test/caption/CIDEr"} <= set(metrics)
+
+    out = tmp_path / "vqa.json"
+    run("eval", "vqa", "--predictions", str(run_dir / "vqa_predictions_test.json"),
+        "--annotations", str(world / "annotations" / "vqa_test_annotations.json"),
+        "--questions", str(world / "annotations" / "vqa_test_questions.json"), "--output", str(out))
+    offline = json.loads(out.read_text())
+    assert offline["overall"] == pytest.approx(metrics["test/vqa/overall"], rel=1e-6)
+    assert offline["answer_type/yes/no"] == pytest.approx(metrics["test/vqa/answer_type/yes_no"], rel=1e-6)
+    if shutil.which("java"):
+        out = tmp_path / "caption.json"
+        run("eval", "caption", "--predictions", str(run_dir / "caption_predictions_test.json"),
+            "--references", str(world / "annotations" / "captions_test.json"), "--metrics", "BLEU", "ROUGE_L", "CIDEr",
+            "--output", str(out))
+        offline = json.loads(out.read_text())
+        assert offline["CIDEr"] == pytest.approx(metrics["test/caption/CIDEr"], rel=1e-6)

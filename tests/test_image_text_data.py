@@ -736,3 +736,182 @@ def test_two_process_ddp_fit(tmp_path, tokenizer_file):
     assert ranks[0]["train"]["0"] != ranks[0]["train"]["1"]
     val = Counter(k for seen in ranks for k in seen["val"])
     assert set(val) == set(val_keys) and set(val.values()) == {2}  # exactly once per validation run
+
+
+# ------------------------------------------------------------------------------------ evaluation keys
+
+EVAL_WORLD = {"num_train": 4, "num_val": 6, "num_test": 5, "shard_size": 4, "image_size": 32, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def eval_world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_world") / "world"
+    synth.generate(root, synth.SynthConfig(**EVAL_WORLD), num_workers=1, progress=False)
+    return root
+
+
+def _eval_dm(**kwargs: Any) -> ImageTextDataModule:
+    base = {"image_size": 32, "eval_batch_size": 4, "num_workers": 0}
+    return ImageTextDataModule(**{**base, **kwargs})
+
+
+@needs_synth
+def test_eval_keys_on_the_synthetic_world(eval_world):
+    root = eval_world
+    dm = _eval_dm(root=str(root), synthesize=False)
+    manifest = synth.load_manifest(root)
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        meta = read_metadata([str(root / s) for s in manifest["splits"][split]["shards"]])
+        batches = [dm.on_after_batch_transfer(b, 0) for b in loader]
+        assert sum(len(b["sample_id"]) for b in batches) == EVAL_WORLD[f"num_{split}"]
+        for batch in batches:
+            keys = batch["sample_id"]
+            assert batch["captions"] == [meta[k]["captions"] for k in keys]
+            assert batch["image_id"] == [meta[k]["image_id"] for k in keys]
+            expected = [(row, q) for row, k in enumerate(keys) for q in meta[k]["questions"]]
+            assert batch["question"] == [q["question"] for _, q in expected]
+            assert batch["question_id"] == [q["question_id"] for _, q in expected]
+            owner = batch["question_owner"]
+            assert owner.dtype == torch.long and owner.tolist() == [row for row, _ in expected]
+            # caption_ids still encode exactly the raw captions, image after image
+            every = [c for caps in batch["captions"] for c in caps]
+            assert torch.equal(batch["caption_ids"], dm.tokenizer.encode(every, dm.context_length)[0])
+
+        # The annotation files describe exactly these shards.
+        files = dm.eval_annotations(split)
+        assert files == {
+            "captions": str(root / "annotations" / f"captions_{split}.json"),
+            "vqa_questions": str(root / "annotations" / f"vqa_{split}_questions.json"),
+            "vqa_annotations": str(root / "annotations" / f"vqa_{split}_annotations.json"),
+        }
+        captions = json.loads(Path(files["captions"]).read_text())
+        assert sorted(im["id"] for im in captions["images"]) == sorted(m["image_id"] for m in meta.values())
+        questions = json.loads(Path(files["vqa_questions"]).read_text())["questions"]
+        assert sorted(q["question_id"] for q in questions) == sorted(
+            q["question_id"] for m in meta.values() for q in m["questions"]
+        )
+    assert dm.eval_annotations("validate") == dm.eval_annotations("fit") == dm.eval_annotations("val")
+    assert dm.eval_annotations("predict") == dm.eval_annotations("test")
+    assert dm.skipped_total == 0
+
+
+@needs_synth
+def test_eval_annotations_with_explicit_shards_and_files(eval_world, tmp_path):
+    root = eval_world
+    captions = str(root / "annotations" / "captions_val.json")
+    # Explicit shards: root's files do not describe them, so only the explicit files count.
+    dm = _eval_dm(
+        root=str(root), synthesize=False, val_shards=str(root / "val"), test_annotations={"captions": captions}
+    )
+    assert dm.eval_annotations("val") == {}
+    assert dm.eval_annotations("test")["captions"] == captions  # overrides root's test file
+    assert set(dm.eval_annotations("test")) == {"captions", "vqa_questions", "vqa_annotations"}
+    dm = _eval_dm(tokenizer="synth", val_shards=str(root / "val"), val_annotations={"vqa_questions": captions})
+    assert dm.eval_annotations("val") == {"vqa_questions": captions} and dm.eval_annotations("test") == {}
+    with pytest.raises(ValueError, match="stage must be one of"):
+        dm.eval_annotations("train")
+    with pytest.raises(ValueError, match=r"val_annotations has unknown keys \['caption'\]"):
+        _eval_dm(val_annotations={"caption": captions})
+    with pytest.raises(ValueError, match=r"test_annotations\['captions'\]=.*nowhere.json.* does not exist"):
+        _eval_dm(test_annotations={"captions": str(tmp_path / "nowhere.json")})
+    with pytest.raises(ValueError, match="image_root=.*is not a folder"):
+        _eval_dm(image_root=str(tmp_path / "no-such-folder"))
+
+
+def _meta_sample(key: str, meta: dict[str, Any] | None, *, txt: str | None = "a red circle",
+                 image: bytes | None = None) -> tuple[str, dict[str, bytes]]:
+    members: dict[str, bytes] = {"jpg": image if image is not None else jpeg_bytes((200, 10, 10))}
+    if txt is not None:
+        members["txt"] = txt.encode()
+    if meta is not None:
+        members["json"] = json.dumps(meta).encode()
+    return key, members
+
+
+def test_eval_keys_and_malformed_questions_on_handmade_shards(tmp_path, tokenizer_file):
+    q = lambda qid, text: {"question_id": qid, "question": text}  # noqa: E731
+    samples = [
+        _meta_sample("plain", None),  # no JSON: image_id falls back to the key, no questions
+        _meta_sample("named", {"image_id": "img-7", "captions": ["a blue star", "a star"]}),
+        _meta_sample("asked", {"image_id": 9, "questions": [q(91, "what color is it?"), q(90, " is it red? ")]}),
+        _meta_sample("vqa_only", {"image_id": 10, "questions": [q(100, "how many?")]}, txt=None),  # no caption
+        _meta_sample("bad_q1", {"questions": {"question_id": 1, "question": "x"}}),  # not a list
+        _meta_sample("bad_q2", {"questions": [{"question": "no id?"}]}),
+        _meta_sample("bad_q3", {"questions": [q(True, "bool id?")]}),
+        _meta_sample("bad_q4", {"questions": [q(4, "")]}),
+        _meta_sample("bad_q5", {"questions": ["just a string"]}),
+        _meta_sample("bad_q6", {"questions": [q(6, "a?"), q(6, "b?")]}),  # repeated id
+        _meta_sample("bad_id", {"image_id": 1.5}),
+        _meta_sample("no_text", {"image_id": 11}, txt=None),  # neither caption nor question
+    ]
+    write_shard(tmp_path / "shard-000000.tar", samples)
+    dm = ImageTextDataModule(val_shards=str(tmp_path / "shard-000000.tar"), tokenizer=tokenizer_file,
+                             image_size=32, eval_batch_size=8, num_workers=0)
+    batches = [dm.on_after_batch_transfer(b, 0) for b in dm.val_dataloader()]
+    (batch,) = batches
+    assert batch["sample_id"] == ["plain", "named", "asked", "vqa_only"]
+    assert batch["image_id"] == ["plain", "img-7", 9, 10]
+    assert batch["captions"] == [["a red circle"], ["a blue star", "a star"], ["a red circle"], []]
+    assert batch["question"] == ["what color is it?", "is it red?", "how many?"]
+    assert batch["question_id"] == [91, 90, 100]
+    assert batch["question_owner"].tolist() == [2, 2, 3] and batch["question_owner"].dtype == torch.long
+    assert batch["caption_owner"].tolist() == [0, 1, 1, 2]
+    counts = dm.skip_counts("val")
+    assert counts["bad_json"] == 7 and counts["missing_caption"] == 1 and sum(counts.values()) == 8
+
+    # No question anywhere: empty lists and an empty long tensor.
+    dm = ImageTextDataModule(val_shards=str(tmp_path / "shard-000000.tar"), tokenizer=tokenizer_file,
+                             image_size=32, eval_batch_size=2, num_workers=0)
+    first = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert first["question"] == [] and first["question_id"] == []
+    assert first["question_owner"].shape == (0,) and first["question_owner"].dtype == torch.long
+
+    # Training batches are unchanged; a sample without a caption is skipped there, and the
+    # questions are not even looked at.
+    dm = ImageTextDataModule(train_shards=str(tmp_path / "shard-000000.tar"), tokenizer=tokenizer_file,
+                             image_size=32, batch_size=1, num_workers=0, shuffle_buffer=0, train_epoch_samples=11)
+    train = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert all(set(b) == {"image", "sample_id", "text_ids", "text_mask"} for b in train)
+    seen = [b["sample_id"][0] for b in train]
+    assert "vqa_only" not in seen and "no_text" not in seen and "bad_q1" in seen
+    assert len(seen) == 11 and seen[-1] == "plain"  # one pass over the 10 usable samples, then the next
+    assert dm.skip_counts("train")["missing_caption"] == 2 and dm.skip_counts("train")["bad_json"] == 0
+
+
+def test_samples_with_image_path(tmp_path, tokenizer_file):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    picture = jpeg_bytes((10, 120, 240))
+    (images / "sub" / "a.jpg").write_bytes(picture)
+    (images / "b.jpg").write_bytes(jpeg_bytes((240, 120, 10)))
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+
+    def path_sample(key: str, image_path: Any) -> tuple[str, dict[str, bytes]]:
+        return key, {"txt": b"a blue circle", "json": json.dumps({"image_path": image_path}).encode()}
+
+    samples = [
+        path_sample("rel", "sub/a.jpg"),
+        path_sample("abs", str(images / "b.jpg")),
+        path_sample("gone", "sub/missing.jpg"),
+        path_sample("broken", "broken.jpg"),
+        path_sample("not_str", 5),
+        ("packed", {"jpg": picture, "txt": b"a blue circle",
+                    "json": json.dumps({"image_path": "sub/missing.jpg"}).encode()}),  # bytes win
+        ("nothing", {"txt": b"a blue circle"}),
+    ]
+    write_shard(tmp_path / "paths.tar", samples)
+
+    def run(**kwargs: Any) -> tuple[ImageTextDataModule, dict[str, Any]]:
+        dm = ImageTextDataModule(val_shards=str(tmp_path / "paths.tar"), tokenizer=tokenizer_file, image_size=32,
+                                 eval_batch_size=16, num_workers=0, **kwargs)
+        return dm, dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+
+    dm, batch = run(image_root=str(images))
+    assert batch["sample_id"] == ["rel", "abs", "packed"]
+    assert torch.equal(batch["image"][0], batch["image"][2])  # same JPEG from a file and from the shard
+    assert not torch.equal(batch["image"][0], batch["image"][1])
+    assert dm.skip_counts("val") == {**dict.fromkeys(SKIP_REASONS, 0), "missing_image": 2, "image_decode": 1,
+                                     "bad_json": 1}
+    dm, batch = run()  # no image_root: relative paths cannot be resolved
+    assert batch["sample_id"] == ["abs", "packed"]
+    assert dm.skip_counts("val")["missing_image"] == 4

@@ -1,0 +1,202 @@
+"""Image captioning evaluation: generate a caption per image, score the whole set with the COCO
+caption evaluator's metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; see ``lit_vlm.captioning``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from lit_vlm.callbacks.base import EvalCallback, require_capability
+from lit_vlm.callbacks.results import write_json_atomic
+from lit_vlm.captioning import align_captions, caption_metrics, load_caption_references, require_java
+from lit_vlm.distributed import rank_and_world
+
+log = logging.getLogger("lit_vlm.eval")
+
+
+class CaptionEvaluation(EvalCallback):
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) of generated captions, as the COCO caption
+    evaluator (pycocoevalcap) computes them, on the whole evaluation set at once.
+
+    Calls the family's ``generate(images, prompts, max_new_tokens)``; reads the batch keys
+    ``image``, ``image_id`` (else ``sample_id``) and, when no reference file is known, ``captions``.
+    Predictions are keyed by ``str(image_id)``, gathered from every rank with duplicates dropped,
+    and scored once (on global rank 0, the result sent to every rank: the scorers run Java and
+    METEOR alone takes seconds to start). Logged as ``{stage}/caption/BLEU_1`` ... ``BLEU_4``,
+    ``METEOR``, ``ROUGE_L``, ``CIDEr`` and ``num_samples``. Rank 0 also writes the predictions in
+    the COCO results format to ``caption_predictions_{stage}.json`` in the run's log directory,
+    ready for ``lit-vlm eval caption``. Needs Java on ``PATH``.
+
+    Args:
+        splits: Stages to evaluate on, among "val" and "test".
+        prompt: Text prompt given to ``generate`` for every image; None (default) generates
+            unprompted.
+        max_new_tokens: Longest generated caption, in tokens.
+        references: COCO caption annotation JSON with the reference captions: one path for every
+            split, or ``{"val": path, "test": path}``. Default: the DataModule's
+            ``eval_annotations(stage)["captions"]`` when it offers one, else the batch's
+            ``captions``. With a file, every predicted image must be in it; images of the file
+            that were not evaluated (e.g. ``limit_test_batches``) are left out with a warning.
+        prefix: Metric namespace.
+        num_examples: Images whose generated and reference captions are logged to TensorBoard as
+            a markdown table (0: none).
+        metrics: Which metrics to compute, among "BLEU" (BLEU_1..4), "METEOR", "ROUGE_L" and
+            "CIDEr" (METEOR's Java start-up costs seconds on every evaluation; leave it out of
+            frequent validation if that matters).
+    """
+
+    def __init__(
+        self,
+        splits: tuple[str, ...] | list[str] = ("val", "test"),
+        prompt: str | None = None,
+        max_new_tokens: int = 30,
+        references: str | dict[str, str] | None = None,
+        prefix: str = "caption",
+        num_examples: int = 8,
+        metrics: tuple[str, ...] | list[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
+    ) -> None:
+        super().__init__(splits, prefix)
+        known = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
+        unknown = [m for m in metrics if m.upper() not in {k.upper() for k in known}]
+        if unknown or not metrics:
+            raise ValueError(f"CaptionEvaluation metrics must be a non-empty subset of {known}, got {list(metrics)}")
+        self.caption_metric_names = tuple(metrics)
+        if max_new_tokens < 1:
+            raise ValueError(f"CaptionEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
+        if num_examples < 0:
+            raise ValueError(f"CaptionEvaluation num_examples must be >= 0, got {num_examples}")
+        if isinstance(references, dict):
+            bad = [s for s in references if s not in ("val", "test")]
+            if bad:
+                raise ValueError(f"CaptionEvaluation references keys must be among 'val', 'test', got {bad}")
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.references = references
+        self.num_examples = num_examples
+        self._file_refs: dict[str, list[str]] | None = None
+        self._file_refs_path: str | None = None
+        self._used_refs: dict[str, list[str]] = {}
+        self._results: list[dict[str, Any]] | None = None
+        self.last_predictions_path: Path | None = None  # rank 0: the last predictions file written
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _reference_file(self, trainer: pl.Trainer, stage: str) -> str | None:
+        if isinstance(self.references, dict):
+            return self.references.get(stage)
+        if self.references:
+            return self.references
+        offer = getattr(trainer.datamodule, "eval_annotations", None)
+        if callable(offer):
+            return (offer(stage) or {}).get("captions")
+        return None
+
+    def setup_epoch(self, trainer, pl_module, stage):
+        require_capability(pl_module, "generate")
+        require_java()  # fail before generating a whole split, not after
+        path = self._reference_file(trainer, stage)
+        self._file_refs_path = str(path) if path else None
+        self._file_refs = load_caption_references(path) if path else None
+        self._results = None
+        return True
+
+    # ---- per batch --------------------------------------------------------------------------
+    def collect(self, trainer, pl_module, batch):
+        images = batch["image"]  # [B, 3, H, W]
+        n = images.shape[0]
+        ids = batch.get("image_id", batch.get("sample_id"))
+        if ids is None:
+            raise KeyError("CaptionEvaluation needs batch key 'image_id' (or 'sample_id')")
+        ids = [i.item() if isinstance(i, torch.Tensor) else i for i in ids]
+        if self._file_refs is None:
+            if "captions" not in batch:
+                raise KeyError("CaptionEvaluation needs batch key 'captions' (or a references file: set references=...)")
+            batch_refs = [list(c) for c in batch["captions"]]
+        else:
+            batch_refs = [[] for _ in range(n)]  # the file's captions are used
+        prompts = [self.prompt] * n if self.prompt is not None else None
+        texts = pl_module.generate(images, prompts, max_new_tokens=self.max_new_tokens)
+        if len(texts) != n or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{type(pl_module).__name__}.generate must return {n} strings for {n} images, got {texts!r:.200}")
+        return {str(image_id): (image_id, text, refs) for image_id, text, refs in zip(ids, texts, batch_refs)}
+
+    # ---- once per epoch ---------------------------------------------------------------------
+    def compute(self, records):
+        predictions = {str(image_id): text for image_id, text, _ in records}
+        if self._file_refs is not None:
+            preds, refs = align_captions(
+                predictions, self._file_refs, allow_missing=True,
+                predictions_name="CaptionEvaluation", references_name=str(self._file_refs_path),
+            )
+            if len(preds) < len(self._file_refs) and rank_and_world()[0] == 0:
+                log.warning(
+                    "CaptionEvaluation: scoring %d of the %d images of %s (the others were not evaluated)",
+                    len(preds), len(self._file_refs), self._file_refs_path,
+                )
+        else:
+            preds = predictions
+            refs = {str(image_id): batch_refs for image_id, _, batch_refs in records}
+        self._used_refs = refs
+        self._results = [{"image_id": image_id, "caption": text} for image_id, text, _ in records]
+        return _on_rank_zero_for_all(lambda: caption_metrics(preds, refs, metrics=self.caption_metric_names))
+
+    def log_examples(self, writer, stage, step, ids, records):
+        if self.num_examples == 0:
+            return
+        rows = ["| image_id | generated | references |", "|---|---|---|"]
+        for image_id, text, _ in records[: self.num_examples]:
+            refs = self._used_refs.get(str(image_id), [])
+            rows.append(f"| {_cell(str(image_id))} | {_cell(text)} | {'<br>'.join(_cell(r) for r in refs)} |")
+        writer.add_text(f"{stage}/{self.prefix}/examples", "\n".join(rows), step)
+
+    def _write_predictions(self, trainer: pl.Trainer, stage: str) -> None:
+        results, self._results = self._results, None
+        if results is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
+        if trainer.is_global_zero:
+            path = Path(log_dir or trainer.default_root_dir) / f"caption_predictions_{stage}.json"
+            write_json_atomic(path, results)
+            self.last_predictions_path = path
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        super().on_validation_epoch_end(trainer, pl_module)
+        if getattr(self, "_enabled", False):
+            self._write_predictions(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        super().on_test_epoch_end(trainer, pl_module)
+        if getattr(self, "_enabled", False):
+            self._write_predictions(trainer, "test")
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _on_rank_zero_for_all(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Run ``fn`` on global rank 0 only and return its result on every rank (a collective under
+    DDP: every rank must call it). An error on rank 0 is raised on every rank, so none hangs."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return fn()
+    payload: list[Any] = [None]
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below after the others are told
+            error = err
+            payload[0] = ("error", f"{type(err).__name__}: {err}")
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if error is not None:
+        raise error
+    if status == "error":
+        raise RuntimeError(f"caption metrics failed on rank 0: {value}")
+    return value

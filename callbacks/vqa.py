@@ -1,0 +1,274 @@
+"""Open-ended VQA accuracy (official VQAv2 protocol) of any family with the ``generate`` capability."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lit_vlm.callbacks.base import EvalCallback, require_capability
+from lit_vlm.callbacks.results import write_json_atomic
+from lit_vlm.vqa import check_questions, load_annotations, load_questions, question_accuracy, vqa_accuracy
+
+log = logging.getLogger("lit_vlm.eval")
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z_.\-]+")
+
+
+def metric_name(name: str) -> str:
+    """A TensorBoard-safe metric name: the type after ``answer_type/`` or ``question_type/`` has every
+    run of characters other than letters, digits, ``_ . -`` replaced by ``_`` (``answer_type/yes/no``
+    -> ``answer_type/yes_no``, ``question_type/how many`` -> ``question_type/how_many``).
+
+    Args:
+        name: A key of :func:`lit_vlm.vqa.vqa_accuracy`'s result.
+    """
+    kind, sep, value = name.partition("/")
+    if not sep:
+        return name
+    return f"{kind}/{_UNSAFE.sub('_', value).strip('_') or '_'}"
+
+
+def _cell(text: Any) -> str:
+    """Text made safe for one markdown table cell."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+class VQAEvaluation(EvalCallback):
+    """VQA accuracy exactly as the official VQAv2 evaluator computes it (:mod:`lit_vlm.vqa`).
+
+    For every question of the evaluated images, the family answers with
+    ``pl_module.generate(images, prompts, max_new_tokens)``, one prompt per question built from
+    ``prompt``. Predictions are gathered by question id across ranks and scored once against the
+    official annotations **restricted to the questions that were asked**, i.e. those of the images
+    this evaluation saw (a ``limit_test_batches`` run scores the questions of its images only; the
+    logged ``num_questions`` tells how many). Logged as ``{stage}/{prefix}/overall``,
+    ``.../answer_type/yes_no``, ``.../answer_type/number``, ``.../answer_type/other``,
+    ``.../question_type/<type with spaces as _>`` and ``.../num_questions`` (fractions in [0, 1]).
+
+    Reads the batch keys ``image [B, 3, H, W]``, ``question`` (list of Q strings), ``question_id``
+    (Q ints) and ``question_owner`` (LongTensor [Q], each question's image row); a batch without
+    questions contributes nothing. The last predictions are kept in ``predictions[stage]`` in the
+    official results format and, when the trainer has a logger, written on rank 0 to
+    ``{log_dir}/{prefix}_predictions_{stage}.json`` (score it again offline with
+    ``lit-vlm eval vqa``). A few questions with prediction, accuracy and the annotators' answers are
+    logged to TensorBoard as a markdown table.
+
+    Args:
+        splits: Stages to evaluate on, among "val" and "test".
+        prompt: Format string with one ``{question}`` field turned into each question's prompt. The
+            default passes the question unchanged; instruction-tuned families usually want a
+            short-answer instruction, e.g. LLaVA's ``"{question}\\nAnswer the question using a single
+            word or phrase."`` or BLIP-2's ``"Question: {question} Short answer:"``.
+        max_new_tokens: Generation budget per answer (VQAv2 answers are one to three words).
+        annotations: Official VQAv2 annotation JSON; default: the DataModule's
+            ``eval_annotations(stage)["vqa_annotations"]``.
+        questions: Official VQAv2 questions JSON, used to check the annotations (every annotated
+            question present, same image); default: ``eval_annotations(stage)["vqa_questions"]``
+            when the annotations also come from the DataModule, else none.
+        always_normalize: Normalise answers even when all annotators agree, as some toolkits do
+            (not the official protocol, which compares the merely stripped strings then).
+        batch_size: Questions per ``generate`` call (bounds memory; a batch's questions are
+            answered in chunks of this size).
+        num_examples: Questions shown in the TensorBoard examples table (0: none).
+        save_predictions: Write the predictions JSON into the run's log directory.
+        prefix: Metric namespace (also the predictions file's name prefix).
+    """
+
+    def __init__(
+        self,
+        splits: tuple[str, ...] | list[str] = ("val", "test"),
+        prompt: str = "{question}",
+        max_new_tokens: int = 10,
+        annotations: str | None = None,
+        questions: str | None = None,
+        always_normalize: bool = False,
+        batch_size: int = 64,
+        num_examples: int = 8,
+        save_predictions: bool = True,
+        prefix: str = "vqa",
+    ) -> None:
+        super().__init__(splits, prefix)
+        sentinel = "\x00question\x00"
+        try:
+            formatted = prompt.format(question=sentinel)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"VQAEvaluation prompt must be a format string whose only field is {{question}}, got {prompt!r} "
+                f"({type(exc).__name__}: {exc}); write literal braces as {{{{ and }}}}"
+            ) from None
+        if sentinel not in formatted:
+            raise ValueError(f"VQAEvaluation prompt must contain the field {{question}}, got {prompt!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"VQAEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"VQAEvaluation batch_size must be >= 1, got {batch_size}")
+        if num_examples < 0:
+            raise ValueError(f"VQAEvaluation num_examples must be >= 0, got {num_examples}")
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.annotations = annotations
+        self.questions = questions
+        self.always_normalize = always_normalize
+        self.batch_size = batch_size
+        self.num_examples = num_examples
+        self.save_predictions = save_predictions
+        #: stage -> the last predictions, official results format ``[{"question_id", "answer"}]``
+        self.predictions: dict[str, list[dict[str, Any]]] = {}
+        #: stage -> the predictions file written last
+        self.prediction_files: dict[str, Path] = {}
+        self._annotation_list: list[dict[str, Any]] = []
+        self._annotation_by_id: dict[int, dict[str, Any]] = {}
+        self._annotation_source = ""
+        self._loaded_key: tuple | None = None
+        self._last_predictions: list[dict[str, Any]] | None = None
+        self._warned_keys = False
+
+    # ---- annotations ---------------------------------------------------------------------------
+    def _paths(self, trainer: pl.Trainer, stage: str) -> tuple[str, str | None]:
+        if self.annotations:
+            return self.annotations, self.questions
+        dm = trainer.datamodule
+        known: dict[str, Any] = {}
+        if dm is not None and callable(getattr(dm, "eval_annotations", None)):
+            known = dm.eval_annotations(stage) or {}
+        path = known.get("vqa_annotations")
+        if not path:
+            where = (
+                f"{type(dm).__name__}.eval_annotations({stage!r}) has no 'vqa_annotations'"
+                if dm is not None and callable(getattr(dm, "eval_annotations", None))
+                else "the trainer has no DataModule offering eval_annotations()"
+            )
+            raise ValueError(
+                f"VQAEvaluation: no VQA annotations for the {stage} split ({where}); set the callback's "
+                "`annotations` (and `questions`) to the official VQAv2 JSON files"
+            )
+        return str(path), self.questions or (str(known["vqa_questions"]) if known.get("vqa_questions") else None)
+
+    def _load(self, annotations: str, questions: str | None) -> None:
+        def stamp(p: str | None) -> Any:
+            try:
+                return None if p is None else (os.path.abspath(p), os.stat(p).st_mtime_ns)
+            except OSError:
+                return (p, None)
+
+        key = (stamp(annotations), stamp(questions))
+        if key == self._loaded_key:
+            return
+        anns = load_annotations(annotations)
+        if questions is not None:
+            check_questions(load_questions(questions), anns, questions)
+        self._annotation_list = anns
+        self._annotation_by_id = {a["question_id"]: a for a in anns}
+        self._annotation_source = annotations
+        self._loaded_key = key
+
+    def setup_epoch(self, trainer, pl_module, stage):
+        require_capability(pl_module, "generate")
+        self._load(*self._paths(trainer, stage))
+        return True
+
+    # ---- per batch -----------------------------------------------------------------------------
+    def collect(self, trainer, pl_module, batch):
+        keys = ("question", "question_id", "question_owner")
+        if any(k not in batch for k in keys):
+            if not self._warned_keys:
+                missing = [k for k in keys if k not in batch]
+                log.warning("VQAEvaluation: eval batches lack %s; no questions to answer", ", ".join(missing))
+                self._warned_keys = True
+            return {}
+        owner = batch["question_owner"]  # [Q]
+        if owner.numel() == 0:
+            return {}
+        questions = list(batch["question"])
+        ids = batch["question_id"]
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        if not len(questions) == len(ids) == owner.shape[0]:
+            raise ValueError(
+                f"VQAEvaluation: batch has {len(questions)} questions, {len(ids)} question ids and "
+                f"{owner.shape[0]} question_owner rows; they must agree"
+            )
+        images = batch["image"]  # [B, 3, H, W]
+        out: dict[str, tuple[int, str, str]] = {}
+        for start in range(0, len(ids), self.batch_size):
+            stop = start + self.batch_size
+            rows = owner[start:stop].to(images.device)  # [q]
+            prompts = [self.prompt.format(question=q) for q in questions[start:stop]]
+            answers = pl_module.generate(images[rows], prompts, max_new_tokens=self.max_new_tokens)  # q strings
+            if len(answers) != len(prompts) or not all(isinstance(a, str) for a in answers):
+                raise TypeError(
+                    f"{type(pl_module).__name__}.generate must return one string per prompt: "
+                    f"got {type(answers).__name__} of length {len(answers)} for {len(prompts)} prompts"
+                )
+            for qid, question, answer in zip(ids[start:stop], questions[start:stop], answers):
+                out[str(int(qid))] = (int(qid), question, answer)
+        return out
+
+    # ---- once per epoch ------------------------------------------------------------------------
+    def compute(self, records):
+        predictions = {qid: answer for qid, _, answer in records}
+        unknown = sorted(q for q in predictions if q not in self._annotation_by_id)
+        if unknown:
+            shown = ", ".join(map(str, unknown[:5])) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            raise ValueError(
+                f"VQAEvaluation: {len(unknown)} question id(s) of the evaluated batches are not in the annotations "
+                f"{self._annotation_source}: {shown} (annotations of another split?)"
+            )
+        asked = [a for a in self._annotation_list if a["question_id"] in predictions]  # annotation order
+        log.info("VQAEvaluation: scoring %d of the %d annotated questions (those of the evaluated images)",
+                 len(asked), len(self._annotation_list))
+        metrics = vqa_accuracy(predictions, asked, always_normalize=self.always_normalize)
+        self._last_predictions = [{"question_id": qid, "answer": predictions[qid]} for qid in sorted(predictions)]
+        out: dict[str, float] = {}
+        for name, value in metrics.items():
+            safe = metric_name(name)
+            base, n = safe, 2
+            while safe in out:  # two types that only differ in unsafe characters
+                safe, n = f"{base}_{n}", n + 1
+            out[safe] = value
+        return out
+
+    def log_examples(self, writer, stage, step, ids, records):
+        if self.num_examples == 0:
+            return
+        lines = [
+            "| question_id | question | prediction | accuracy | annotator answers |",
+            "|---|---|---|---|---|",
+        ]
+        for qid, question, answer in records[: self.num_examples]:
+            answers = self._annotation_by_id[qid]["answers"]
+            acc = question_accuracy(answer, answers, self.always_normalize)
+            texts = [a["answer"] if isinstance(a, dict) else a for a in answers]
+            lines.append(
+                f"| {qid} | {_cell(question)} | {_cell(answer)} | {100 * acc:.1f}% | {_cell(', '.join(texts))} |"
+            )
+        writer.add_text(f"{stage}/{self.prefix}/examples", "\n".join(lines), global_step=step)
+
+    def _save(self, trainer: pl.Trainer, stage: str) -> None:
+        predictions, self._last_predictions = self._last_predictions, None
+        if predictions is None:
+            return
+        self.predictions[stage] = predictions
+        if not self.save_predictions or not trainer.loggers:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
+        if trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / f"{self.prefix}_predictions_{stage}.json"
+            write_json_atomic(path, predictions)
+            self.prediction_files[stage] = path
+            log.info("VQAEvaluation: %d predictions written to %s", len(predictions), path)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self._last_predictions = None
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._save(trainer, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._last_predictions = None
+        super().on_test_epoch_end(trainer, pl_module)
+        self._save(trainer, "test")
