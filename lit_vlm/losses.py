@@ -1,17 +1,28 @@
 """Losses as pure functions with shape comments. Each returns a dict of named terms.
 
 The contrastive losses follow the "local loss" scheme of open_clip: every rank scores its own rows
-against the features gathered (with gradients) from all ranks. With DDP averaging gradients over
-ranks, loss and gradients then equal those of a single process holding the whole global batch
-(tests/test_ddp.py proves it with 2 CPU processes).
+against the features gathered (with gradients) from all ranks, and returns a local loss whose DDP
+average is the global-batch loss. With DDP averaging gradients over ranks, loss and gradients then
+equal those of a single process holding the whole global batch (tests/test_ddp_loss.py and
+tests/test_ddp_contrastive.py prove it with 2 CPU processes).
+
+* :func:`clip_loss` — symmetric InfoNCE (CLIP).
+* :func:`siglip_loss` — pairwise sigmoid loss (SigLIP), "gather" or "ring" exchange, optionally
+  chunked so that memory grows with the chunk rather than with the global batch squared.
+* :func:`focal_clip_loss` — focal contrastive loss (RO-ViT / MaMMUT), sigmoid or softmax form.
+* :func:`filip_similarity`, :func:`filip_loss` — FILIP token-wise late interaction.
+* :func:`get_loss` — look a loss up by the name a YAML file gives.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from lit_vlm.distributed import gather_with_grad, rank_and_world
+from lit_vlm.distributed import gather_no_grad, gather_with_grad, ppermute, rank_and_world
 
 
 def clip_loss(
@@ -47,3 +58,462 @@ def clip_loss(
         "acc_i2t": acc_i2t,
         "acc_t2i": acc_t2i,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# SigLIP
+# ----------------------------------------------------------------------------------------------
+
+SIGLIP_MODES = ("gather", "ring")
+
+
+def _positives_in(batch: int, offset: int | None, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, columns relative to ``start``) of the positive pairs (i, offset + i) inside columns [start, stop)."""
+    if offset is None:
+        return None
+    first, last = max(0, start - offset), min(batch, stop - offset)
+    if first >= last:
+        return None
+    rows = torch.arange(first, last)  # [n]
+    return rows, rows + offset - start  # [n], [n]
+
+
+def _sigmoid_pairs_sum(
+    image_emb: torch.Tensor,  # [B, D]
+    text_emb: torch.Tensor,  # [N, D]
+    logit_scale: torch.Tensor,  # []
+    logit_bias: torch.Tensor,  # []
+    positive_offset: int | None,  # text row of image i's positive is positive_offset + i; None: no positives
+) -> torch.Tensor:
+    """-sum_ij log sigmoid(z_ij (s x_i.y_j + b)) over the full [B, N] matrix with plain autograd ops."""
+    logits = logit_scale * image_emb @ text_emb.T + logit_bias  # [B, N]
+    signs = torch.full_like(logits, -1.0)  # [B, N] z_ij = -1 for negatives
+    pos = _positives_in(image_emb.shape[0], positive_offset, 0, text_emb.shape[0])
+    if pos is not None:
+        signs[pos[0].to(logits.device), pos[1].to(logits.device)] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
+
+
+class _ChunkedSigmoidPairsSum(torch.autograd.Function):
+    """The same sum as :func:`_sigmoid_pairs_sum`, computed ``chunk`` text columns at a time.
+
+    Forward keeps one [B, chunk] block of logits alive at a time and saves only its inputs; backward
+    recomputes each block's logits and turns them into gradients right away. Peak memory for the
+    pairwise part is therefore O(B * chunk) in both passes, instead of several [B, N] tensors that
+    plain autograd would save. With u = z * (s * x.y + b): d(-log sigmoid(u))/d logit = -z * sigmoid(-u).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        image_emb: torch.Tensor,  # [B, D]
+        text_emb: torch.Tensor,  # [N, D]
+        logit_scale: torch.Tensor,  # []
+        logit_bias: torch.Tensor,  # []
+        positive_offset: int | None,
+        chunk: int,
+    ) -> torch.Tensor:
+        batch, n = image_emb.shape[0], text_emb.shape[0]
+        total = torch.zeros((), dtype=image_emb.dtype, device=image_emb.device)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            u = image_emb @ text_emb[start:stop].T  # [B, c] dot products
+            u.mul_(logit_scale).add_(logit_bias).neg_()  # [B, c] z * logit with z = -1 everywhere ...
+            pos = _positives_in(batch, positive_offset, start, stop)
+            if pos is not None:  # ... and z = +1 on the positives
+                rows, cols = pos[0].to(u.device), pos[1].to(u.device)
+                u[rows, cols] = -u[rows, cols]
+            total -= F.logsigmoid(u).sum()
+            del u
+        ctx.save_for_backward(image_emb, text_emb, logit_scale, logit_bias)
+        ctx.positive_offset, ctx.chunk = positive_offset, chunk
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: torch.Tensor):  # type: ignore[override]
+        image_emb, text_emb, logit_scale, logit_bias = ctx.saved_tensors
+        need_img, need_txt, need_scale, need_bias = ctx.needs_input_grad[:4]
+        batch, n = image_emb.shape[0], text_emb.shape[0]
+        grad_img = torch.zeros_like(image_emb) if need_img else None  # [B, D]
+        grad_txt = torch.empty_like(text_emb) if need_txt else None  # [N, D]
+        grad_scale = torch.zeros((), dtype=image_emb.dtype, device=image_emb.device)
+        grad_bias = torch.zeros((), dtype=image_emb.dtype, device=image_emb.device)
+        for start in range(0, n, ctx.chunk):
+            stop = min(start + ctx.chunk, n)
+            block = text_emb[start:stop]  # [c, D]
+            dots = image_emb @ block.T  # [B, c]
+            g = torch.sigmoid(dots * logit_scale + logit_bias)  # [B, c] sigmoid(-u) on negatives (z = -1)
+            pos = _positives_in(batch, ctx.positive_offset, start, stop)
+            if pos is not None:  # positives: -sigmoid(-u) = sigmoid(logit) - 1
+                g[pos[0].to(g.device), pos[1].to(g.device)] -= 1.0
+            g.mul_(grad_total)  # [B, c] d loss / d logit
+            if need_scale:
+                grad_scale += (g * dots).sum()
+            if need_bias:
+                grad_bias += g.sum()
+            del dots
+            g.mul_(logit_scale)  # [B, c] d loss / d (x.y)
+            if need_img:
+                grad_img += g @ block  # [B, D]
+            if need_txt:
+                grad_txt[start:stop] = g.T @ image_emb  # [c, D]
+            del g
+        return (
+            grad_img,
+            grad_txt,
+            grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype) if need_scale else None,
+            grad_bias.reshape(logit_bias.shape).to(logit_bias.dtype) if need_bias else None,
+            None,
+            None,
+        )
+
+
+def _pairs_sum(
+    image_emb: torch.Tensor,  # [B, D]
+    text_emb: torch.Tensor,  # [N, D]
+    logit_scale: torch.Tensor,  # []
+    logit_bias: torch.Tensor,  # []
+    positive_offset: int | None,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    if chunk_size is None:
+        return _sigmoid_pairs_sum(image_emb, text_emb, logit_scale, logit_bias, positive_offset)
+    return _ChunkedSigmoidPairsSum.apply(image_emb, text_emb, logit_scale, logit_bias, positive_offset, chunk_size)
+
+
+def siglip_loss(
+    image_emb: torch.Tensor,  # [B, D] L2-normalised image embeddings of this rank
+    text_emb: torch.Tensor,  # [B, D] L2-normalised text embeddings of this rank (row i pairs with image i)
+    logit_scale: torch.Tensor,  # [] the multiplier t = exp(t'), already exponentiated
+    logit_bias: torch.Tensor,  # [] the bias b
+    gather: bool = True,
+    mode: str = "gather",
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training", Eq. 1).
+
+    L = -1/|B| * sum_i sum_j log sigmoid(z_ij * (t * x_i . y_j + b)), z_ij = +1 when image i and
+    text j are a pair (the diagonal), -1 otherwise; |B| is the global batch size and the double sum
+    runs over all |B|^2 image-text pairs of the global batch. Every pair is an independent binary
+    classification, so there is no softmax normalisation over the batch.
+
+    Under DDP (``gather=True`` and a process group of W > 1 ranks) this rank returns
+    ``-1/B * sum_{i local} sum_{j global} log sigmoid(...)`` (its B images against all W*B texts):
+    the DDP average of these local losses is exactly L, and the gradients that flow back to other
+    ranks' texts (through the exchange) make DDP-averaged gradients equal the single-process ones.
+    Every rank must pass the same B. Two ways to see every text:
+
+    * ``mode="gather"``: all texts are gathered with gradients (``all_gather``) and scored at once.
+      (Images need not be gathered: local images x all texts already covers each pair exactly once.)
+    * ``mode="ring"``: the paper's chunked scheme (Sec. 3.3): each rank keeps its images and passes
+      its text block round the ring with point-to-point sends (:func:`lit_vlm.distributed.ppermute`),
+      W - 1 times, adding the block's negatives at each step (positives only in the first, local,
+      block). The backward pass sends the gradients of the text blocks back the opposite way.
+
+    ``chunk_size`` (columns of the [B, N] logit block per step) bounds the pairwise part: logits,
+    signs and sigmoids exist for one [B, chunk_size] slice at a time, in the forward pass and —
+    through a custom autograd Function that saves only the inputs and recomputes each slice — in the
+    backward pass. What stays unbounded: the text features themselves ([W*B, D] gathered in "gather"
+    mode; in "ring" mode the W received [B, D] blocks are kept for the backward pass), their
+    gradients, and the loss value. ``None``: one block with plain autograd (saves [B, N] tensors).
+    Values and gradients are identical (to float rounding) for every chunk size and both modes.
+
+    Args:
+        image_emb: this rank's image embeddings, [B, D], L2-normalised.
+        text_emb: this rank's text embeddings, [B, D], L2-normalised; row i pairs with image i.
+        logit_scale: the temperature t, already exponentiated (t = exp(t'), t' the learned log-scale).
+        logit_bias: the learned bias b (the paper initialises t' = log 10, b = -10).
+        gather: under DDP, score the local images against the global batch; no-op in one process.
+        mode: "gather" (all-gather the texts) or "ring" (pass text blocks round the ring).
+        chunk_size: text columns per logit chunk; ``None`` for one block.
+
+    Returns: {"loss"} — this rank's local loss (the global-batch loss in one process).
+    """
+    if mode not in SIGLIP_MODES:
+        raise ValueError(f"siglip_loss: mode must be one of {SIGLIP_MODES}, got {mode!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"siglip_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"siglip_loss: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must both be [B, D]"
+        )
+    logit_scale = torch.as_tensor(logit_scale, dtype=image_emb.dtype, device=image_emb.device)  # []
+    logit_bias = torch.as_tensor(logit_bias, dtype=image_emb.dtype, device=image_emb.device)  # []
+    rank, world = rank_and_world() if gather else (0, 1)
+    batch = image_emb.shape[0]
+    if world == 1:
+        total = _pairs_sum(image_emb, text_emb, logit_scale, logit_bias, 0, chunk_size)
+    elif mode == "gather":
+        all_text = gather_with_grad(text_emb)  # [W*B, D]
+        total = _pairs_sum(image_emb, all_text, logit_scale, logit_bias, rank * batch, chunk_size)
+    else:
+        total = _pairs_sum(image_emb, text_emb, logit_scale, logit_bias, 0, chunk_size)  # own block: positives
+        block = text_emb  # [B, D]
+        for _ in range(world - 1):
+            block = ppermute(block, shift=1)  # [B, D] texts of rank (rank - step) % W: negatives only
+            total = total + _pairs_sum(image_emb, block, logit_scale, logit_bias, None, chunk_size)
+    return {"loss": total / batch}
+
+
+# ----------------------------------------------------------------------------------------------
+# Focal contrastive loss
+# ----------------------------------------------------------------------------------------------
+
+FOCAL_FORMS = ("sigmoid", "softmax")
+
+
+def focal_clip_loss(
+    image_emb: torch.Tensor,  # [B, D] L2-normalised image embeddings of this rank
+    text_emb: torch.Tensor,  # [B, D] L2-normalised text embeddings of this rank (row i pairs with image i)
+    logit_scale: torch.Tensor,  # [] the multiplier 1 / tau, already exponentiated
+    gamma: float = 2.0,
+    gather: bool = True,
+    form: str = "sigmoid",
+) -> dict[str, torch.Tensor]:
+    """Focal contrastive loss of RO-ViT (Kim, Angelova and Kuo, CVPR 2023), adopted by MaMMUT (Kuo et al., 2023).
+
+    The focal loss of Lin et al. (2017), FL(p) = -(1 - p)^gamma * log p with p the probability of
+    the true class, down-weights easy pairs so that training concentrates on hard ones.
+
+    ``form="sigmoid"`` (default; the published definition as we read RO-ViT's "focal loss" section,
+    which MaMMUT adopts): every image-text pair is a binary problem,
+
+        L_I2T = -1/B * sum_i sum_j (1 - p_ij)^gamma * log p_ij,
+        p_ij = sigmoid(s * v_i . l_j) if i == j else 1 - sigmoid(s * v_i . l_j),
+
+    and L_T2I is the same with the roles of images and texts swapped. Over the global batch
+    L_T2I == L_I2T exactly (the same pairs, transposed), so ``loss`` = (L_I2T + L_T2I) / 2 = L_I2T
+    (the paper adds the two directions: twice this value, a constant factor). Unlike SigLIP there is
+    no bias. With gamma = 0 it is the SigLIP loss with b = 0.
+
+    ``form="softmax"``: the focal term on the softmax probability of the positive, symmetric as CLIP:
+    L_I2T = -1/B sum_i (1 - p_i)^gamma log p_i, p_i = softmax_j(s v_i . l_j)[i], and L_T2I likewise
+    over texts; ``loss`` = (L_I2T + L_T2I) / 2. With gamma = 0 it is exactly :func:`clip_loss`.
+
+    In both forms the modulating factor is differentiated (not detached), as in Lin et al.
+    Under DDP (``gather=True``) the local rows are scored against the global batch (features
+    gathered with gradients); the DDP average of the returned local loss is the global-batch loss.
+
+    Args:
+        image_emb: this rank's image embeddings, [B, D], L2-normalised.
+        text_emb: this rank's text embeddings, [B, D], L2-normalised; row i pairs with image i.
+        logit_scale: the inverse temperature 1/tau, already exponentiated.
+        gamma: the focusing parameter (>= 0); 0 turns the focal term off.
+        gather: under DDP, score the local rows against the global batch; no-op in one process.
+        form: "sigmoid" (pairwise, the RO-ViT/MaMMUT definition) or "softmax" (focal InfoNCE).
+
+    Returns: {"loss", "loss_i2t", "loss_t2i"} (softmax form: the two directions' local means; sigmoid
+    form: ``loss_i2t`` is the local images' rows, ``loss_t2i`` the local texts' rows, equal on average).
+    """
+    if form not in FOCAL_FORMS:
+        raise ValueError(f"focal_clip_loss: form must be one of {FOCAL_FORMS}, got {form!r}")
+    if gamma < 0:
+        raise ValueError(f"focal_clip_loss: gamma must be >= 0, got {gamma!r}")
+    rank, world = rank_and_world() if gather else (0, 1)
+    batch = image_emb.shape[0]
+    all_image = gather_with_grad(image_emb) if world > 1 else image_emb  # [W*B, D]
+    all_text = gather_with_grad(text_emb) if world > 1 else text_emb  # [W*B, D]
+    logits_i2t = logit_scale * image_emb @ all_text.T  # [B, W*B]
+    logits_t2i = logit_scale * text_emb @ all_image.T  # [B, W*B]
+    labels = torch.arange(batch, device=image_emb.device) + rank * batch  # [B] positives' columns
+
+    if form == "softmax":
+
+        def direction(logits: torch.Tensor) -> torch.Tensor:  # [B, W*B] -> []
+            log_p = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)  # [B] log p_i
+            if gamma == 0:
+                return -log_p.mean()
+            return -((-torch.expm1(log_p)).clamp_min(0) ** gamma * log_p).mean()  # (1 - p_i)^gamma
+
+    else:
+
+        def direction(logits: torch.Tensor) -> torch.Tensor:  # [B, W*B] -> []
+            signs = torch.full_like(logits, -1.0)  # [B, W*B]
+            signs[torch.arange(batch, device=logits.device), labels] = 1.0
+            u = signs * logits  # [B, W*B] log p_ij = log sigmoid(u), 1 - p_ij = sigmoid(-u)
+            terms = -F.logsigmoid(u)  # [B, W*B]
+            if gamma != 0:
+                terms = terms * torch.exp(gamma * F.logsigmoid(-u))  # (1 - p_ij)^gamma, stable
+            return terms.sum() / batch
+
+    loss_i2t = direction(logits_i2t)
+    loss_t2i = direction(logits_t2i)
+    return {"loss": (loss_i2t + loss_t2i) / 2, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
+
+
+# ----------------------------------------------------------------------------------------------
+# FILIP
+# ----------------------------------------------------------------------------------------------
+
+
+def _bool_mask(mask: torch.Tensor, shape: tuple[int, int], name: str) -> torch.Tensor:
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"filip_similarity: {name} must have shape {list(shape)}, got {list(mask.shape)}")
+    mask = mask.bool()
+    empty = ~mask.any(dim=1)  # [N]
+    if bool(empty.any()):
+        raise ValueError(
+            f"filip_similarity: {name} rows {empty.nonzero().flatten().tolist()[:8]} have no valid token; "
+            "every item needs at least one"
+        )
+    return mask
+
+
+def filip_similarity(
+    image_tokens: torch.Tensor,  # [I, P, D] per-patch image features (L2-normalised)
+    text_tokens: torch.Tensor,  # [T, L, D] per-token text features (L2-normalised)
+    text_mask: torch.Tensor,  # [T, L] bool, True on real tokens (False: padding)
+    image_mask: torch.Tensor | None = None,  # [I, P] bool, True on patches to use; None: all
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-wise late-interaction similarities of FILIP (Yao et al., 2021, "cross-modal late interaction").
+
+    With a_kr = <patch k of image i, token r of text j>:
+
+    * ``sim_i2t[i, j]`` = mean over valid patches k of image i of max over valid tokens r of text j of a_kr
+      (FILIP's s^I_{i,j}: each patch finds its most similar word);
+    * ``sim_t2i[i, j]`` = mean over valid tokens r of text j of max over valid patches k of image i of a_kr
+      (FILIP's s^T_{i,j}: each word finds its most similar patch).
+
+    Padding never takes part: text positions with ``text_mask`` False are neither a max candidate
+    nor averaged (the mean divides by the number of real tokens); likewise patches with
+    ``image_mask`` False. Which tokens count is the caller's choice through the masks: the text mask
+    of the batch marks BOS/EOS and words as valid and only padding as invalid; the image tokens are
+    whatever the vision tower outputs (e.g. patch tokens without a CLS token).
+
+    Memory: the [I, c, P, L] token-pair scores of a chunk of ``chunk_size`` texts exist at a time
+    (``None``: all T texts at once). Autograd keeps only the argmax indices of the two max reductions.
+
+    Args:
+        image_tokens: per-patch features of I images, [I, P, D].
+        text_tokens: per-token features of T texts, [T, L, D].
+        text_mask: [T, L] boolean, True on real (non-padding) tokens; every text needs at least one.
+        image_mask: optional [I, P] boolean, True on patches to use (e.g. ones kept by patch dropout).
+        chunk_size: texts per chunk; ``None`` for all at once.
+
+    Returns: (sim_i2t [I, T], sim_t2i [I, T]).
+    """
+    if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[2] != text_tokens.shape[2]:
+        raise ValueError(
+            f"filip_similarity: image_tokens {list(image_tokens.shape)} must be [I, P, D] and text_tokens "
+            f"{list(text_tokens.shape)} [T, L, D] with the same D"
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"filip_similarity: chunk_size must be a positive int or None, got {chunk_size!r}")
+    n_img, n_patch, _ = image_tokens.shape
+    n_txt, n_tok, _ = text_tokens.shape
+    text_mask = _bool_mask(text_mask, (n_txt, n_tok), "text_mask")  # [T, L]
+    if image_mask is not None:
+        image_mask = _bool_mask(image_mask, (n_img, n_patch), "image_mask")  # [I, P]
+        n_valid_patches = image_mask.sum(dim=1).to(image_tokens.dtype)  # [I]
+    n_valid_tokens = text_mask.sum(dim=1).to(text_tokens.dtype)  # [T]
+    chunk = chunk_size or max(n_txt, 1)
+    i2t_parts, t2i_parts = [], []
+    for start in range(0, n_txt, chunk):
+        stop = min(start + chunk, n_txt)
+        scores = torch.einsum("ipd,tld->itpl", image_tokens, text_tokens[start:stop])  # [I, c, P, L]
+        tmask = text_mask[start:stop]  # [c, L]
+        # image -> text: each patch's best valid token, averaged over (valid) patches
+        best_token = scores.masked_fill(~tmask[None, :, None, :], float("-inf")).max(dim=3).values  # [I, c, P]
+        if image_mask is None:
+            i2t_parts.append(best_token.mean(dim=2))  # [I, c]
+        else:
+            kept = torch.where(image_mask[:, None, :], best_token, torch.zeros_like(best_token))  # [I, c, P]
+            i2t_parts.append(kept.sum(dim=2) / n_valid_patches[:, None])  # [I, c]
+        # text -> image: each token's best (valid) patch, averaged over valid tokens
+        if image_mask is not None:
+            scores = scores.masked_fill(~image_mask[:, None, :, None], float("-inf"))  # [I, c, P, L]
+        best_patch = scores.max(dim=2).values  # [I, c, L]
+        kept = torch.where(tmask[None], best_patch, torch.zeros_like(best_patch))  # [I, c, L]
+        t2i_parts.append(kept.sum(dim=2) / n_valid_tokens[None, start:stop])  # [I, c]
+        del scores
+    return torch.cat(i2t_parts, dim=1), torch.cat(t2i_parts, dim=1)  # [I, T], [I, T]
+
+
+def filip_loss(
+    image_tokens: torch.Tensor,  # [B, P, D] per-patch image features of this rank (L2-normalised)
+    text_tokens: torch.Tensor,  # [B, L, D] per-token text features of this rank (L2-normalised)
+    text_mask: torch.Tensor,  # [B, L] bool, True on real tokens
+    logit_scale: torch.Tensor,  # [] the multiplier 1 / tau, already exponentiated
+    gather: bool = True,
+    image_mask: torch.Tensor | None = None,  # [B, P] bool or None
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """FILIP contrastive loss (Yao et al., 2021): InfoNCE over token-wise late-interaction similarities.
+
+    L_I = -1/B sum_i log softmax_j(s * sim_i2t[i, j])[i]   (image i against all texts, FILIP's s^I)
+    L_T = -1/B sum_j log softmax_i(s * sim_t2i[i, j])[j]   (text j against all images, FILIP's s^T)
+    loss = (L_I + L_T) / 2, with the similarities of :func:`filip_similarity` (padding excluded).
+
+    Under DDP (``gather=True``) the token features of all ranks are gathered with gradients (and the
+    masks without), the local images are scored against all texts and the local texts against all
+    images; the DDP average of the returned local loss is the global-batch loss, and the gradients
+    equal those of one process holding the global batch. Every rank must pass the same B, P and L
+    (pad texts to a fixed context length).
+
+    Args:
+        image_tokens: this rank's per-patch image features, [B, P, D].
+        text_tokens: this rank's per-token text features, [B, L, D]; text i pairs with image i.
+        text_mask: [B, L] boolean, True on real tokens, False on padding.
+        logit_scale: the inverse temperature 1/tau, already exponentiated.
+        gather: under DDP, score the local rows against the global batch; no-op in one process.
+        image_mask: optional [B, P] boolean, True on patches to use.
+        chunk_size: texts per chunk in :func:`filip_similarity` (bounds its [I, c, P, L] scores).
+
+    Returns: {"loss", "loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"} (accuracies of this rank's rows).
+    """
+    rank, world = rank_and_world() if gather else (0, 1)
+    batch = image_tokens.shape[0]
+    labels = torch.arange(batch, device=image_tokens.device) + rank * batch  # [B] positives' columns
+    if world == 1:
+        sim_i2t, sim_t2i = filip_similarity(image_tokens, text_tokens, text_mask, image_mask, chunk_size)  # [B, B] x2
+        logits_i2t = logit_scale * sim_i2t  # [B, B] image rows
+        logits_t2i = logit_scale * sim_t2i.T  # [B, B] text rows
+    else:
+        all_image = gather_with_grad(image_tokens)  # [W*B, P, D]
+        all_text = gather_with_grad(text_tokens)  # [W*B, L, D]
+        all_text_mask = gather_no_grad(text_mask)  # [W*B, L]
+        all_image_mask = gather_no_grad(image_mask) if image_mask is not None else None  # [W*B, P]
+        sim_i2t, _ = filip_similarity(image_tokens, all_text, all_text_mask, image_mask, chunk_size)  # [B, W*B]
+        _, sim_t2i = filip_similarity(all_image, text_tokens, text_mask, all_image_mask, chunk_size)  # [W*B, B]
+        logits_i2t = logit_scale * sim_i2t  # [B, W*B] local images against all texts
+        logits_t2i = logit_scale * sim_t2i.T  # [B, W*B] local texts against all images
+    loss_i2t = F.cross_entropy(logits_i2t, labels)
+    loss_t2i = F.cross_entropy(logits_t2i, labels)
+    with torch.no_grad():
+        acc_i2t = (logits_i2t.argmax(dim=1) == labels).float().mean()
+        acc_t2i = (logits_t2i.argmax(dim=1) == labels).float().mean()
+    return {
+        "loss": (loss_i2t + loss_t2i) / 2,
+        "loss_i2t": loss_i2t,
+        "loss_t2i": loss_t2i,
+        "acc_i2t": acc_i2t,
+        "acc_t2i": acc_t2i,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Lookup by name
+# ----------------------------------------------------------------------------------------------
+
+LOSS_NAMES = ("clip", "siglip", "focal")
+
+
+def get_loss(name: str) -> Callable[..., dict[str, torch.Tensor]]:
+    """The pooled-embedding contrastive loss called ``name``, so that a YAML string selects it.
+
+    ``"clip"`` -> :func:`clip_loss`, ``"siglip"`` -> :func:`siglip_loss`, ``"focal"`` ->
+    :func:`focal_clip_loss`. (FILIP's :func:`filip_loss` takes token features, not pooled embeddings,
+    so it is not interchangeable with these and is called directly.)
+
+    Args:
+        name: one of "clip", "siglip", "focal".
+    """
+    if name == "clip":
+        return clip_loss
+    if name == "siglip":
+        return siglip_loss
+    if name == "focal":
+        return focal_clip_loss
+    raise ValueError(f"unknown loss {name!r}; valid choices: {', '.join(LOSS_NAMES)}")

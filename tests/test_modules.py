@@ -364,3 +364,72 @@ def test_conv_stem():
         VisionTransformer("tiny", image_size=36, patch_size=12, stem="conv")
     with pytest.raises(ValueError, match="stem must be"):
         VisionTransformer("tiny", stem="cnn")
+
+
+# ----------------------------------------------------------------------------- checkpoint-compatibility options
+
+
+def test_quick_gelu_and_activation_choice() -> None:
+    from lit_vlm.modules.transformer import MLP, QuickGELU, make_activation
+
+    x = torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=torch.float64)
+    expected = torch.tensor([-2.0 / (1 + math.exp(3.404)), 0.0, 1.0 / (1 + math.exp(-1.702)), 3.0 / (1 + math.exp(-5.106))], dtype=torch.float64)
+    torch.testing.assert_close(QuickGELU()(x), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(make_activation("gelu")(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))))
+    assert isinstance(make_activation("gelu_tanh"), torch.nn.GELU) and make_activation("gelu_tanh").approximate == "tanh"
+    with pytest.raises(ValueError, match="act_layer must be one of .*'quick_gelu'.*got 'relu'"):
+        make_activation("relu")
+    with pytest.raises(ValueError, match="act_layer"):
+        VisionTransformer("tiny", act_layer="swish")
+    vit = VisionTransformer("tiny", act_layer="quick_gelu")
+    txt = TextTransformer("tiny", act_layer="quick_gelu")
+    assert all(isinstance(b.mlp.act, QuickGELU) for b in [*vit.transformer.blocks, *txt.transformer.blocks])
+    # defaults unchanged: exact GELU
+    assert type(VisionTransformer("tiny").transformer.blocks[0].mlp.act) is torch.nn.GELU
+    assert type(MLP(8).act) is torch.nn.GELU
+
+
+def test_norm_eps_ln_post_and_state_dict_keys_unchanged() -> None:
+    default_keys = set(VisionTransformer("tiny").state_dict())
+    vit = VisionTransformer("tiny", norm_eps=1e-6, act_layer="quick_gelu")
+    assert set(vit.state_dict()) == default_keys  # options change behaviour, not the key layout
+    norms = [m for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 + 2 * 2 and all(m.eps == 1e-6 for m in norms)  # ln_pre, ln_post, 2 per block
+    txt = TextTransformer("tiny", norm_eps=1e-6)
+    assert all(m.eps == 1e-6 for m in txt.modules() if isinstance(m, torch.nn.LayerNorm))
+    bare = VisionTransformer("tiny", ln_post=False).eval()
+    out = bare(torch.randn(2, 3, 32, 32), output_hidden_states=True)
+    torch.testing.assert_close(out.tokens, out.hidden_states[-1])  # no final norm
+    torch.testing.assert_close(out.pooled, out.hidden_states[-1][:, 0])
+    assert "ln_post.weight" not in bare.state_dict()
+
+
+def test_mlp_hidden_width_survives_float_round_off() -> None:
+    from lit_vlm.modules.transformer import mlp_hidden_width
+
+    assert mlp_hidden_width(1664, 8192 / 1664) == 8192  # open_clip ViT-bigG's ratio
+    assert mlp_hidden_width(1152, 4304 / 1152) == 4304  # SigLIP so400m's ratio
+    assert mlp_hidden_width(33, 2.5) == 82  # a genuinely fractional product still truncates
+    assert mlp_hidden_width(768, 4.0) == 3072
+
+
+def test_text_argmax_and_eos_pooling() -> None:
+    txt = TextTransformer("tiny", pool="argmax").eval()
+    ids = torch.tensor([[5, 999, 7, 0], [998, 3, 999, 999]])  # max id: position 1, then first max at 2
+    out = txt(ids)
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(2), torch.tensor([1, 2])])
+    eos = TextTransformer("tiny", pool="eos", eos_id=7).eval()
+    eos.load_state_dict(txt.state_dict())
+    ids = torch.tensor([[5, 6, 7, 7], [7, 7, 7, 7], [5, 6, 8, 9]])  # first eos at 2, at 0, none -> 0
+    out = eos(ids)
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(3), torch.tensor([2, 0, 0])])
+    with pytest.raises(ValueError, match="eos_id"):
+        TextTransformer("tiny", pool="eos")
+
+
+def test_towers_take_layer_scale() -> None:
+    vit = VisionTransformer("tiny", ls_init=0.5)
+    txt = TextTransformer("tiny", ls_init=0.5)
+    for m in (vit, txt):
+        gammas = [k for k in m.state_dict() if k.endswith("gamma")]
+        assert len(gammas) == 4 and all(torch.all(m.state_dict()[k] == 0.5) for k in gammas)

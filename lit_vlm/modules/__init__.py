@@ -1,17 +1,19 @@
 """Shared neural-network building blocks (plain ``torch.nn``, no Lightning)."""
 
-from .presets import TEXT_PRESETS, VISION_PRESETS, resolve_preset
+from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .text import TextOutput, TextTransformer
-from .transformer import MLP, Attention, AttentionalPooler, Block, CrossAttention, LayerScale, Transformer
+from .transformer import MLP, Attention, AttentionalPooler, Block, CrossAttention, LayerScale, QuickGELU, Transformer, make_activation
 from .vision import VisionOutput, VisionTransformer, interpolate_pos_embed
 
 __all__ = [
     "Attention",
     "AttentionalPooler",
     "Block",
+    "CLIP_PRESETS",
     "CrossAttention",
     "LayerScale",
     "MLP",
+    "QuickGELU",
     "TEXT_PRESETS",
     "TextOutput",
     "TextTransformer",
@@ -20,5 +22,6 @@ __all__ = [
     "VisionOutput",
     "VisionTransformer",
     "interpolate_pos_embed",
+    "make_activation",
     "resolve_preset",
 ]

@@ -30,6 +30,29 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
     "clip-L": dict(vocab_size=49408, context_length=77, width=768, layers=12, heads=12, mlp_ratio=4.0),
 }
 
+# Whole published CLIP models (OpenAI names and their open_clip spellings): the tower presets,
+# the joint embedding width and the MLP activation their released weights were trained with.
+# Shapes as in OpenAI's model card / open_clip's model configs: ViT-B/32 and B/16 pair a
+# 768-wide 12-layer image tower with the 512-wide 12-layer, 8-head text tower (embed 512);
+# ViT-L/14 (224 or 336 px) pairs a 1024-wide 24-layer 16-head image tower with the 768-wide
+# 12-layer 12-head text tower (embed 768); heads = width // 64 throughout; context 77,
+# vocabulary 49408. open_clip checkpoints of these shapes trained with GELU (e.g. the LAION-2B
+# ViT-B-32) need act_layer="gelu" instead.
+_OPENAI_CLIP = {
+    "ViT-B/32": dict(vision="B/32", text="clip-B", embed_dim=512, act_layer="quick_gelu"),
+    "ViT-B/16": dict(vision="B/16", text="clip-B", embed_dim=512, act_layer="quick_gelu"),
+    "ViT-L/14": dict(vision="L/14", text="clip-L", embed_dim=768, act_layer="quick_gelu"),
+    "ViT-L/14@336px": dict(vision="L/14-336", text="clip-L", embed_dim=768, act_layer="quick_gelu"),
+}
+CLIP_PRESETS: dict[str, dict[str, Any]] = {
+    **_OPENAI_CLIP,
+    # open_clip spellings of the same shapes
+    "ViT-B-32": _OPENAI_CLIP["ViT-B/32"],
+    "ViT-B-16": _OPENAI_CLIP["ViT-B/16"],
+    "ViT-L-14": _OPENAI_CLIP["ViT-L/14"],
+    "ViT-L-14-336": _OPENAI_CLIP["ViT-L/14@336px"],
+}
+
 
 def resolve_preset(presets: Mapping[str, Mapping[str, Any]], name: str | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Return the preset ``name`` updated with the non-None entries of ``overrides``.

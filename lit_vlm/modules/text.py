@@ -1,5 +1,12 @@
 """Transformer text tower (CLIP layout: causal by default, pooled at the end-of-text token).
 
+With ``causal=True`` and ``act_layer`` / ``norm_eps`` / ``pool`` set as the checkpoint was
+trained, the tower holds OpenAI CLIP, open_clip and Hugging Face ``CLIPTextModel`` weights exactly:
+token + learned positional embedding, causal pre-LN blocks with a fused qkv projection,
+``ln_final``, pooling at the end-of-text token (OpenAI: ``pool="argmax"``; Hugging Face:
+``pool="eos"`` with ``eos_id``, or ``"argmax"`` for legacy configs with ``eos_token_id == 2``).
+The text projection lives in the family. See :mod:`lit_vlm.interop`.
+
 Shape letters: B batch, L sequence length (<= context_length), D width.
 """
 
@@ -13,7 +20,7 @@ from torch import Tensor, nn
 from .presets import TEXT_PRESETS, require, resolve_preset
 from .transformer import Transformer
 
-POOL_TYPES = ("eot", "first", "mean")
+POOL_TYPES = ("eot", "argmax", "eos", "first", "mean")
 
 
 @dataclass
@@ -57,9 +64,18 @@ class TextTransformer(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of ``width``.
         causal: Use a causal (autoregressive) attention mask, as CLIP's text tower does.
         pool: How to pool the sequence: "eot" (token at the last non-padding position, where the
-            tokenizer puts end-of-text), "first" (position 0, BERT-style [CLS]), or "mean"
+            tokenizer puts end-of-text), "argmax" (position of the largest token id in each row,
+            the first one on ties: OpenAI CLIP, whose end-of-text id 49407 is the largest),
+            "eos" (first position holding ``eos_id``, as Hugging Face ``CLIPTextModel`` does; a
+            row without it pools position 0), "first" (position 0, BERT-style [CLS]), or "mean"
             (mean over non-padding positions).
         pad_id: Padding token id, used to derive the padding mask when ``forward`` gets no mask.
+        eos_id: End-of-text token id; required by ``pool="eos"``, unused otherwise.
+        act_layer: MLP activation of every block: "gelu" (default), "quick_gelu" (OpenAI CLIP
+            weights) or "gelu_tanh".
+        norm_eps: Epsilon of every LayerNorm in the tower (1e-5 as in CLIP).
+        ls_init: If set, scale both residual branches of every block by a learned per-channel
+            LayerScale initialised to this value (open_clip ``ls_init_value``); None disables it.
     """
 
     def __init__(
@@ -74,6 +90,10 @@ class TextTransformer(nn.Module):
         causal: bool = True,
         pool: str = "eot",
         pad_id: int = 0,
+        eos_id: int | None = None,
+        act_layer: str = "gelu",
+        norm_eps: float = 1e-5,
+        ls_init: float | None = None,
     ) -> None:
         super().__init__()
         cfg = resolve_preset(
@@ -87,6 +107,8 @@ class TextTransformer(nn.Module):
             raise ValueError(f"width {width} must be divisible by heads {heads}")
         if pool not in POOL_TYPES:
             raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+        if pool == "eos" and eos_id is None:
+            raise ValueError("pool='eos' needs eos_id (the end-of-text token id)")
 
         self.vocab_size = int(cfg["vocab_size"])
         self.context_length = int(cfg["context_length"])
@@ -96,11 +118,18 @@ class TextTransformer(nn.Module):
         self.causal = causal
         self.pool = pool
         self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.act_layer = act_layer
+        self.norm_eps = float(norm_eps)
+        self.mlp_ratio = float(cfg["mlp_ratio"])
 
         self.token_embedding = nn.Embedding(self.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(self.context_length, width))  # [ctx, D]
-        self.transformer = Transformer(width, self.layers, heads, mlp_ratio=float(cfg["mlp_ratio"]))
-        self.ln_final = nn.LayerNorm(width)
+        self.transformer = Transformer(
+            width, self.layers, heads, mlp_ratio=self.mlp_ratio, act_layer=act_layer, norm_eps=norm_eps,
+            ls_init=ls_init,
+        )
+        self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
@@ -135,6 +164,12 @@ class TextTransformer(nn.Module):
             positions = torch.arange(L, device=ids.device).expand(B, L)  # [B, L]
             last = torch.where(mask, positions, torch.zeros_like(positions)).amax(dim=1)  # [B]
             pooled = tokens[torch.arange(B, device=ids.device), last]  # [B, D]
+        elif self.pool == "argmax":
+            # torch.argmax returns the first maximal index, like numpy (and OpenAI CLIP)
+            pooled = tokens[torch.arange(B, device=ids.device), ids.argmax(dim=-1)]  # [B, D]
+        elif self.pool == "eos":
+            first_eos = (ids == self.eos_id).int().argmax(dim=-1)  # [B]; 0 when a row has none
+            pooled = tokens[torch.arange(B, device=ids.device), first_eos]  # [B, D]
         elif self.pool == "first":
             pooled = tokens[:, 0]  # [B, D]
         else:

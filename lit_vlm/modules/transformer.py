@@ -16,6 +16,12 @@ Initialisation follows the CLIP text tower (used by open_clip for both towers' b
 qkv and query/key/value projections ~ N(0, D^-0.5), MLP input ~ N(0, (2D)^-0.5), residual output
 projections (attention out-proj and MLP output) ~ N(0, D^-0.5 * (2 * layers)^-0.5), biases zero,
 LayerNorm weight 1 / bias 0.
+
+Weight compatibility: a :class:`Block` holds exactly the tensors of an OpenAI CLIP / open_clip
+``ResidualAttentionBlock`` (``ln_1``, fused ``in_proj`` -> ``attn.qkv``, ``out_proj`` ->
+``attn.proj``, ``mlp.c_fc`` -> ``mlp.fc1``, ``mlp.c_proj`` -> ``mlp.fc2``, ``ln_2``), with the
+activation (``act_layer``: QuickGELU for OpenAI weights) and LayerNorm epsilon (``norm_eps``)
+selectable, so those checkpoints load exactly (see :mod:`lit_vlm.interop`).
 """
 
 from __future__ import annotations
@@ -44,6 +50,51 @@ def _prepare_mask(attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: 
         else:
             attn_mask = attn_mask.masked_fill(~causal, float("-inf"))  # [..., L, S]
     return attn_mask
+
+
+ACT_LAYERS = ("gelu", "quick_gelu", "gelu_tanh")
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU used by OpenAI CLIP: ``x * sigmoid(1.702 * x)``.
+
+    OpenAI's released CLIP weights (and open_clip models named ``*-quickgelu``) were trained with
+    it; running them with exact GELU changes every embedding noticeably.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply QuickGELU element-wise to ``x`` [...]; returns [...]."""
+        return x * torch.sigmoid(1.702 * x)  # [...]
+
+
+def make_activation(name: str) -> nn.Module:
+    """Build the MLP activation named ``name``.
+
+    Args:
+        name: "gelu" (exact, erf-based GELU; open_clip's default and Hugging Face ``"gelu"``),
+            "quick_gelu" (``x * sigmoid(1.702 x)``; OpenAI CLIP and Hugging Face ``"quick_gelu"``),
+            or "gelu_tanh" (the tanh approximation; Hugging Face ``"gelu_pytorch_tanh"`` /
+            ``"gelu_new"``, used by SigLIP).
+
+    Raises:
+        ValueError: for any other name (the message lists the valid ones).
+    """
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"act_layer must be one of {ACT_LAYERS}, got {name!r}")
+
+
+def mlp_hidden_width(dim: int, mlp_ratio: float) -> int:
+    """Hidden width of an MLP: ``int(dim * mlp_ratio)``, snapped to the nearest integer when the
+    product is within 1e-6 of it, so that a ratio computed from a checkpoint (hidden / dim, e.g.
+    8192 / 1664) reproduces the checkpoint's hidden width despite float round-off."""
+    product = dim * float(mlp_ratio)
+    nearest = round(product)
+    return int(nearest) if abs(product - nearest) < 1e-6 else int(product)
 
 
 class Attention(nn.Module):
@@ -153,19 +204,22 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear -> GELU -> Linear.
+    """Position-wise feed-forward network: Linear -> activation -> Linear.
 
     Args:
         dim: Input and output width D.
-        mlp_ratio: Hidden width as a multiple of ``dim`` (hidden = int(dim * mlp_ratio)).
+        mlp_ratio: Hidden width as a multiple of ``dim`` (hidden = int(dim * mlp_ratio), see
+            :func:`mlp_hidden_width`).
         dropout: Dropout after the output projection (training only).
+        act_layer: Activation between the two projections: "gelu" (default), "quick_gelu"
+            (OpenAI CLIP weights) or "gelu_tanh"; see :func:`make_activation`.
     """
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dropout: float = 0.0, act_layer: str = "gelu") -> None:
         super().__init__()
-        hidden = int(dim * mlp_ratio)
+        hidden = mlp_hidden_width(dim, mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = make_activation(act_layer)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
         self.init_weights()
@@ -211,15 +265,26 @@ class Block(nn.Module):
         ls_init: If set, wrap both residual branches in a LayerScale initialised to this value;
             None (default) disables LayerScale.
         dropout: Dropout used inside attention and the MLP (training only).
+        act_layer: MLP activation: "gelu" (default), "quick_gelu" (OpenAI CLIP) or "gelu_tanh".
+        norm_eps: Epsilon of both LayerNorms (1e-5 as in CLIP; SigLIP uses 1e-6).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, ls_init: float | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        ls_init: float | None = None,
+        dropout: float = 0.0,
+        act_layer: str = "gelu",
+        norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim)
+        self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, heads, dropout=dropout)
         self.ls_1 = LayerScale(dim, ls_init) if ls_init is not None else nn.Identity()
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_ratio, dropout=dropout)
+        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_ratio, dropout=dropout, act_layer=act_layer)
         self.ls_2 = LayerScale(dim, ls_init) if ls_init is not None else nn.Identity()
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -239,6 +304,9 @@ class Transformer(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of ``width``.
         ls_init: LayerScale initial value for every block; None disables LayerScale.
         dropout: Dropout inside attention and MLPs (training only).
+        act_layer: MLP activation of every block: "gelu" (default), "quick_gelu" (OpenAI CLIP
+            weights) or "gelu_tanh".
+        norm_eps: Epsilon of every block's LayerNorms.
     """
 
     def __init__(
@@ -249,6 +317,8 @@ class Transformer(nn.Module):
         mlp_ratio: float = 4.0,
         ls_init: float | None = None,
         dropout: float = 0.0,
+        act_layer: str = "gelu",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if width % heads != 0:
@@ -257,7 +327,12 @@ class Transformer(nn.Module):
         self.layers = layers
         self.heads = heads
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, ls_init, dropout) for _ in range(layers)])
+        make_activation(act_layer)  # validate once, with a clear message, before building blocks
+        self.act_layer = act_layer
+        self.norm_eps = float(norm_eps)
+        self.blocks = nn.ModuleList(
+            [Block(width, heads, mlp_ratio, ls_init, dropout, act_layer=act_layer, norm_eps=norm_eps) for _ in range(layers)]
+        )
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -328,4 +403,16 @@ class AttentionalPooler(nn.Module):
         return self.attn(q, x, attn_mask=attn_mask)  # [B, Q, D]
 
 
-__all__ = ["Attention", "CrossAttention", "MLP", "LayerScale", "Block", "Transformer", "AttentionalPooler"]
+__all__ = [
+    "ACT_LAYERS",
+    "Attention",
+    "CrossAttention",
+    "MLP",
+    "QuickGELU",
+    "LayerScale",
+    "Block",
+    "Transformer",
+    "AttentionalPooler",
+    "make_activation",
+    "mlp_hidden_width",
+]

@@ -1,5 +1,12 @@
 """Vision Transformer image tower (CLIP / open_clip layout).
 
+With ``pool="cls"``, ``ln_pre=True``, ``ln_post=True``, ``stem="patch"`` and ``act_layer`` /
+``norm_eps`` set as the checkpoint was trained (QuickGELU / 1e-5 for OpenAI), the tower holds
+OpenAI CLIP, open_clip and Hugging Face ``CLIPVisionModel`` ViT weights exactly: bias-free conv
+patchify, class embedding, learned positions, ``ln_pre``, pre-LN blocks with a fused qkv
+projection, ``ln_post`` on the pooled class token (the projection lives in the family). See
+:mod:`lit_vlm.interop` for the key mapping.
+
 Shape letters: B batch, C=3 channels, H/W image height/width (pixels), P patch size,
 N number of patches (gh * gw), N' patches kept after patch dropout, D width, Q pooling queries.
 """
@@ -25,7 +32,8 @@ class VisionOutput:
     Attributes:
         pooled: Image embedding after ``ln_post``: [B, D], or [B, Q, D] for attention pooling with
             more than one query.
-        tokens: All tokens after ``ln_post``, class token first: [B, 1 + N', D].
+        tokens: All tokens after ``ln_post``, class token first: [B, 1 + N', D] (``ln_post`` is
+            applied to each token separately, so ``tokens[:, 0] == pooled`` for ``pool="cls"``).
         hidden_states: If requested, ``layers + 1`` tensors [B, 1 + N', D] before ``ln_post``;
             ``hidden_states[0]`` is the transformer input (after ``ln_pre``) and
             ``hidden_states[i]`` the output of block ``i - 1``. None otherwise.
@@ -126,6 +134,14 @@ class VisionTransformer(nn.Module):
         patch_dropout: Fraction of patch tokens randomly dropped per sample during training
             (FLIP); the class token is always kept. 0 disables it. Must be in [0, 1).
         ln_pre: Apply a LayerNorm to the embedded tokens before the transformer (as CLIP does).
+        ln_post: Apply a LayerNorm to the pooled output and to the returned tokens (as CLIP does:
+            OpenAI ``ln_post``, Hugging Face ``post_layernorm``); False leaves them unnormalised.
+        act_layer: MLP activation of every block: "gelu" (exact GELU, the default; open_clip
+            models trained from scratch, Hugging Face ``hidden_act="gelu"``), "quick_gelu"
+            (OpenAI CLIP weights, open_clip ``*-quickgelu``) or "gelu_tanh".
+        norm_eps: Epsilon of every LayerNorm in the tower (1e-5 as in CLIP; 1e-6 for SigLIP).
+        ls_init: If set, scale both residual branches of every block by a learned per-channel
+            LayerScale initialised to this value (open_clip ``ls_init_value``); None disables it.
         stem: How pixels become tokens: "patch" (one strided convolution with kernel = stride =
             ``patch_size``, as ViT and CLIP do) or "conv" (a stack of 3x3 stride-2 convolutions
             reaching the same stride, then a 1x1 projection: the early-convolution stem of Xiao et
@@ -147,6 +163,10 @@ class VisionTransformer(nn.Module):
         patch_dropout: float = 0.0,
         ln_pre: bool = True,
         stem: str = "patch",
+        ln_post: bool = True,
+        act_layer: str = "gelu",
+        norm_eps: float = 1e-5,
+        ls_init: float | None = None,
     ) -> None:
         super().__init__()
         cfg = resolve_preset(
@@ -189,10 +209,16 @@ class VisionTransformer(nn.Module):
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))  # [D]
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.num_patches, width))  # [1+N, D]
-        self.ln_pre = nn.LayerNorm(width) if ln_pre else nn.Identity()
-        self.transformer = Transformer(width, layers, heads, mlp_ratio=float(cfg["mlp_ratio"]))
+        self.act_layer = act_layer
+        self.norm_eps = float(norm_eps)
+        self.mlp_ratio = float(cfg["mlp_ratio"])
+        self.ln_pre = nn.LayerNorm(width, eps=norm_eps) if ln_pre else nn.Identity()
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio=self.mlp_ratio, act_layer=act_layer, norm_eps=norm_eps,
+            ls_init=ls_init,
+        )
         self.attn_pool = AttentionalPooler(width, attn_pool_queries, heads) if pool == "attn" else None
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_post = nn.LayerNorm(width, eps=norm_eps) if ln_post else nn.Identity()
 
     @staticmethod
     def _check_patch_dropout(p: float) -> None:
