@@ -22,7 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, require_capability
-from lit_vlm.metrics import retrieval_metrics
+from lit_vlm.metrics import (
+    retrieval_metrics,
+    retrieval_metrics_from_ranks,
+    retrieval_metrics_from_similarity,
+    retrieval_ranks_from_similarity,
+)
 
 __all__ = ["RetrievalEvaluation", "image_grid", "make_thumbnail", "md_code", "md_escape", "normalisation", "ranked"]
 
@@ -158,7 +163,11 @@ class RetrievalEvaluation(EvalCallback):
 
     Reads the batch keys ``image``, ``caption_ids``, ``caption_mask``, ``caption_owner``,
     ``sample_id`` and, for the qualitative logs only, ``captions`` (raw strings, optional); calls
-    the family's ``encode_image`` and ``encode_text``. Exact under DDP: per-image records are
+    the family's ``encode_image`` and ``encode_text``, or, when the family has its own
+    ``similarity`` (e.g. FILIP's token-wise late interaction), its ``encode_image_tokens`` and
+    ``encode_text_tokens``: records then keep token features and the ``[I, T]`` scores are computed
+    by the family in blocks of ``token_chunk_size`` images x captions (image->text ranks from its
+    first matrix, text->image ranks from its second when it returns two). Exact under DDP: per-image records are
     gathered by sample id, duplicates dropped, metrics computed once on the id-sorted set.
     Logged as ``{stage}/retrieval/i2t_R@1`` ... ``t2i_R@10``, ``i2t_medr``, ``i2t_meanr``,
     ``t2i_medr``, ``t2i_meanr``, ``rmean``, ``rsum``, ``mean_R@1`` (fractions, not percent; see
@@ -174,6 +183,9 @@ class RetrievalEvaluation(EvalCallback):
         thumbnails: Images per rank and epoch that keep a small thumbnail for the example logs.
         thumbnail_size: Longest side of a thumbnail in pixels.
         prefix: Metric namespace.
+        token_chunk_size: Images and captions per block when the family scores with its own
+            ``similarity`` (memory of a block ~ token_chunk_size^2 x tokens per image x tokens per
+            caption x 4 bytes).
     """
 
     def __init__(
@@ -185,16 +197,19 @@ class RetrievalEvaluation(EvalCallback):
         thumbnails: int = 16,
         thumbnail_size: int = 64,
         prefix: str = "retrieval",
+        token_chunk_size: int = 32,
     ) -> None:
         super().__init__(splits, prefix)
-        if num_examples < 0 or thumbnails < 0 or thumbnail_size < 1 or chunk_size < 1:
+        if num_examples < 0 or thumbnails < 0 or thumbnail_size < 1 or chunk_size < 1 or token_chunk_size < 1:
             raise ValueError(
-                "RetrievalEvaluation needs num_examples >= 0, thumbnails >= 0, thumbnail_size >= 1 and chunk_size >= 1"
+                "RetrievalEvaluation needs num_examples >= 0, thumbnails >= 0, thumbnail_size >= 1, chunk_size >= 1 "
+                "and token_chunk_size >= 1"
             )
         self.ks = tuple(ks)
         if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
             raise ValueError(f"RetrievalEvaluation ks must be distinct positive integers, got {list(ks)}")
         self.chunk_size = chunk_size
+        self.token_chunk_size = token_chunk_size
         self.num_examples = num_examples
         self.thumbnails = thumbnails
         self.thumbnail_size = thumbnail_size
@@ -202,9 +217,16 @@ class RetrievalEvaluation(EvalCallback):
         self._thumbs_left = 0
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         self._warned_texts = False
+        self._similarity: Any = None  # the family's own similarity, when it has one
+        self._sims: tuple[torch.Tensor, torch.Tensor] | None = None  # (i2t, t2i) [I, T] of the last compute
 
     def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
-        require_capability(pl_module, "encode_image", "encode_text")
+        if callable(getattr(pl_module, "similarity", None)):
+            require_capability(pl_module, "encode_image_tokens", "encode_text_tokens")
+            self._similarity = pl_module.similarity
+        else:
+            require_capability(pl_module, "encode_image", "encode_text")
+            self._similarity = None
         self._examples = self.num_examples > 0 and _tensorboard_writer(trainer) is not None
         self._thumbs_left = self.thumbnails if self._examples else 0
         self._norm = normalisation(trainer)
@@ -219,8 +241,15 @@ class RetrievalEvaluation(EvalCallback):
             raise ValueError(
                 f"RetrievalEvaluation: {len(ids)} sample ids for {batch['image'].shape[0]} images in a batch"
             )
-        image_emb = pl_module.encode_image(batch["image"]).float().cpu()  # [B, E]
-        caption_emb = pl_module.encode_text(batch["caption_ids"], batch["caption_mask"]).float().cpu()  # [N, E]
+        image_mask = caption_mask = None
+        if self._similarity is not None:  # token features, scored by the family
+            image_emb, image_mask = pl_module.encode_image_tokens(batch["image"])  # [B, P, E], [B, P] | None
+            caption_emb, caption_mask = pl_module.encode_text_tokens(batch["caption_ids"], batch["caption_mask"])  # [N, L, E], [N, L]
+            image_emb, caption_emb, caption_mask = image_emb.float().cpu(), caption_emb.float().cpu(), caption_mask.cpu()
+            image_mask = image_mask.cpu() if image_mask is not None else None
+        else:
+            image_emb = pl_module.encode_image(batch["image"]).float().cpu()  # [B, E]
+            caption_emb = pl_module.encode_text(batch["caption_ids"], batch["caption_mask"]).float().cpu()  # [N, E]
         owner = batch["caption_owner"].cpu()  # [N]
         bad_owner = owner.shape != (caption_emb.shape[0],) or (
             owner.numel() > 0 and (int(owner.min()) < 0 or int(owner.max()) >= len(ids))
@@ -236,6 +265,9 @@ class RetrievalEvaluation(EvalCallback):
         for i, sid in enumerate(ids):
             caps = caption_emb[owner == i]  # [n_i, E] (a copy)
             record: dict[str, Any] = {"id": sid, "image": image_emb[i].clone(), "captions": caps}  # clone: own storage
+            if caption_mask is not None:
+                record["caption_mask"] = caption_mask[owner == i]  # [n_i, L]
+                record["image_mask"] = image_mask[i].clone() if image_mask is not None else None  # [P]
             if self._examples:
                 record["texts"] = self._texts(texts, i, caps.shape[0], sid)
                 if self._thumbs_left > 0:
@@ -269,20 +301,86 @@ class RetrievalEvaluation(EvalCallback):
                 f"RetrievalEvaluation: {len(empty)} image(s) without any caption, e.g. sample ids {empty[:5]}; "
                 "image->text recall is undefined"
             )
-        image_emb = torch.stack([r["image"] for r in records])  # [I, E]
-        caption_emb = torch.cat([r["captions"] for r in records])  # [T, E]
+        image_emb = torch.stack([r["image"] for r in records])  # [I, E] (token records: [I, P, E])
+        caps = [r["captions"] for r in records]
+        if caps[0].dim() == 3:  # token records: pad every caption to the longest length
+            length = max(c.shape[1] for c in caps)
+            caps = [F.pad(c, (0, 0, 0, length - c.shape[1])) for c in caps]  # [n_i, L, E]
+        caption_emb = torch.cat(caps)  # [T, E] (token records: [T, L, E])
         counts = torch.tensor([r["captions"].shape[0] for r in records])  # [I]
         owner = torch.repeat_interleave(torch.arange(len(records)), counts)  # [T]
         return image_emb, caption_emb, owner
 
     def compute(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        image_emb, caption_emb, owner = self._stack(records)
-        return retrieval_metrics(image_emb, caption_emb, owner, self.ks, self.chunk_size)
+        self._sims = None
+        if self._similarity is None:
+            image_emb, caption_emb, owner = self._stack(records)
+            return retrieval_metrics(image_emb, caption_emb, owner, self.ks, self.chunk_size)
+        sim_i2t, sim_t2i, owner = self.token_similarities(records, self._similarity)
+        self._sims = (sim_i2t, sim_t2i)
+        if sim_t2i is sim_i2t:
+            return retrieval_metrics_from_similarity(sim_i2t, owner, self.ks, self.chunk_size)
+        i2t_ranks, _ = retrieval_ranks_from_similarity(sim_i2t, owner, self.chunk_size)  # [I]
+        _, t2i_ranks = retrieval_ranks_from_similarity(sim_t2i, owner, self.chunk_size)  # [T]
+        return retrieval_metrics_from_ranks(i2t_ranks, t2i_ranks, self.ks)
+
+    def token_similarities(
+        self, records: list[dict[str, Any]], similarity: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sim_i2t [I, T], sim_t2i [I, T], owner [T]) from token records, scored by ``similarity``
+        in blocks of ``token_chunk_size`` images x captions (``sim_t2i is sim_i2t`` when the family
+        returns a single matrix). Captions are zero-padded (mask False) to the longest one."""
+        image_tok, caption_tok, owner = self._stack(records)  # [I, P, E], [T, L, E], [T]
+        length = max(r["caption_mask"].shape[1] for r in records)
+        caption_mask = torch.cat(
+            [F.pad(r["caption_mask"], (0, length - r["caption_mask"].shape[1])) for r in records]
+        )  # [T, L]
+        image_mask = None
+        if any(r.get("image_mask") is not None for r in records):
+            image_mask = torch.stack(
+                [r["image_mask"] if r.get("image_mask") is not None else torch.ones(r["image"].shape[0], dtype=torch.bool) for r in records]
+            )  # [I, P]
+        n_img, n_txt, step = image_tok.shape[0], caption_tok.shape[0], self.token_chunk_size
+        sim_i2t = torch.empty(n_img, n_txt)  # [I, T]
+        sim_t2i: torch.Tensor | None = None
+        for a in range(0, n_img, step):
+            for b in range(0, n_txt, step):
+                out = similarity(
+                    image_tok[a : a + step],
+                    image_mask[a : a + step] if image_mask is not None else None,
+                    caption_tok[b : b + step],
+                    caption_mask[b : b + step],
+                )
+                i2t, t2i = out if isinstance(out, tuple) else (out, None)
+                sim_i2t[a : a + step, b : b + step] = i2t.float().cpu()  # [c_i, c_t]
+                if t2i is not None:
+                    if sim_t2i is None:
+                        sim_t2i = torch.empty(n_img, n_txt)  # [I, T]
+                    sim_t2i[a : a + step, b : b + step] = t2i.float().cpu()  # [c_i, c_t]
+        return sim_i2t, (sim_t2i if sim_t2i is not None else sim_i2t), owner
 
     def log_examples(self, writer: Any, stage: str, step: int, ids: list[str], records: list[dict[str, Any]]) -> None:
         if self.num_examples <= 0:
             return
-        image_emb, caption_emb, owner = self._stack(records)
+        if self._sims is not None:  # the family's own similarity, computed in compute()
+            sim_i2t, sim_t2i = self._sims
+            owner = torch.repeat_interleave(torch.arange(len(records)), torch.tensor([r["captions"].shape[0] for r in records]))
+
+            def t2i_scores(q: int) -> torch.Tensor:
+                return sim_t2i[:, q]  # [I]
+
+            def i2t_scores(i: int) -> torch.Tensor:
+                return sim_i2t[i]  # [T]
+
+        else:
+            image_emb, caption_emb, owner = self._stack(records)
+
+            def t2i_scores(q: int) -> torch.Tensor:
+                return image_emb @ caption_emb[q]  # [I]
+
+            def i2t_scores(i: int) -> torch.Tensor:
+                return caption_emb @ image_emb[i]  # [T]
+
         counts = torch.bincount(owner, minlength=len(records))  # [I]
         first = (torch.cumsum(counts, 0) - counts).tolist()  # first caption row of every image
         texts: list[str | None] = []
@@ -306,7 +404,7 @@ class RetrievalEvaluation(EvalCallback):
         t2i_lines = [f"Top-{TOP} images for caption queries (ground truth in green; ties ranked pessimistically).", ""]
         for n, i in enumerate(picks):
             q = first[i]
-            scores = image_emb @ caption_emb[q]  # [I]
+            scores = t2i_scores(q)  # [I]
             order = ranked(scores, torch.arange(len(records)) == i)  # [I]
             gt_rank = int((order == i).nonzero()[0, 0]) + 1
             top = order[:TOP].tolist()
@@ -329,7 +427,7 @@ class RetrievalEvaluation(EvalCallback):
         # image -> text: the same images as queries
         i2t_lines = [f"Top-{TOP} captions for image queries (images in `i2t_example_images`, left to right).", ""]
         for n, i in enumerate(picks):
-            scores = caption_emb @ image_emb[i]  # [T]
+            scores = i2t_scores(i)  # [T]
             correct = owner == i  # [T]
             order = ranked(scores, correct)  # [T]
             gt_rank = int(correct[order].nonzero()[0, 0]) + 1

@@ -1,22 +1,61 @@
-"""What every family shares: the optimiser recipe and the logging of named loss terms.
+"""What every family shares: the optimiser recipe, the logging of named loss terms, starting
+weights from a checkpoint, and exact gradient accumulation for losses that couple the samples of a
+batch.
 
 A family subclasses :class:`VLMModule`, builds its connector and losses from the towers it is given
 (dependency injection), and implements the capabilities its evaluations need:
 
 - ``encode_image(images) -> [B, D]`` and ``encode_text(ids, mask) -> [N, D]`` (normalised):
   retrieval and zero-shot classification callbacks;
+- optionally ``encode_image_tokens(images) -> (tokens [B, P, E], mask [B, P] | None)``,
+  ``encode_text_tokens(ids, mask) -> (tokens [N, L, E], mask [N, L])`` and
+  ``similarity(image_tokens, image_mask, text_tokens, text_mask) -> (sim_i2t [I, T], sim_t2i [I, T])``
+  (or one ``[I, T]`` matrix for both directions): the retrieval callback then ranks with the
+  family's own similarity (FILIP's token-wise late interaction) instead of a dot product;
 - later: ``score_pairs`` (ITM re-ranking) and ``generate(images, prompts)`` (captioning, VQA).
+
+Contrastive gradient accumulation (``accum_freq``)
+-------------------------------------------------
+A contrastive loss scores every sample against all others of the batch, so Lightning's
+``accumulate_grad_batches`` (k separate losses over k micro-batches) changes the objective: each
+loss only sees the negatives of its own micro-batch. A family whose loss couples the batch
+(``couples_batch = True``) implements ``features(batch) -> dict of tensors`` and
+``loss_from_features(features, gather, detach_scalars) -> terms``; with ``accum_freq = k > 1`` the
+module switches to manual optimisation and does what open_clip's ``--accum-freq`` and GradCache
+(Gao et al., 2021) do: buffer k micro-batches, compute all their features without gradients, then
+for each micro-batch recompute its features with gradients, splice them into the cached set, compute
+the loss of the whole accumulated batch and backpropagate. The summed gradients equal those of one
+batch k times larger (tests/test_contrastive_family.py checks it to 1e-5), at the memory cost of one
+micro-batch plus the cached features. Details that keep it exact:
+
+- random state (patch dropout, dropout) is recorded before each micro-batch's first pass and
+  restored for its replay, so both passes see the same masks;
+- parameters the loss uses directly (logit scale and bias) receive their gradient once, from the
+  last replay (open_clip's loop counts it k times);
+- under DDP only the last replay synchronises gradients (``block_backward_sync``).
+
+One optimiser step, one scheduler step and gradient clipping (the trainer's ``gradient_clip_val``,
+applied by the module because Lightning refuses that setting under manual optimisation) follow each
+group of k micro-batches; an incomplete group at the end of an epoch is dropped, as in open_clip.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
+
+log = logging.getLogger("lit_vlm")
 
 
 class VLMModule(pl.LightningModule):
@@ -31,7 +70,23 @@ class VLMModule(pl.LightningModule):
         warmup_steps: Linear warmup length in optimiser steps; a value in (0, 1) is a fraction
             of the total number of steps.
         min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of ``lr``.
+        accum_freq: Exact gradient accumulation over this many micro-batches (families whose loss
+            couples the batch; see the module docstring). 1 disables it.
+        init_from: Starting weights, loaded when ``fit`` starts (not when resuming from
+            ``--ckpt_path``): a lit-vlm Lightning checkpoint (``.ckpt``), a file holding a plain
+            state dict, or a run directory (``runs/<name>``, ``runs/<name>/version_N`` or its
+            ``checkpoints/``), whose ``checkpoints/index.json`` names the best checkpoint (the
+            newest version when several). Foreign formats (OpenAI, open_clip, Hugging Face) go
+            through :mod:`lit_vlm.interop`.
+        init_from_parts: Load only parameters under these attribute names (e.g. ``["vision",
+            "image_projection"]`` for the image tower of a CLIP checkpoint); every such parameter
+            must be in the checkpoint with the same shape (a learned positional embedding is
+            resized for another image size). None loads the whole model, strictly.
     """
+
+    #: True for families whose loss couples the samples of a batch (contrastive losses): they
+    #: implement ``features``/``loss_from_features`` and refuse ``trainer.accumulate_grad_batches``.
+    couples_batch: bool = False
 
     def __init__(
         self,
@@ -41,18 +96,36 @@ class VLMModule(pl.LightningModule):
         eps: float = 1e-6,
         warmup_steps: float = 0.05,
         min_lr_ratio: float = 0.0,
+        accum_freq: int = 1,
+        init_from: str | None = None,
+        init_from_parts: list[str] | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model lr must be > 0, got {lr}")
         if warmup_steps < 0:
             raise ValueError(f"model warmup_steps must be >= 0, got {warmup_steps}")
+        if not isinstance(accum_freq, int) or isinstance(accum_freq, bool) or accum_freq < 1:
+            raise ValueError(f"model accum_freq must be an integer >= 1, got {accum_freq!r}")
+        if accum_freq > 1 and not self.couples_batch:
+            raise ValueError(
+                f"model accum_freq={accum_freq}: {type(self).__name__} has no batch-coupled loss; "
+                "use trainer.accumulate_grad_batches for it"
+            )
+        if init_from_parts is not None and (not init_from_parts or any(not str(p) for p in init_from_parts)):
+            raise ValueError(f"model init_from_parts must be None or a non-empty list of names, got {init_from_parts!r}")
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.eps = eps
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
+        self.accum_freq = accum_freq
+        self.init_from = init_from
+        self.init_from_parts = list(init_from_parts) if init_from_parts is not None else None
+        self.automatic_optimization = accum_freq == 1
+        self._accum_buffer: list[dict] = []
+        self._taken_clip: tuple[float | None, str | None] | None = None
 
     def save_config(self) -> None:
         """``save_hyperparameters`` for families that receive built towers.
@@ -67,17 +140,217 @@ class VLMModule(pl.LightningModule):
         modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
         self.save_hyperparameters(ignore=[] if given else modules, frame=frame)
 
+    # ---- optimisation ------------------------------------------------------------------------
+    def num_optimizer_steps(self) -> int:
+        """Optimiser steps of this fit: the trainer's estimate, divided by ``accum_freq`` (whole
+        groups per epoch) when accumulating, capped by ``trainer.max_steps``."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # also sets up the train dataloader
+        if self.accum_freq > 1 and trainer.max_epochs not in (None, -1) and trainer.num_training_batches != math.inf:
+            total = (int(trainer.num_training_batches) // self.accum_freq) * max(1, trainer.max_epochs)
+            if trainer.max_steps not in (None, -1):
+                total = min(total, trainer.max_steps)
+        if total in (math.inf, -1):
+            raise ValueError("cannot size the learning-rate schedule of an endless fit: set trainer.max_steps")
+        return max(1, int(total))
+
     def configure_optimizers(self):
         optimizer = build_adamw(param_groups(self, self.weight_decay), self.lr, self.betas, self.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.num_optimizer_steps()
         warmup = int(self.warmup_steps * total) if 0 < self.warmup_steps < 1 else int(self.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_callbacks(self) -> list:
+        """Checks the trainer before a fit (this hook runs before Lightning validates the loops).
+
+        - A family with a batch-coupled loss refuses ``trainer.accumulate_grad_batches > 1`` and
+          points to ``accum_freq``.
+        - With ``accum_freq > 1`` (manual optimisation) the module takes the trainer's
+          ``gradient_clip_val`` over and clips once per accumulated step itself; the trainer's
+          value is given back when the fit ends.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return []
+        if self.couples_batch and trainer.accumulate_grad_batches != 1:
+            k = trainer.accumulate_grad_batches
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={k} would sum {k} separate contrastive losses, each "
+                f"seeing only its own micro-batch's negatives; set --model.init_args.accum_freq {k} instead "
+                "(exact: one loss over the whole accumulated batch) and leave accumulate_grad_batches at 1"
+            )
+        if self.accum_freq > 1 and trainer.gradient_clip_val:
+            if str(trainer.precision) == "16-mixed":
+                raise ValueError(
+                    "model accum_freq > 1 clips gradients itself and cannot unscale fp16 gradients first: "
+                    "use trainer.precision bf16-mixed, or trainer.gradient_clip_val null"
+                )
+            self._taken_clip = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            trainer.gradient_clip_val = None
+        return []
+
+    def teardown(self, stage: str) -> None:
+        if self._taken_clip is not None and self._trainer is not None:
+            self._trainer.gradient_clip_val = self._taken_clip[0]
+            self._taken_clip = None
+
+    # ---- exact accumulation for batch-coupled losses ---------------------------------------
+    def features(self, batch: dict) -> dict[str, torch.Tensor | None]:
+        """Per-sample features the loss needs (tensors with the batch on dim 0)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement features()")
+
+    def loss_from_features(
+        self, features: dict[str, torch.Tensor | None], gather: bool = True, detach_scalars: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of a (possibly accumulated) batch of features; ``detach_scalars`` stops the
+        gradient to parameters the loss uses directly (e.g. the logit scale)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement loss_from_features()")
+
+    def accumulated_backward(
+        self,
+        micro_batches: list[dict],
+        backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Backpropagate the loss of the concatenation of ``micro_batches`` one micro-batch at a
+        time (GradCache); gradients accumulate in ``.grad`` exactly as if the whole batch had been
+        one. Returns the loss terms of the whole batch.
+
+        Args:
+            micro_batches: The batches to accumulate (each as ``training_step`` receives it).
+            backward: Called with each replay's loss; default ``manual_backward`` (Lightning), or
+                e.g. ``torch.Tensor.backward`` outside a trainer.
+        """
+        backward = backward or self.manual_backward
+        k = len(micro_batches)
+        states, cached = [], []
+        with torch.no_grad():
+            for batch in micro_batches:
+                states.append(_RngState(self.device))
+                cached.append(self.features(batch))
+        terms: dict[str, torch.Tensor] = {}
+        for j, batch in enumerate(micro_batches):
+            states[j].restore()
+            with self._backward_sync(last=j == k - 1):
+                live = self.features(batch)  # this micro-batch, with gradients
+                feats = concat_features(cached[:j] + [live] + cached[j + 1 :])
+                terms = self.loss_from_features(feats, gather=True, detach_scalars=j < k - 1)
+                backward(terms["loss"])
+        return terms
+
+    @contextmanager
+    def _backward_sync(self, last: bool) -> Iterator[None]:
+        """Under DDP, let only the last replay synchronise gradients."""
+        strategy = getattr(self._trainer, "strategy", None)
+        block = getattr(strategy, "block_backward_sync", None)
+        with nullcontext() if last or block is None else block():
+            yield
+
+    def accumulation_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """``training_step`` under ``accum_freq > 1``: buffer the micro-batch; on the k-th, run
+        :meth:`accumulated_backward`, clip, step the optimiser and the scheduler. Returns the
+        loss terms on an optimiser step, else None."""
+        self._accum_buffer.append(batch)
+        if len(self._accum_buffer) < self.accum_freq:
+            return None
+        micro_batches, self._accum_buffer = self._accum_buffer, []
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        terms = self.accumulated_backward(micro_batches)
+        if self._taken_clip is not None:
+            value, algorithm = self._taken_clip
+            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return terms
+
+    def on_train_epoch_start(self) -> None:
+        if self._accum_buffer:
+            log.info(
+                "accum_freq=%d: dropped the %d micro-batch(es) left at the end of the epoch (an incomplete group)",
+                self.accum_freq,
+                len(self._accum_buffer),
+            )
+        self._accum_buffer = []
+
+    # ---- starting weights ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.init_from is None:
+            return
+        if self._trainer is not None and self._trainer.ckpt_path is not None:
+            log.info("init_from=%s not loaded: resuming from %s", self.init_from, self._trainer.ckpt_path)
+            return
+        self.load_initial_weights()
+
+    def load_initial_weights(self) -> list[str]:
+        """Load ``init_from`` (restricted to ``init_from_parts``) into the module; returns the
+        names of the loaded tensors. Called when ``fit`` starts; callable by hand."""
+        if self.init_from is None:
+            raise ValueError("model init_from is not set")
+        source = load_state_dict(self.init_from, model=self)
+        loaded = self._load_parts(source)
+        log.info("init_from: loaded %d tensors from %s", len(loaded), self.init_from)
+        return loaded
+
+    def _load_parts(self, source: dict[str, torch.Tensor]) -> list[str]:
+        own = self.state_dict()
+        if self.init_from_parts is None:
+            wanted = list(own)
+            unexpected = sorted(set(source) - set(own))
+            if unexpected:
+                raise ValueError(
+                    f"model init_from={self.init_from}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}; "
+                    "set init_from_parts to load only some parts"
+                )
+        else:
+            for part in self.init_from_parts:
+                if not any(k == part or k.startswith(part + ".") for k in own):
+                    raise ValueError(f"model init_from_parts: {type(self).__name__} has no part named {part!r}")
+            wanted = [k for k in own if any(k == p or k.startswith(p + ".") for p in self.init_from_parts)]
+        missing = [k for k in wanted if k not in source]
+        if missing:
+            raise ValueError(
+                f"model init_from={self.init_from}: {len(missing)} key(s) missing from the checkpoint, e.g. {missing[:5]}"
+            )
+        update = {}
+        for key in wanted:
+            value = source[key]
+            if value.shape != own[key].shape:
+                value = self._adapt(key, value, own[key])
+            if value.shape != own[key].shape:
+                raise ValueError(
+                    f"model init_from={self.init_from}: {key} has shape {list(value.shape)} in the checkpoint "
+                    f"but {list(own[key].shape)} in the model"
+                )
+            update[key] = value
+        with torch.no_grad():
+            for key, value in update.items():
+                own[key].copy_(value)
+        return list(update)
+
+    def _adapt(self, key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """A ViT's learned positions [1 + N, D] resized to this model's grid (another image size)."""
+        from lit_vlm.modules.vision import VisionTransformer, interpolate_pos_embed
+
+        owner_name, _, attr = key.rpartition(".")
+        owner = self.get_submodule(owner_name) if owner_name else self
+        if isinstance(owner, VisionTransformer) and attr == "positional_embedding" and value.dim() == 2:
+            if value.shape[1] == target.shape[1]:
+                try:
+                    return interpolate_pos_embed(value, owner.grid_size)  # [1 + N', D]
+                except ValueError:
+                    return value
+        return value
+
+    # ---- logging -----------------------------------------------------------------------------
     def log_terms(self, stage: str, terms: dict[str, torch.Tensor], batch_size: int, **kwargs) -> None:
-        """Log every named term as ``{stage}/{name}``; ``loss`` also on the progress bar."""
+        """Log every named scalar term as ``{stage}/{name}``; ``loss`` also on the progress bar."""
         on_step = stage == "train"
         for name, value in terms.items():
+            if torch.is_tensor(value) and value.numel() != 1:
+                continue
             self.log(
                 f"{stage}/{name}",
                 value.detach() if torch.is_tensor(value) else value,
@@ -89,6 +362,115 @@ class VLMModule(pl.LightningModule):
             )
 
 
+# ---- helpers -----------------------------------------------------------------------------------
+class _RngState:
+    """The CPU (and current CUDA device's) random state, to replay a forward pass exactly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def concat_features(parts: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+    """Concatenate per-micro-batch feature dicts along dim 0.
+
+    Tensors whose dim 1 differs between parts (token features [B, L, E] and masks [B, L] of texts
+    trimmed to each micro-batch's longest caption) are zero-padded (False for masks) on dim 1 first.
+    """
+    out: dict[str, torch.Tensor | None] = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if values[0] is None:
+            out[key] = None
+            continue
+        if values[0].dim() >= 2:
+            width = max(v.shape[1] for v in values)
+            values = [
+                v if v.shape[1] == width else torch.cat([v, v.new_zeros(v.shape[0], width - v.shape[1], *v.shape[2:])], 1)
+                for v in values
+            ]  # each [b, width, ...]
+        out[key] = torch.cat(values, dim=0)  # [sum b, ...]
+    return out
+
+
+def resolve_init_from(path: str | Path) -> Path:
+    """The checkpoint file ``init_from`` names: the file itself, or for a run directory the
+    ``best`` entry of its ``checkpoints/index.json`` (the newest ``version_*`` when several)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        candidates = [p / "index.json", p / "checkpoints" / "index.json"]
+        candidates += sorted(p.glob("version_*/checkpoints/index.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for index in candidates:
+            if index.is_file():
+                entry = json.loads(index.read_text())
+                best = entry.get("best") or entry.get("last")
+                if best and Path(best).is_file():
+                    return Path(best)
+        raise FileNotFoundError(
+            f"model init_from={path}: no checkpoints/index.json naming an existing checkpoint under this directory "
+            "(train that run first, or give a .ckpt path)"
+        )
+    raise FileNotFoundError(f"model init_from={path}: no such file or directory (train that run first, or fix the path)")
+
+
+def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The state dict ``init_from`` points to (see :class:`VLMModule`), on the CPU.
+
+    A lit-vlm Lightning checkpoint or a file with a plain ``{name: tensor}`` dict is read here
+    (``weights_only`` unpickling: no code runs); anything else is handed to :mod:`lit_vlm.interop`.
+    """
+    text = str(path)
+    file = Path(text)
+    if file.is_dir():
+        if not any(file.glob("**/index.json")) and any(file.glob("*config.json")):
+            return _interop_state_dict(text, model)  # e.g. a Hugging Face model directory
+        file = resolve_init_from(file)
+    elif not file.is_file() and file.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise FileNotFoundError(f"model init_from={path}: no such file (train that run first, or fix the path)")
+    elif not file.is_file() or file.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        return _interop_state_dict(text, model)  # a model name, a .safetensors file, ...
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if file.suffix == ".ckpt":
+            raise ValueError(f"model init_from={path}: {file} cannot be read with weights_only=True: {err}") from err
+        return _interop_state_dict(str(file), model)  # e.g. a TorchScript OpenAI archive
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        if model is not None and not set(obj) & set(model.state_dict()):
+            return _interop_state_dict(str(file), model)  # a foreign state dict (other key names)
+        return obj
+    raise ValueError(f"model init_from={path}: {file} holds neither a Lightning checkpoint nor a state dict")
+
+
+def _interop_state_dict(source: str, model: nn.Module | None) -> dict[str, torch.Tensor]:
+    # ---- HOOK: lit_vlm.interop ------------------------------------------------------------
+    # OpenAI / open_clip / Hugging Face weights (a name, a .safetensors / .bin / TorchScript
+    # file, a directory) become a lit-vlm state dict here. Wire the interop entry point below.
+    try:
+        from lit_vlm import interop
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"model init_from={source}: no lit-vlm checkpoint or run directory there "
+            "(and lit_vlm.interop, which reads foreign weights, is not available)"
+        ) from err
+    convert = getattr(interop, "load_state_dict", None)
+    if convert is None:
+        raise NotImplementedError(
+            f"model init_from={source}: foreign weights need lit_vlm.interop.load_state_dict(source, model)"
+        )
+    return convert(source, model)
+
+
 def _given_hparams() -> dict | None:
     """The config LightningCLI is instantiating this module from, if any."""
     try:
@@ -96,3 +478,6 @@ def _given_hparams() -> dict | None:
     except ImportError:  # pragma: no cover - older/newer Lightning: fall back to ignoring modules
         return None
     return _given_hyperparameters.get()
+
+
+__all__ = ["VLMModule", "concat_features", "load_state_dict", "resolve_init_from"]
