@@ -18,18 +18,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 import lit_vlm
+from lit_vlm.io import write_json_atomic as _write_json_atomic
 
 INDEX_FILE = "index.json"
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over, so a crash never leaves a
-    half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON (indented, unknown objects as ``str``) atomically: a crash never leaves a
+    half-written file. See :func:`lit_vlm.io.write_json_atomic`."""
+    _write_json_atomic(path, data, indent=2, default=str)
 
 
 class Checkpoint(ModelCheckpoint):

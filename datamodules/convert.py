@@ -71,6 +71,8 @@ from typing import Any
 
 from PIL import Image
 
+from lit_vlm.io import write_json_atomic
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -231,19 +233,8 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=indent)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic JSON write (compact unless ``indent``): see :func:`lit_vlm.io.write_json_atomic`."""
+    write_json_atomic(path, obj, indent=indent)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:

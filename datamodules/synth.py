@@ -58,6 +58,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lit_vlm.io import write_json_atomic
+
 __all__ = [
     "SHAPES",
     "COLOURS",
@@ -1165,19 +1167,8 @@ def _vqa_files(split: str, records: list[dict]) -> tuple[dict, dict]:
 
 
 def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
-    """Write JSON to a temp file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic JSON write (compact unless ``indent``): see :func:`lit_vlm.io.write_json_atomic`."""
+    write_json_atomic(path, obj, indent=indent)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,6 +25,26 @@ from torch.autograd.function import once_differentiable
 from lit_vlm.distributed import gather_no_grad, gather_with_grad, ppermute, rank_and_world
 
 
+def _symmetric_infonce(
+    logits_i2t: torch.Tensor,  # [B, N] this rank's images against every text
+    logits_t2i: torch.Tensor,  # [B, N] this rank's texts against every image
+    labels: torch.Tensor,  # [B] column of each row's positive
+) -> dict[str, torch.Tensor]:
+    """Mean of the two cross-entropies, with each direction's loss and in-batch accuracy."""
+    loss_i2t = F.cross_entropy(logits_i2t, labels)
+    loss_t2i = F.cross_entropy(logits_t2i, labels)
+    with torch.no_grad():
+        acc_i2t = (logits_i2t.argmax(dim=1) == labels).float().mean()
+        acc_t2i = (logits_t2i.argmax(dim=1) == labels).float().mean()
+    return {
+        "loss": (loss_i2t + loss_t2i) / 2,
+        "loss_i2t": loss_i2t,
+        "loss_t2i": loss_t2i,
+        "acc_i2t": acc_i2t,
+        "acc_t2i": acc_t2i,
+    }
+
+
 def clip_loss(
     image_emb: torch.Tensor,  # [B, D] L2-normalised image embeddings of this rank
     text_emb: torch.Tensor,  # [B, D] L2-normalised text embeddings of this rank (row i pairs with image i)
@@ -46,18 +66,7 @@ def clip_loss(
     logits_i2t = logit_scale * image_emb @ all_text.T  # [B, W*B]
     logits_t2i = logit_scale * text_emb @ all_image.T  # [B, W*B]
     labels = torch.arange(batch, device=image_emb.device) + rank * batch  # [B] positives' columns
-    loss_i2t = F.cross_entropy(logits_i2t, labels)
-    loss_t2i = F.cross_entropy(logits_t2i, labels)
-    with torch.no_grad():
-        acc_i2t = (logits_i2t.argmax(dim=1) == labels).float().mean()
-        acc_t2i = (logits_t2i.argmax(dim=1) == labels).float().mean()
-    return {
-        "loss": (loss_i2t + loss_t2i) / 2,
-        "loss_i2t": loss_i2t,
-        "loss_t2i": loss_t2i,
-        "acc_i2t": acc_i2t,
-        "acc_t2i": acc_t2i,
-    }
+    return _symmetric_infonce(logits_i2t, logits_t2i, labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,18 +488,7 @@ def filip_loss(
         _, sim_t2i = filip_similarity(all_image, text_tokens, text_mask, all_image_mask, chunk_size)  # [W*B, B]
         logits_i2t = logit_scale * sim_i2t  # [B, W*B] local images against all texts
         logits_t2i = logit_scale * sim_t2i.T  # [B, W*B] local texts against all images
-    loss_i2t = F.cross_entropy(logits_i2t, labels)
-    loss_t2i = F.cross_entropy(logits_t2i, labels)
-    with torch.no_grad():
-        acc_i2t = (logits_i2t.argmax(dim=1) == labels).float().mean()
-        acc_t2i = (logits_t2i.argmax(dim=1) == labels).float().mean()
-    return {
-        "loss": (loss_i2t + loss_t2i) / 2,
-        "loss_i2t": loss_i2t,
-        "loss_t2i": loss_t2i,
-        "acc_i2t": acc_i2t,
-        "acc_t2i": acc_t2i,
-    }
+    return _symmetric_infonce(logits_i2t, logits_t2i, labels)
 
 
 # ----------------------------------------------------------------------------------------------
