@@ -1,6 +1,9 @@
 """One rank of the 2-process CLIP DDP check (run by tests/test_ddp_loss.py as a plain subprocess).
 
-usage: python tests/ddp_worker.py RANK WORLD PORT OUT_DIR
+usage: python tests/ddp_worker.py RANK WORLD OUT_DIR
+
+The ranks meet through a file store in OUT_DIR (not a TCP port, which two concurrent test runs could
+both pick).
 """
 
 import datetime
@@ -14,9 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_ddp_loss import GLOBAL_BATCH, make_batch, make_model  # noqa: E402
 
 
-def main(rank: int, world: int, port: int, out_dir: str) -> None:
+def main(rank: int, world: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=f"file://{os.path.abspath(out_dir)}/dist-store", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     torch.set_num_threads(1)
     model = make_model().train()
@@ -35,4 +38,4 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

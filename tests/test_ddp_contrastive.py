@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,19 +133,13 @@ def _run_cases(rank: int, world: int, cases: list[str]) -> dict:
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(target: str, out_dir: Path, world: int = 2, timeout: float = 120) -> list:
-    """Start tests/ddp_loss_worker.py once per rank (plain subprocesses, gloo over loopback); their results."""
-    port, worker = _free_port(), Path(__file__).with_name("ddp_loss_worker.py")
+    """Start tests/ddp_loss_worker.py once per rank (plain subprocesses, gloo over loopback, a file store); their results."""
+    worker = Path(__file__).with_name("ddp_loss_worker.py")  # ranks meet through a file store in out_dir
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), target, str(rank), str(world), str(port), str(out_dir)],
+            [sys.executable, str(worker), target, str(rank), str(world), str(out_dir)],
             env=env, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for rank in range(world)

@@ -1,7 +1,6 @@
 """CLIP under 2-process CPU DDP (gloo): loss and gradients equal one process holding the global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,18 +30,12 @@ def make_batch() -> dict:
     return {"image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), "text_ids": ids, "text_mask": mask}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_clip_ddp_loss_and_grads_equal_global_batch(tmp_path):
     # Two plain processes, one per rank (tests/ddp_worker.py), gloo over loopback; never hang the suite.
-    port, worker = _free_port(), Path(__file__).with_name("ddp_worker.py")
+    worker = Path(__file__).with_name("ddp_worker.py")  # ranks meet through a file store in tmp_path
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(port), str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
         for rank in range(2)
     ]
     try:
