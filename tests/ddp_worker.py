@@ -34,6 +34,8 @@ def main(rank: int, world: int, out_dir: str) -> None:
     if rank == 0:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"loss": global_loss, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+    del ddp
+    dist.barrier()  # leave together: a rank tearing down while the other is still in the group can hang
     dist.destroy_process_group()
 
 

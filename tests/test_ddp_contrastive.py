@@ -11,13 +11,11 @@ with three ranks, where sending a gradient the wrong way round would show.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ddp_procs import run_ranks
 import torch.nn.functional as F
 
 from lit_vlm.losses import filip_loss, focal_clip_loss, siglip_loss
@@ -135,22 +133,8 @@ def _run_cases(rank: int, world: int, cases: list[str]) -> dict:
 
 def run_workers(target: str, out_dir: Path, world: int = 2, timeout: float = 120) -> list:
     """Start tests/ddp_loss_worker.py once per rank (plain subprocesses, gloo over loopback, a file store); their results."""
-    worker = Path(__file__).with_name("ddp_loss_worker.py")  # ranks meet through a file store in out_dir
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), target, str(rank), str(world), str(out_dir)],
-            env=env, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for rank in range(world)
-    ]
-    try:
-        errors = [p.communicate(timeout=timeout)[1] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{world}-process gloo workers did not finish within {timeout} s")
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
+    worker = str(Path(__file__).with_name("ddp_loss_worker.py"))  # ranks meet through a file store in out_dir
+    run_ranks([[worker, target, str(rank), str(world), str(out_dir)] for rank in range(world)], timeout)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world)]
 
 
