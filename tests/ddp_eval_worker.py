@@ -205,6 +205,13 @@ def main(argv: list[str] | None = None) -> None:
             "metrics": {name: cb.metrics.get("test") for name, cb in callbacks.items()},
         }
         Path(args.out, "metrics.json").write_text(json.dumps(out, indent=2))
+    # Leave the process group together and explicitly: a rank whose gloo threads are still alive at
+    # interpreter exit can abort ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

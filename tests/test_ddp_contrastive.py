@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_procs import run_ranks
 import torch.nn.functional as F
+from ddp_procs import run_ranks
 
 from lit_vlm.losses import filip_loss, focal_clip_loss, siglip_loss
 

@@ -92,8 +92,8 @@ def test_caption_metrics_identical_on_one_and_two_processes(tmp_path):
     # one process takes the references from the batches; two processes from the DataModule's
     # eval_annotations() file: all three paths must agree. The runs overlap (most of their time is
     # process start-up and Java).
-    one = start_worker(tmp_path / "one", 1)
-    two = start_worker(tmp_path / "two", 2, "--captions-json", str(references))
+    one = start_worker(tmp_path / "one", 1, "--callbacks", "caption")
+    two = start_worker(tmp_path / "two", 2, "--callbacks", "caption", "--captions-json", str(references))
     try:
         direct = direct_caption_metrics(samples)  # meanwhile, in this process
     finally:
