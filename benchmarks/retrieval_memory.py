@@ -126,6 +126,25 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
+def _machine(threads: int) -> str:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        total = float("nan")
+    return (
+        f"{cpu}; {os.cpu_count()} logical CPUs; {total:.1f} GiB RAM; {platform.platform()}; "
+        f"python {platform.python_version()}; torch {torch.__version__}; torch threads {threads}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5000, help="Number of images I.")
@@ -162,18 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_info()
     except Exception:  # the benchmark must not depend on the callbacks importing
         machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        total = float("nan")
-    threads = torch.get_num_threads()
-    print(f"machine: {cpu}; {os.cpu_count()} logical CPUs; {total:.1f} GiB RAM; torch threads {threads}")
+    print(f"machine: {_machine(torch.get_num_threads())}")
     print("         " + json.dumps(machine))
     print(f"problem: {n_img} images x {n_cap} captions ({args.captions_per_image} per image), D = {args.dim}, float32")
     print(f"  embeddings themselves (input, not counted below): {emb:8.1f} MiB")

@@ -35,14 +35,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from retrieval_memory import _maxrss_kib, _reset_peak, _status_kib  # noqa: E402  (same measurement)
+from retrieval_memory import _machine, _maxrss_kib, _reset_peak, _status_kib  # noqa: E402  (same measurement)
 
 MIB = 2**20
 
@@ -103,25 +102,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _machine(threads: int) -> str:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        total = float("nan")
-    return (
-        f"{cpu}; {os.cpu_count()} logical CPUs; {total:.1f} GiB RAM; {platform.platform()}; "
-        f"python {platform.python_version()}; torch {torch.__version__}; torch threads per rank {threads}"
-    )
 
 
 def measure(args: argparse.Namespace, mode: str, chunk: int) -> dict:

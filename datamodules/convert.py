@@ -71,7 +71,7 @@ from typing import Any
 
 from PIL import Image
 
-from lit_vlm.io import write_json_atomic
+from lit_vlm.io import manifest_format, write_json_atomic
 
 __all__ = [
     "FORMAT",
@@ -315,12 +315,7 @@ def _inspect_image(source: bytes | Path, verify: bool) -> tuple[str, int, int, b
 
 def is_converted(root: str | os.PathLike) -> bool:
     """True if ``root/manifest.json`` exists and describes a converted dataset."""
-    try:
-        with open(Path(root) / MANIFEST, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return manifest_format(Path(root) / MANIFEST) == FORMAT
 
 
 def load_manifest(root: str | os.PathLike) -> dict[str, Any]:

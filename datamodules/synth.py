@@ -58,7 +58,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lit_vlm.io import write_json_atomic
+from lit_vlm.io import manifest_format, write_json_atomic
 
 __all__ = [
     "SHAPES",
@@ -1178,12 +1178,7 @@ def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
 
 def is_generated(out_dir: str | os.PathLike) -> bool:
     """True if ``out_dir/manifest.json`` exists and describes a complete lit-vlm-synth world."""
-    try:
-        with open(Path(out_dir) / _MANIFEST, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return manifest_format(Path(out_dir) / _MANIFEST) == FORMAT
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict:

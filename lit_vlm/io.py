@@ -32,3 +32,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2,
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def manifest_format(path: str | os.PathLike) -> str | None:
+    """The ``"format"`` of the JSON manifest at ``path``; ``None`` if it is missing, unreadable or has none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
