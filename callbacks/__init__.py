@@ -5,6 +5,7 @@ from lit_vlm.callbacks.captioning import CaptionEvaluation
 from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
 from lit_vlm.callbacks.results import Checkpoint, ResultsWriter
 from lit_vlm.callbacks.retrieval import RetrievalEvaluation
+from lit_vlm.callbacks.training import NonFiniteLoss, NonFiniteLossError, RandomState
 from lit_vlm.callbacks.vqa import VQAEvaluation
 from lit_vlm.callbacks.zeroshot import ZeroShotEvaluation
 
@@ -13,6 +14,9 @@ __all__ = [
     "Checkpoint",
     "DataStats",
     "EvalCallback",
+    "NonFiniteLoss",
+    "NonFiniteLossError",
+    "RandomState",
     "ResultsWriter",
     "RetrievalEvaluation",
     "SamplesPerSecond",

@@ -16,6 +16,29 @@ import torch
 
 from lit_vlm.distributed import all_gather_objects
 
+_MARKDOWN_SPECIAL = "\\`*_|[]<>#"
+
+
+def md_escape(text: Any) -> str:
+    """User text (captions, answers, class names) made inert in TensorBoard's Markdown view and in a
+    table cell: every Markdown or HTML-significant character is backslash-escaped and line breaks
+    become spaces, so a caption can neither inject markup nor break the table."""
+    text = str(text)
+    for ch in _MARKDOWN_SPECIAL:
+        text = text.replace(ch, "\\" + ch)
+    for ch in "\r\n\v\f\u2028\u2029":
+        text = text.replace(ch, " ")
+    return text
+
+
+def md_code(text: Any) -> str:
+    """``text`` as a Markdown code span (ids: shown verbatim, backslash escapes don't apply there)."""
+    text = str(text).replace("`", "'")
+    for ch in "\r\n\v\f\u2028\u2029":
+        text = text.replace(ch, " ")
+    return "`" + text + "`"
+
+
 log = logging.getLogger("lit_vlm.eval")
 
 _STAGES = ("val", "test")
@@ -61,6 +84,7 @@ class EvalCallback(pl.Callback):
 
     def _start(self, trainer, pl_module, stage):
         self._records = {}
+        self._repeated: list[str] = []
         self._enabled = self._active(trainer, stage) and self.setup_epoch(trainer, pl_module, stage)
 
     def _batch(self, trainer, pl_module, batch):
@@ -68,22 +92,30 @@ class EvalCallback(pl.Callback):
             return
         with torch.no_grad():
             for sample_id, record in self.collect(trainer, pl_module, batch).items():
-                self._records.setdefault(sample_id, record)
+                if sample_id in self._records:
+                    self._repeated.append(sample_id)
+                else:
+                    self._records[sample_id] = record
 
     def _end(self, trainer, pl_module, stage):
         if not getattr(self, "_enabled", False):
             return
         merged: dict[str, Any] = {}
-        duplicates = 0
-        for part in all_gather_objects(self._records):  # rank order
+        repeated: list[str] = []
+        for part, seen_twice in all_gather_objects((self._records, self._repeated)):  # rank order
+            repeated += seen_twice
             for sample_id, record in part.items():
                 if sample_id in merged:
-                    duplicates += 1
+                    repeated.append(sample_id)
                 else:
                     merged[sample_id] = record
-        if duplicates:
-            log.info("%s: dropped %d duplicate sample(s) gathered from several ranks", type(self).__name__, duplicates)
-        self._records = {}
+        if repeated:
+            names = ", ".join(repr(i) for i in sorted(set(map(str, repeated)))[:10])
+            log.warning(
+                "%s: %d sample(s) of the %s split came more than once and were counted once (the first): %s%s",
+                type(self).__name__, len(repeated), stage, names, " ..." if len(set(repeated)) > 10 else "",
+            )
+        self._records, self._repeated = {}, []
         if not merged:
             log.warning("%s: no samples to evaluate on the %s split", type(self).__name__, stage)
             return

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from lit_vlm.callbacks.base import EvalCallback, require_capability
+from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
 from lit_vlm.captioning import align_captions, caption_metrics, load_caption_references, require_java
 from lit_vlm.distributed import rank_and_world
@@ -150,7 +150,7 @@ class CaptionEvaluation(EvalCallback):
         rows = ["| image_id | generated | references |", "|---|---|---|"]
         for image_id, text, _ in records[: self.num_examples]:
             refs = self._used_refs.get(str(image_id), [])
-            rows.append(f"| {_cell(str(image_id))} | {_cell(text)} | {'<br>'.join(_cell(r) for r in refs)} |")
+            rows.append(f"| {md_escape(image_id)} | {md_escape(text)} | {'<br>'.join(md_escape(r) for r in refs)} |")
         writer.add_text(f"{stage}/{self.prefix}/examples", "\n".join(rows), step)
 
     def _write_predictions(self, trainer: pl.Trainer, stage: str) -> None:
@@ -172,11 +172,6 @@ class CaptionEvaluation(EvalCallback):
         super().on_test_epoch_end(trainer, pl_module)
         if getattr(self, "_enabled", False):
             self._write_predictions(trainer, "test")
-
-
-def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _on_rank_zero_for_all(fn: Callable[[], dict[str, float]]) -> dict[str, float]:

@@ -4,6 +4,7 @@ skip counts (corrupt samples that were dropped, by reason)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -61,10 +62,19 @@ class SamplesPerSecond(pl.Callback):
 class DataStats(pl.Callback):
     """Logs the data pipeline's skip counts per reason, summed over ranks and workers, as
     ``data/{split}/skipped_{reason}`` at the end of each train/val/test epoch; keeps the totals in
-    ``totals`` for the results JSON. Reads ``trainer.datamodule.skip_counts(split)``."""
+    ``totals`` (the latest epoch or pass of each split) and ``fit_totals`` (training: every epoch
+    of the fit, kept in checkpoints so a resumed run goes on counting) for the results JSONs.
+    Reads ``trainer.datamodule.skip_counts(split)``."""
 
     def __init__(self) -> None:
         self.totals: dict[str, dict[str, int]] = {}
+        self.fit_totals: dict[str, int] = {}  # training skips of the epochs completed so far
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fit_totals": dict(self.fit_totals)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fit_totals = {k: int(v) for k, v in state_dict.get("fit_totals", {}).items()}
 
     def _log(self, trainer, pl_module, split: str) -> None:
         dm = trainer.datamodule
@@ -80,6 +90,8 @@ class DataStats(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._log(trainer, pl_module, "train")
+        for reason, n in self.totals.get("train", {}).items():
+            self.fit_totals[reason] = self.fit_totals.get(reason, 0) + n
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self._log(trainer, pl_module, "val")

@@ -1,5 +1,6 @@
-"""Run bookkeeping: the checkpoint index that lets a later ``lit-vlm test --ckpt_path best`` find
-the best checkpoint, and the results JSON every test run writes (the leaderboard's only input)."""
+"""Run bookkeeping: checkpoints written atomically, the checkpoint index that lets a later
+``lit-vlm test --ckpt_path best`` (or ``fit --ckpt_path last``) find them, and the results JSON every
+test run writes (the leaderboard's only input)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 import lit_vlm
+from lit_vlm.io import atomic_output
 from lit_vlm.io import write_json_atomic as _write_json_atomic
 
 INDEX_FILE = "index.json"
@@ -29,9 +34,48 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     _write_json_atomic(path, data, indent=2, default=str)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint IO, made crash-safe for local paths: the checkpoint is
+    written to a temporary file in the same directory, flushed to disk and renamed over the target
+    (:func:`lit_vlm.io.atomic_output`). Lightning's own save stages the bytes in the system temp
+    directory and moves them, which is a plain copy (and can leave a torn ``last.ckpt``) when that
+    directory is on another filesystem. Remote paths (``s3://`` ...) keep Lightning's behaviour."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        if type(get_filesystem(path)).__name__ != "LocalFileSystem":
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_output(str(path).removeprefix("file://"), "wb") as fh:
+            torch.save(checkpoint, fh)
+
+
+def use_atomic_checkpoint_io(strategy: Any) -> None:
+    """Give ``strategy`` :class:`AtomicCheckpointIO` if it would use Lightning's default IO
+    (a custom checkpoint IO is left alone)."""
+    io = strategy.checkpoint_io
+    if type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+    elif isinstance(io, _WrappingCheckpointIO) and type(io.checkpoint_io) is TorchCheckpointIO:
+        io.checkpoint_io = AtomicCheckpointIO()
+
+
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint that also keeps ``checkpoints/index.json`` ({"best", "last",
-    "monitor", "best_score"}) up to date, so ``--ckpt_path best|last`` resolves in a later process."""
+    """Lightning's ModelCheckpoint that writes checkpoints atomically (:class:`AtomicCheckpointIO`:
+    a crash while saving never leaves a torn ``last.ckpt``) and keeps ``checkpoints/index.json``
+    ({"best", "last", "monitor", "best_score"}) up to date after every save, so ``--ckpt_path
+    best|last`` resolves in a later process (``lit-vlm fit --ckpt_path last`` resumes a killed run).
+
+    ``every_n_train_steps`` saves ``last`` (and the top-k by ``monitor``, when it is logged by then)
+    every N optimiser steps: the way to checkpoint resampled or very long epochs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._indexed: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        use_atomic_checkpoint_io(trainer.strategy)
 
     def _write_index(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not self.dirpath:
@@ -41,15 +85,15 @@ class Checkpoint(ModelCheckpoint):
         if not best and not last:
             return
         score = self.best_model_score
-        write_json_atomic(
-            Path(self.dirpath) / INDEX_FILE,
-            {
-                "best": best,
-                "last": last,
-                "monitor": self.monitor,
-                "best_score": None if score is None else float(score),
-            },
-        )
+        index = {"best": best, "last": last, "monitor": self.monitor, "best_score": None if score is None else float(score)}
+        if index == self._indexed:
+            return
+        write_json_atomic(Path(self.dirpath) / INDEX_FILE, index)
+        self._indexed = index
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._write_index(trainer)
 
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
@@ -107,7 +151,10 @@ def machine_info() -> dict[str, Any]:
 
 class ResultsWriter(pl.Callback):
     """Writes ``results.json`` into the run directory at the end of every ``test``: family, config,
-    checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit.
+    checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit. At the end
+    of every ``fit`` it writes (or, for a resumed run, rewrites) ``fit.json``: steps, epochs, the
+    training skip counts per reason over the whole fit, skipped non-finite steps, checkpoints,
+    machine, date and commit.
 
     Args:
         dirpath: Directory for the file; default: the run's log directory.
@@ -118,6 +165,36 @@ class ResultsWriter(pl.Callback):
         self.dirpath = dirpath
         self.filename = filename
         self.last_path: Path | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = trainer.log_dir  # a collective under DDP: read it on every rank
+        if not trainer.is_global_zero:
+            return
+        log_dir = Path(self.dirpath or run_dir or trainer.default_root_dir)
+        stats = next((c for c in trainer.callbacks if hasattr(c, "fit_totals")), None)
+        guard = next((c for c in trainer.callbacks if hasattr(c, "skipped") and hasattr(c, "max_consecutive")), None)
+        checkpoint = trainer.checkpoint_callback
+        train_skips = dict(stats.fit_totals) if stats is not None else None
+        summary = {
+            "family": type(pl_module).__name__,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "resumed_from": trainer.ckpt_path,
+            "data": {
+                "train": None if train_skips is None else {"skipped": sum(train_skips.values()), "skipped_by_reason": train_skips},
+                "val": None if stats is None else stats.totals.get("val"),
+            },
+            "nonfinite_steps_skipped": None if guard is None else guard.skipped,
+            "checkpoints": None if checkpoint is None else {
+                "best": checkpoint.best_model_path or None, "last": getattr(checkpoint, "last_model_path", None) or None,
+            },
+            "world_size": trainer.world_size,
+            "machine": machine_info(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **git_commit(),
+        }
+        write_json_atomic(log_dir / "fit.json", summary)
+        rank_zero_info(f"Fit summary: {log_dir / 'fit.json'}")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_dir = trainer.log_dir  # a collective under DDP: read it on every rank

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, require_capability
+from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, md_code, md_escape, require_capability
 from lit_vlm.metrics import (
     retrieval_metrics,
     retrieval_metrics_from_ranks,
@@ -139,18 +139,6 @@ def ranked(
     by_truth = torch.sort(correct.to(torch.uint8), stable=True).indices  # [N] wrong first
     by_score = torch.sort(scores[by_truth], descending=True, stable=True).indices  # [N]
     return by_truth[by_score]  # [N]
-
-
-def md_code(text: str) -> str:
-    """``text`` as a Markdown code span (ids: shown verbatim, backslash escapes don't apply there)."""
-    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
-
-
-def md_escape(text: str) -> str:
-    """Escape the Markdown characters that would garble a caption in TensorBoard's text view."""
-    for ch in "\\`*_|[]<>#":
-        text = text.replace(ch, "\\" + ch)
-    return text.replace("\n", " ")
 
 
 # --------------------------------------------------------------------------------------------

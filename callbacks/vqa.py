@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lit_vlm.callbacks.base import EvalCallback, require_capability
+from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
 from lit_vlm.vqa import check_questions, load_annotations, load_questions, question_accuracy, vqa_accuracy
 
@@ -32,11 +32,6 @@ def metric_name(name: str) -> str:
     if not sep:
         return name
     return f"{kind}/{_UNSAFE.sub('_', value).strip('_') or '_'}"
-
-
-def _cell(text: Any) -> str:
-    """Text made safe for one markdown table cell."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 class VQAEvaluation(EvalCallback):
@@ -245,7 +240,7 @@ class VQAEvaluation(EvalCallback):
             acc = question_accuracy(answer, answers, self.always_normalize)
             texts = [a["answer"] if isinstance(a, dict) else a for a in answers]
             lines.append(
-                f"| {qid} | {_cell(question)} | {_cell(answer)} | {100 * acc:.1f}% | {_cell(', '.join(texts))} |"
+                f"| {qid} | {md_escape(question)} | {md_escape(answer)} | {100 * acc:.1f}% | {md_escape(', '.join(texts))} |"
             )
         writer.add_text(f"{stage}/{self.prefix}/examples", "\n".join(lines), global_step=step)
 

@@ -50,15 +50,18 @@ be computed.  Images with questions need no caption in evaluation (VQA shards ha
 prediction accepts images without any caption: such images own no ``caption_ids`` row, their
 ``captions`` entry is ``[]`` and their ``text_ids`` row is just ``[bos, eos]``.  A malformed
 ``"questions"`` (not a list, an entry without an integer ``question_id`` or a string
-``question``) or ``"image_id"`` (neither an integer nor a string) makes the sample bad
-(``bad_json``).
+``question``) or ``"image_id"`` (neither an integer nor a string), a ``"captions"`` that is not a
+list of strings, a ``"caption"`` that is not a string or a ``"label"`` that is not an integer
+makes the sample bad (``bad_json``).
 
 :meth:`ImageTextDataModule.eval_annotations` names the evaluation annotation files (COCO
 captions, VQAv2 questions/annotations) that describe the val/test shards, when known.
 
-``data_stats`` is ``{"split", "worker", "epoch", "samples", "skipped"}``: the global worker
-index, how many samples that worker yielded so far in this epoch/pass and how many it skipped
-per reason (see :data:`lit_vlm.datamodules.stream.SKIP_REASONS`).  The DataModule keeps the
+``data_stats`` is ``{"split", "worker", "epoch", "samples", "skipped", "raw", "batches"}``: the
+global worker index, how many samples that worker yielded so far in this epoch/pass, how many it
+skipped per reason (see :data:`lit_vlm.datamodules.stream.SKIP_REASONS`), and its stream position
+(raw samples drawn, batches yielded; training batches also carry the augmentation generator's
+state, which the loader keeps for resuming and removes).  The DataModule keeps the
 latest per (split, worker): :meth:`ImageTextDataModule.skip_counts` sums them.
 """
 
@@ -120,7 +123,7 @@ class ImageTextDecoder:
     Cheap checks come first so that bad samples cost little: JSON parsing (``bad_json``), image
     member lookup or the JSON ``image_path`` file's existence (``missing_image``), in evaluation
     the ``image_id`` and ``questions`` fields (``bad_json``), captions (``missing_caption``,
-    ``empty_caption``, and ``bad_json`` for a ``.txt`` that is not UTF-8), and finally the image
+    ``empty_caption``, and ``bad_text`` for a ``.txt`` that is not UTF-8), and finally the image
     itself (``image_decode`` -- also for an ``image_path`` file that cannot be read --,
     ``image_too_large``).  Each failure raises :class:`BadSample`.
 
@@ -240,8 +243,13 @@ class ImageTextDecoder:
     def _captions(self, raw: dict[str, Any], meta: dict[str, Any], required: bool) -> list[str]:
         """All usable captions: JSON ``captions``, else the ``.txt`` member, else JSON ``caption``."""
         listed = meta.get("captions")
-        if isinstance(listed, list) and listed:
-            captions = [c.strip() for c in listed if isinstance(c, str) and c.strip()]
+        if listed is not None and not isinstance(listed, list):
+            raise BadSample("bad_json", f"json 'captions' is a {type(listed).__name__}, not a list of strings")
+        if listed:
+            wrong = next((c for c in listed if not isinstance(c, str)), None)
+            if wrong is not None:
+                raise BadSample("bad_json", f"json 'captions' holds a {type(wrong).__name__}, not only strings")
+            captions = [c.strip() for c in listed if c.strip()]
             if not captions:
                 raise BadSample("empty_caption", "every entry of json 'captions' is empty")
             return captions
@@ -249,11 +257,13 @@ class ImageTextDecoder:
             try:
                 text = raw["txt"].decode("utf-8").strip()
             except UnicodeDecodeError as exc:
-                raise BadSample("bad_json", f"txt member is not valid UTF-8: {exc}") from exc
+                raise BadSample("bad_text", f"txt member is not valid UTF-8: {exc}") from exc
             if not text:
                 raise BadSample("empty_caption", "txt member is empty")
             return [text]
         single = meta.get("caption")
+        if single is not None and not isinstance(single, str):
+            raise BadSample("bad_json", f"json 'caption' is a {type(single).__name__}, not a string")
         if isinstance(single, str):
             if not single.strip():
                 raise BadSample("empty_caption", "json 'caption' is empty")
@@ -274,7 +284,10 @@ class ImageTextDecoder:
         image_bytes = self._read_image_file(source) if isinstance(source, Path) else source
         image = self.transform(decode_image(image_bytes, self.max_pixels, self.draft_size), generator)
         label = meta.get("label")
-        label = label if isinstance(label, int) and not isinstance(label, bool) else -1
+        if label is None:
+            label = -1
+        elif isinstance(label, bool) or not isinstance(label, int):
+            raise BadSample("bad_json", f"json 'label' is {label!r}, not an integer class index")
         if self.train:
             if self.caption_sampling == "random" and len(captions) > 1:
                 caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
@@ -835,7 +848,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: StreamDataset, epoch_fn: Any = None) -> StreamLoader:
-        return StreamLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory, epoch_fn=epoch_fn)
+        return StreamLoader(
+            dataset, num_workers=self.num_workers, pin_memory=self.pin_memory, epoch_fn=epoch_fn, stats_fn=self.record_stats
+        )
 
     def train_dataloader(self) -> StreamLoader:
         """Endless shuffled stream cut into equal epochs on every rank."""

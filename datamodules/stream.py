@@ -33,10 +33,23 @@ all, this worker's global index is ``g = rank * num_workers + worker_id``.
 
 Robustness.  Bad input never kills a worker: unreadable/truncated shards are handled by a
 webdataset handler (counted as ``tar_error``; the sample being assembled when the error struck is
-dropped and reading continues with the next shard) and the decode callable raises
-:class:`~lit_vlm.datamodules.transforms.BadSample` for bad samples.  Skips are counted per reason;
+dropped and reading continues with the next shard), a sample whose key already occurred in its
+shard is dropped (``duplicate_key``; a member name repeated inside a sample starts such a
+repeat), and the decode callable raises :class:`~lit_vlm.datamodules.transforms.BadSample` for
+bad samples.  Skips are counted per reason;
 the first few per worker are logged (logger ``lit_vlm.data``) with shard URL and key.  Every
 batch carries ``batch["data_stats"]`` with the worker's cumulative counts for the epoch.
+
+Resuming mid-epoch.  Every random choice of a training stream derives from (seed, epoch, global
+worker), so a worker's position is fully described by the number of raw samples it has drawn
+from its (mixed, shuffled) raw stream, the number of batches it has yielded, its augmentation
+generator's state and its counts.  Each training batch carries that position; :class:`StreamLoader`
+keeps the latest one per worker and is *stateful* in Lightning's sense (``state_dict`` /
+``load_state_dict``, saved in every checkpoint and gathered from all ranks under DDP).  On resume
+each worker replays its raw stream up to its position *without decoding* (tar reading and the
+shuffle buffer only), restores its generator and counts, and yields exactly the batches the
+interrupted run had not yet delivered.  Resuming needs the same ``world_size``, ``num_workers``,
+batch size and seed; otherwise the epoch restarts from its beginning, with a warning.
 """
 
 from __future__ import annotations
@@ -57,9 +70,10 @@ import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 from lit_vlm.datamodules.transforms import BadSample
+from lit_vlm.distributed import all_gather_objects
 
 __all__ = [
     "SKIP_REASONS",
@@ -84,11 +98,17 @@ SKIP_REASONS: tuple[str, ...] = (
     "missing_image",
     "missing_caption",
     "empty_caption",
+    "bad_text",
     "bad_json",
+    "duplicate_key",
 )
 """Reasons for skipping a sample, in the order they are reported."""
 
 Batch = dict[str, Any]
+
+STATS_ONLY = "__stats_only__"
+"""Key of the item an evaluation worker that produced no batch yields to report its skip counts;
+:class:`StreamLoader` hands it to its ``stats_fn`` and never yields it."""
 DecodeFn = Callable[[dict[str, Any], torch.Generator], dict[str, Any]]
 CollateFn = Callable[[list[dict[str, Any]]], Batch]
 
@@ -252,7 +272,7 @@ class StreamState:
 
 @dataclass
 class _WorkerStats:
-    """Per-worker, per-epoch counters; logs the first few skips."""
+    """Per-worker, per-epoch counters and stream position; logs the first few skips."""
 
     split: str
     worker: int
@@ -261,6 +281,8 @@ class _WorkerStats:
     samples: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     logged: int = 0
+    raw: int = 0  # raw samples drawn from the (mixed, shuffled) stream, decoded or skipped
+    batches: int = 0  # batches yielded
 
     def skip(self, reason: str, url: str, key: str | None, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -279,7 +301,34 @@ class _WorkerStats:
             "epoch": self.epoch,
             "samples": self.samples,
             "skipped": dict(self.skipped),
+            "raw": self.raw,
+            "batches": self.batches,
         }
+
+
+def _group_members(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset's ``group_by_keys`` (consecutive members with one key prefix make a sample;
+    extensions lower-cased), except that a member name that repeats inside a sample starts a new
+    sample with the same key instead of raising (which ended the whole shard): the reader then
+    counts the repeat as a ``duplicate_key`` skip."""
+    current: dict[str, Any] | None = None
+    for member in files:
+        if "fname" not in member:  # an empty marker: the sample in progress is complete
+            if current is not None:
+                yield current
+            current = None
+            continue
+        prefix, suffix = base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"] or suffix in current:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": member["__url__"]}
+        current[suffix] = member["data"]
+    if current is not None:
+        yield current
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +405,9 @@ class StreamDataset(IterableDataset):
         self.resampled = resampled
         self.max_logged_skips = max_logged_skips
         self.state = StreamState()
+        #: Training: ``{"epoch": e, "workers": {g: position}}`` set by :class:`StreamLoader` to
+        #: resume mid-epoch; a worker whose ``g`` is listed starts from that position in epoch e.
+        self.resume_from: dict[str, Any] | None = None
         known = [s.num_samples for s in self.sources]
         self.num_samples: int | None = None if any(n is None for n in known) else sum(n or 0 for n in known)
         if train:
@@ -486,10 +538,17 @@ class StreamDataset(IterableDataset):
 
         source: dict[str, Any] = {"url": url}
         files = tar_file_expander(url_opener([source], handler=handler), handler=handler, rename_files=note_member)
+        seen: set[str] = set()
         try:
-            for sample in group_by_keys(files, handler=handler):
+            for sample in _group_members(files):
                 if errors and sample.get("__key__") == failed_key[0]:
                     break  # incomplete: lost with the rest of the shard
+                key = sample["__key__"]
+                if key in seen:
+                    if count_errors:
+                        stats.skip("duplicate_key", url, key, "a sample with this key came earlier in the shard")
+                    continue
+                seen.add(key)
                 yield sample
         finally:
             stream = source.get("stream")
@@ -605,32 +664,86 @@ class StreamDataset(IterableDataset):
             if self.shuffle_buffer > 1:
                 rng = random.Random(derive_seed(self.seed, epoch, g, "shuffle"))
                 raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+            raw = self._counted(raw, stats)
+            resume = self.resume_from
+            if resume is not None and int(resume.get("epoch", -1)) == epoch and g in resume.get("workers", {}):
+                self._fast_forward(raw, resume["workers"][g], generator, stats)
             limit: int | None = self.batches_per_worker
         else:
             raw = self._eval_raw(g, stats)
             limit = None
-        yield from self._batches(self._decoded(raw, generator, stats), stats, limit)
+        yield from self._batches(self._decoded(raw, generator, stats), stats, limit, generator)
 
-    def _batches(self, samples: Iterator[dict[str, Any]], stats: _WorkerStats, limit: int | None) -> Iterator[Batch]:
-        produced = 0
+    @staticmethod
+    def _counted(raw: Iterator[dict[str, Any]], stats: _WorkerStats) -> Iterator[dict[str, Any]]:
+        for sample in raw:
+            stats.raw += 1
+            yield sample
+
+    def _fast_forward(
+        self, raw: Iterator[dict[str, Any]], position: dict[str, Any], generator: torch.Generator, stats: _WorkerStats
+    ) -> None:
+        """Skip the raw samples a previous run already drew (reading, not decoding them), then
+        restore that run's generator and counts."""
+        target = int(position["raw"])
+        logged, stats.logged = stats.logged, stats.max_logged  # skips seen again are not news
+        for _ in range(target):
+            if next(raw, None) is None:  # pragma: no cover - training streams are endless
+                break
+        stats.logged = logged
+        if stats.raw != target:  # pragma: no cover
+            raise RuntimeError(f"{self.split} worker {stats.worker}: could only replay {stats.raw} of {target} samples")
+        state = position["generator"]
+        generator.set_state(state if isinstance(state, torch.Tensor) else torch.tensor(list(state), dtype=torch.uint8))
+        stats.samples = int(position["samples"])
+        stats.skipped = {**dict.fromkeys(SKIP_REASONS, 0), **{k: int(v) for k, v in position["skipped"].items()}}
+        stats.batches = int(position["batches"])
+        logger.info(
+            "%s worker %d: resumed epoch %d after %d batches (%d raw samples replayed without decoding)",
+            self.split, stats.worker, stats.epoch, stats.batches, target,
+        )
+
+    def _batches(
+        self, samples: Iterator[dict[str, Any]], stats: _WorkerStats, limit: int | None, generator: torch.Generator
+    ) -> Iterator[Batch]:
         pending: list[dict[str, Any]] = []
-        if limit == 0:
+        if limit is not None and stats.batches >= limit:
             return
+        if self.train:
+            for sample in samples:
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield self._finish(pending, stats, generator)
+                    pending = []
+                    if limit is not None and stats.batches >= limit:
+                        return
+            return
+        # Evaluation holds each batch back until the next one is ready, so that the last batch can
+        # carry the counts of the whole pass (skips after it, e.g. a broken last shard, included).
+        held: Batch | None = None
         for sample in samples:
             pending.append(sample)
             if len(pending) == self.batch_size:
-                yield self._finish(pending, stats)
-                pending = []
-                produced += 1
-                if limit is not None and produced >= limit:
-                    return
-        if pending and not self.train:  # evaluation keeps the partial last batch
-            yield self._finish(pending, stats)
+                if held is not None:
+                    yield held
+                held, pending = self._finish(pending, stats, generator), []
+        if pending:  # evaluation keeps the partial last batch
+            if held is not None:
+                yield held
+            held = self._finish(pending, stats, generator)
+        if held is not None:
+            held["data_stats"] = stats.snapshot()
+            yield held
+        elif any(stats.skipped.values()):  # no sample at all: the counts travel alone
+            yield {STATS_ONLY: True, "data_stats": stats.snapshot()}
 
-    def _finish(self, samples: list[dict[str, Any]], stats: _WorkerStats) -> Batch:
+    def _finish(self, samples: list[dict[str, Any]], stats: _WorkerStats, generator: torch.Generator) -> Batch:
         stats.samples += len(samples)
+        stats.batches += 1
         batch = self.collate(samples)
         batch["data_stats"] = stats.snapshot()
+        if self.train:  # the position StreamLoader keeps for resuming (bytes: cheap to pass between processes)
+            batch["data_stats"]["generator"] = generator.get_state().numpy().tobytes()
         return batch
 
     def __repr__(self) -> str:
@@ -648,6 +761,11 @@ class StreamLoader(DataLoader):
     Each ``iter()`` first calls ``dataset.set_epoch(epoch_fn())`` when ``epoch_fn`` is given, so
     the (non-persistent) worker processes receive a dataset copy that knows the epoch.
 
+    For a training stream the loader is resumable: it records the position each worker had
+    reached when it delivered its latest batch, :meth:`state_dict` returns them (gathered from
+    every rank under ``torch.distributed``) and :meth:`load_state_dict` makes the next ``iter()``
+    continue from there (see the module docstring). Lightning calls both through its checkpoints.
+
     Args:
         dataset: The stream.
         batch_size: Must stay ``None``: batching happens inside the dataset (the argument
@@ -655,6 +773,8 @@ class StreamLoader(DataLoader):
         num_workers: Worker processes; must equal ``dataset.num_workers``.
         pin_memory: Pin batches in page-locked memory (for faster GPU copies).
         epoch_fn: Returns the current epoch (e.g. ``lambda: trainer.current_epoch``).
+        stats_fn: Called with the ``data_stats`` of an evaluation worker that yielded no batch
+            (all its samples were bad), so that its skip counts are not lost.
         **kwargs: Other :class:`~torch.utils.data.DataLoader` options (``timeout``,
             ``prefetch_factor``, ``multiprocessing_context``, ...).
     """
@@ -666,6 +786,7 @@ class StreamLoader(DataLoader):
         num_workers: int = 0,
         pin_memory: bool = False,
         epoch_fn: Callable[[], int] | None = None,
+        stats_fn: Callable[[dict[str, Any]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         if batch_size is not None:
@@ -674,10 +795,88 @@ class StreamLoader(DataLoader):
             raise ValueError(
                 f"dataset was built for num_workers={dataset.num_workers} but the loader uses {num_workers}"
             )
+        # The loader draws a base seed for its workers at every iter(): from its own generator, not
+        # the global one, so starting an epoch (or resuming one) leaves the model's random stream
+        # (patch dropout, dropout) untouched. The stream's own randomness derives from its seed.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
         self.epoch_fn = epoch_fn
+        self.stats_fn = stats_fn
+        self._positions: dict[int, dict[str, Any]] = {}  # global worker -> latest position
+        self._positions_epoch: int | None = None
+        self._pending: dict[str, Any] | None = None
 
-    def __iter__(self) -> Any:
+    def _resumable(self) -> bool:
+        return isinstance(self.dataset, StreamDataset) and self.dataset.train
+
+    def __iter__(self) -> Iterator[Batch]:
+        """A lazy iterator: the epoch, the resume position and the worker processes are taken at
+        its first ``next()``, not here. Lightning creates the training iterator early (while it
+        counts the steps of the fit, before a checkpoint's state is restored); starting then would
+        read the wrong epoch and miss the saved position."""
+        return self._tracked()
+
+    def _start(self) -> Iterator[Batch]:
         if self.epoch_fn is not None and hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(self.epoch_fn()))
+        if self._resumable():
+            dataset: StreamDataset = self.dataset  # type: ignore[assignment]
+            resume, self._pending = self._pending, None
+            if resume is not None and int(resume["epoch"]) != dataset.epoch:
+                resume = None  # saved at the end of an epoch: the next one starts afresh
+            dataset.resume_from = resume
+            self._positions_epoch = dataset.epoch
+            self._positions = dict(resume["workers"]) if resume is not None else {}
         return super().__iter__()
+
+    def _tracked(self) -> Iterator[Batch]:
+        for batch in self._start():
+            if isinstance(batch, dict) and batch.get(STATS_ONLY):
+                if self.stats_fn is not None:
+                    self.stats_fn(batch["data_stats"])
+                continue
+            stats = batch.get("data_stats") if isinstance(batch, dict) else None
+            if isinstance(stats, dict) and "generator" in stats:
+                position = {k: stats[k] for k in ("raw", "batches", "samples", "skipped")}
+                position["generator"] = torch.frombuffer(bytearray(stats.pop("generator")), dtype=torch.uint8)
+                self._positions[int(stats["worker"])] = position
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training: where every worker of every rank stands in the current epoch (``{}`` for
+        evaluation loaders). Under ``torch.distributed`` every rank must call it (it gathers)."""
+        if not self._resumable():
+            return {}
+        dataset: StreamDataset = self.dataset  # type: ignore[assignment]
+        workers = dict(self._positions)
+        if dataset.world_size > 1:
+            workers = {g: p for part in all_gather_objects(workers) for g, p in part.items()}
+        return {
+            "epoch": self._positions_epoch if self._positions_epoch is not None else dataset.epoch,
+            "workers": workers,
+            "geometry": self._geometry(),
+        }
+
+    def _geometry(self) -> dict[str, Any]:
+        dataset: StreamDataset = self.dataset  # type: ignore[assignment]
+        return {
+            "world_size": dataset.world_size,
+            "num_workers": dataset.num_workers,
+            "batch_size": dataset.batch_size,
+            "seed": dataset.seed,
+            "batches_per_worker": dataset.batches_per_worker,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` at the next ``iter()`` (if it is the same epoch)."""
+        if not self._resumable() or not state_dict:
+            return
+        saved, now = state_dict.get("geometry", {}), self._geometry()
+        if saved != now:
+            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+            logger.warning(
+                "%s: cannot resume mid-epoch because the stream changed (%s); epoch %s restarts from its beginning",
+                self.dataset.split, changed, state_dict.get("epoch"),  # type: ignore[attr-defined]
+            )
+            return
+        self._pending = {"epoch": int(state_dict["epoch"]), "workers": dict(state_dict.get("workers", {}))}

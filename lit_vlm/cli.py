@@ -1,13 +1,18 @@
 """The ``lit-vlm`` command: LightningCLI (fit / validate / test / predict) plus ``lit-vlm data ...``.
 
 Defaults a researcher expects are built in (TensorBoard under ``runs/``, the resolved config saved
-beside each run, samples/s on the progress bar, ``last`` and ``best`` checkpoints, learning-rate
-monitoring, gradient clipping, seed 0); every one can be overridden from YAML or the command line.
+beside each run, samples/s on the progress bar, ``last`` and ``best`` checkpoints written
+atomically, learning-rate monitoring, gradient clipping, seed 0, the random state in checkpoints and
+a guard against non-finite losses); every one can be overridden from YAML or the command line.
+``fit --ckpt_path last`` resumes the newest run in its own directory, mid-epoch included.
 
 Values that must agree between data and model are given once: any ``image_size``,
 ``vocab_size``, ``context_length`` or ``pad_id`` argument left unset anywhere in the model's config
 (the family's own arguments or its towers') is filled from the DataModule's attribute of that
 name; a value set in both places that disagrees is an error naming both.
+
+Under ``model accum_freq > 1`` (exact contrastive accumulation, manual optimisation) the trainer's
+gradient clipping is handed to the model's ``accum_clip_val``, which clips once per accumulated step.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from lit_vlm.callbacks.results import INDEX_FILE, Checkpoint
+from lit_vlm.callbacks.training import NonFiniteLossError
 
 LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id")
 
@@ -68,9 +75,17 @@ class LitVLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         apply_soft_links(cfg)
-        if self.subcommand in ("validate", "test", "predict") and cfg.get("ckpt_path") in ("best", "last"):
+        move_gradient_clipping(cfg)
+        if self.subcommand in ("fit", "validate", "test", "predict") and cfg.get("ckpt_path") in ("best", "last"):
             cfg.ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.trainer.logger)
             print(f"Using checkpoint: {cfg.ckpt_path}", file=sys.stderr)
+            if self.subcommand == "fit":
+                run_dir = continue_run(cfg.trainer, cfg.ckpt_path)
+                if run_dir is not None:  # keep the run's config.yaml; record this resume's beside it
+                    n = 1
+                    while (run_dir / f"config.resume-{n}.yaml").exists():
+                        n += 1
+                    self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{n}.yaml"}
 
 
 def _default_callbacks() -> list:
@@ -78,8 +93,12 @@ def _default_callbacks() -> list:
 
     from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
     from lit_vlm.callbacks.results import ResultsWriter
+    from lit_vlm.callbacks.training import NonFiniteLoss, RandomState
 
-    return [LearningRateMonitor(logging_interval="step"), SamplesPerSecond(), DataStats(), ResultsWriter()]
+    return [
+        LearningRateMonitor(logging_interval="step"), SamplesPerSecond(), DataStats(), ResultsWriter(),
+        RandomState(), NonFiniteLoss(),
+    ]
 
 
 # ---- soft links ---------------------------------------------------------------------------------
@@ -116,6 +135,36 @@ def _fill(node: Any, values: dict[str, Any], path: str) -> None:
             _fill(child, values, f"{path}.init_args.{key}")
 
 
+def move_gradient_clipping(cfg: Namespace) -> None:
+    """Under ``model accum_freq > 1`` (manual optimisation) Lightning cannot clip gradients: hand
+    ``trainer.gradient_clip_val`` and its algorithm to the model's ``accum_clip_val`` /
+    ``accum_clip_algorithm``, which clip once per accumulated step. A value the model already has
+    is kept (the trainer's, often the CLI default, is then dropped)."""
+    model, trainer = cfg.get("model"), cfg.get("trainer")
+    if not isinstance(model, Namespace) or not isinstance(trainer, Namespace):
+        return
+    init_args = model.get("init_args")
+    if not isinstance(init_args, Namespace) or "accum_freq" not in init_args:
+        return
+    accum = init_args.accum_freq
+    if not isinstance(accum, int) or accum <= 1 or not trainer.get("gradient_clip_val"):
+        return
+    if "accum_clip_val" not in init_args:
+        raise ValueError(
+            f"model accum_freq={accum} runs manual optimisation, where trainer.gradient_clip_val cannot act, "
+            f"and {model.class_path} has no accum_clip_val to take it: set trainer.gradient_clip_val null"
+        )
+    if init_args.get("accum_clip_val") is None:
+        init_args.accum_clip_val = trainer.gradient_clip_val
+        init_args.accum_clip_algorithm = trainer.get("gradient_clip_algorithm") or "norm"
+        print(
+            f"model accum_freq={accum}: gradient clipping ({init_args.accum_clip_algorithm} "
+            f"{init_args.accum_clip_val}) is applied by the model once per accumulated step (model.accum_clip_val)",
+            file=sys.stderr,
+        )
+    trainer.gradient_clip_val = None
+
+
 def apply_soft_links(cfg: Namespace) -> None:
     """Fill the model config's unset linked keys from the DataModule (see the module docstring)."""
     if cfg.get("model") is None or cfg.get("data") is None:
@@ -134,6 +183,22 @@ def _logger_location(logger_cfg: Any) -> tuple[str, str]:
         return _logger_location(logger_cfg[0])
     get = init.get if hasattr(init, "get") else (lambda k, d=None: d)
     return str(get("save_dir", "runs") or "runs"), str(get("name", "lit-vlm") or "lit-vlm")
+
+
+def continue_run(trainer_cfg: Namespace, ckpt_path: str) -> Path | None:
+    """``fit --ckpt_path last|best`` resumes a run: keep logging (and checkpointing) in that run's
+    own ``version_N`` directory instead of starting a new one, so its curves continue. Returns that
+    directory (None when the logger config has no ``version`` to set)."""
+    logger_cfg = trainer_cfg.get("logger")
+    if isinstance(logger_cfg, list) and len(logger_cfg) == 1:
+        logger_cfg = logger_cfg[0]
+    init = logger_cfg.get("init_args") if isinstance(logger_cfg, Namespace) else None
+    if not isinstance(init, Namespace) or "version" not in init or init.get("version") is not None:
+        return None
+    version_dir = Path(ckpt_path).resolve().parent.parent
+    init.version = version_dir.name
+    print(f"Resuming in {version_dir}", file=sys.stderr)
+    return version_dir
 
 
 def resolve_checkpoint(which: str, logger_cfg: Any) -> str:
@@ -196,15 +261,39 @@ def tool_main(group: str, argv: list[str]) -> int:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
 
 
+def configure_logging() -> None:
+    """Show lit-vlm's INFO messages (data skips per reason, resumed positions, ...) on stderr, as
+    Lightning does for its own logger; a handler the user installed is left alone."""
+    import logging
+
+    logger = logging.getLogger("lit_vlm")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     explicit = argv is not None
     argv = list(argv if explicit else sys.argv[1:])
     if argv and argv[0] in TOOL_GROUPS:
         return tool_main(argv[0], argv[1:])
     try:
         LitVLMCLI(args=argv if explicit else None)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as err:
         return _user_error(err)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met arbitrary objects
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return _user_error(
+            ValueError(
+                "refused to load a checkpoint that holds arbitrary Python objects (lit-vlm and Lightning load "
+                f"checkpoints with torch.load(weights_only=True), which runs no pickled code): {first}. Convert a "
+                "checkpoint you trust to plain tensors (a state dict or safetensors) and pass that instead"
+            )
+        )
     return 0
 
 

@@ -154,3 +154,38 @@ def test_ckpt_best_without_a_fit_is_a_clear_error(tmp_path):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no 'best' checkpoint found" in proc.stderr
+
+
+MISTAKES = {
+    "unknown model class": (["--model", "lit_vlm.models.NoSuchFamily"], "NoSuchFamily"),
+    "unknown data class": (["--data", "lit_vlm.datamodules.Nope"], "lit_vlm.datamodules.Nope"),
+    "missing data path": (["--data.init_args.root", "null", "--data.init_args.train_shards", "/no/such/dir/s-{0..3}.tar"],
+                          "train_shards='/no/such/dir/s-{0..3}.tar': shard pattern '/no/such/dir/s-{0..3}.tar' matches no file"),
+    "image size the backbone cannot patchify": (["--data.init_args.image_size", "30"], "image_size"),
+    "inconsistent values": (["--model.init_args.vision.init_args.image_size", "48"],
+                            "image_size=48 disagrees with data.init_args.image_size=32"),
+    "untrusted pickle": (["--ckpt_path", "evil.ckpt"], "refused to load a checkpoint that holds arbitrary Python objects"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_configuration_mistakes_are_short_errors_before_training(mistake, tmp_path):
+    args, message = MISTAKES[mistake]
+    if mistake == "untrusted pickle":
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (print, ("this ran while loading",))
+
+        (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": {}, "x": Evil()}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_vlm", "fit", "--config", str(TINY), "--data.init_args.root", str(tmp_path / "w"),
+         "--trainer.enable_progress_bar", "false", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "this ran while loading" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("runs/*/version_*/checkpoints/*.ckpt"))  # nothing trained

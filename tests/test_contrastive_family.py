@@ -141,15 +141,15 @@ def test_accumulation_replays_the_same_patch_dropout():
 
 
 def test_accumulation_in_a_fit_steps_optimizer_and_scheduler_once_per_group():
-    model = make(accum_freq=4, warmup_steps=1)
+    model = make(accum_freq=4, warmup_steps=1, accum_clip_val=0.7)
     clipped = []
     original = model.clip_gradients
     model.clip_gradients = lambda *a, **k: (clipped.append(k["gradient_clip_val"]), original(*a, **k))
-    t = trainer(max_epochs=2)
+    t = trainer(max_epochs=2, gradient_clip_val=None)
     t.fit(model, DataLoader(Pairs(40), batch_size=4))  # 10 micro-batches/epoch: 2 groups, 2 dropped
     assert model.num_optimizer_steps() == 4
     assert t.global_step == 4 and t.lr_scheduler_configs[0].scheduler.last_epoch == 4
-    assert clipped == [1.0] * 4 and t.gradient_clip_val == 1.0  # clipped by the module, then given back
+    assert clipped == [0.7] * 4  # one clip per accumulated step, by the module
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)  # the cosine ran to its end
     assert "train/loss" in t.callback_metrics
 
@@ -171,9 +171,9 @@ if model.trainer.global_rank == 0:
 
 def accum_fit(devices: int, batch_size: int):
     """One accumulated SigLIP step (accum_freq=2, clipping on) over the same 16 samples."""
-    model = make(loss="siglip", accum_freq=2, warmup_steps=0)
+    model = make(loss="siglip", accum_freq=2, warmup_steps=0, accum_clip_val=0.5)
     strategy = {"strategy": "ddp", "devices": 2} if devices == 2 else {}
-    trainer(max_steps=1, gradient_clip_val=0.5, **strategy).fit(model, DataLoader(Pairs(16), batch_size=batch_size))
+    trainer(max_steps=1, gradient_clip_val=None, **strategy).fit(model, DataLoader(Pairs(16), batch_size=batch_size))
     return model
 
 
@@ -204,6 +204,52 @@ def test_accumulation_under_ddp_equals_one_process(tmp_path):
 def test_trainer_accumulate_grad_batches_is_refused():
     with pytest.raises(ValueError, match="--model.init_args.accum_freq 2"):
         trainer(accumulate_grad_batches=2, max_steps=1).fit(make(), DataLoader(Pairs(8), batch_size=4))
+
+
+def test_accumulation_clipping_options():
+    # the trainer cannot clip manual steps: its clipping under accum_freq is an error naming the option
+    with pytest.raises(ValueError, match="accum_clip_val=1.0"):
+        trainer(max_steps=1).fit(make(accum_freq=2), DataLoader(Pairs(8), batch_size=4))
+    with pytest.raises(ValueError, match="accum_clip_val only acts with accum_freq > 1"):
+        make(accum_clip_val=1.0)
+    with pytest.raises(ValueError, match="accum_clip_algorithm"):
+        make(accum_freq=2, accum_clip_val=1.0, accum_clip_algorithm="l2")
+    # the clip acts: after it, the global gradient norm is the cap
+    model = make(accum_freq=2, accum_clip_val=1e-3, warmup_steps=0)
+    seen = []
+    original = model.clip_gradients
+
+    def spy(optimizer, **kwargs):
+        original(optimizer, **kwargs)
+        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+
+    model.clip_gradients = spy
+    trainer(max_steps=1, gradient_clip_val=None).fit(model, DataLoader(Pairs(8), batch_size=4))
+    assert len(seen) == 1 and seen[0].item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_cli_moves_trainer_clipping_to_the_model():
+    from jsonargparse import Namespace
+
+    from lit_vlm.cli import move_gradient_clipping
+
+    def cfg(accum, model_clip=None, trainer_clip=1.0):
+        init = Namespace(accum_freq=accum, accum_clip_val=model_clip, accum_clip_algorithm="norm")
+        return Namespace(
+            model=Namespace(class_path="lit_vlm.models.CLIP", init_args=init),
+            trainer=Namespace(gradient_clip_val=trainer_clip, gradient_clip_algorithm="value"),
+        )
+
+    c = cfg(4)
+    move_gradient_clipping(c)
+    assert c.trainer.gradient_clip_val is None
+    assert (c.model.init_args.accum_clip_val, c.model.init_args.accum_clip_algorithm) == (1.0, "value")
+    c = cfg(4, model_clip=0.3)  # the model's own value wins; the trainer's is dropped
+    move_gradient_clipping(c)
+    assert c.trainer.gradient_clip_val is None and c.model.init_args.accum_clip_val == 0.3
+    c = cfg(1)  # no accumulation: nothing moves
+    move_gradient_clipping(c)
+    assert c.trainer.gradient_clip_val == 1.0 and c.model.init_args.accum_clip_val is None
 
 
 def test_gradient_checkpointing_leaves_gradients_unchanged():

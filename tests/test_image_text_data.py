@@ -351,13 +351,15 @@ def write_bad_world(directory: Path, cut_member: str = "cut_003.jpg") -> tuple[l
     (directory / "full.tmp").unlink()
     good = ["bad_000", "bad_002", "bad_005", "bad_012", "cut_000", "cut_001", "cut_002"]
     expected = {
+        **dict.fromkeys(SKIP_REASONS, 0),
         "tar_error": 1,
         "image_decode": 2,
         "image_too_large": 1,
         "missing_image": 1,
         "missing_caption": 1,
         "empty_caption": 1,
-        "bad_json": 3,
+        "bad_text": 1,
+        "bad_json": 2,
     }
     return [str(directory / "shard-000000.tar"), str(directory / "shard-000001.tar")], good, expected
 

@@ -457,18 +457,18 @@ def test_rank_without_samples(monkeypatch, caplog):
 
     def two_ranks(obj):
         gathered.append(obj)
-        return [obj, remote]
+        return [obj, (remote, [])]  # (records, ids seen twice) of each rank
 
     monkeypatch.setattr(base, "all_gather_objects", two_ranks)
     empty_rank = RetrievalEvaluation(splits=["val"])
     module.log = Recorder()
     run_epoch(empty_rank, fake_trainer(dm), module, [])
-    assert gathered == [{}]
+    assert gathered == [({}, [])]
     assert empty_rank.metrics["val"] == reference
     assert module.log.logged["val/retrieval/num_samples"] == 13
 
     # nothing anywhere: compute is skipped with a warning, nothing logged
-    monkeypatch.setattr(base, "all_gather_objects", lambda obj: [obj, {}])
+    monkeypatch.setattr(base, "all_gather_objects", lambda obj: [obj, ({}, [])])
     nothing = RetrievalEvaluation(splits=["val"])
     nothing.compute = lambda records: pytest.fail("compute called on an empty set")
     module.log = Recorder()

@@ -34,9 +34,12 @@ micro-batch plus the cached features. Details that keep it exact:
   last replay (open_clip's loop counts it k times);
 - under DDP only the last replay synchronises gradients (``block_backward_sync``).
 
-One optimiser step, one scheduler step and gradient clipping (the trainer's ``gradient_clip_val``,
-applied by the module because Lightning refuses that setting under manual optimisation) follow each
-group of k micro-batches; an incomplete group at the end of an epoch is dropped, as in open_clip.
+One optimiser step, one scheduler step and gradient clipping follow each group of k micro-batches;
+an incomplete group at the end of an epoch is dropped, as in open_clip. Lightning cannot clip under
+manual optimisation, so the clipping is the module's ``accum_clip_val``: ``lit-vlm fit`` moves
+``trainer.gradient_clip_val`` there when ``accum_freq > 1`` (the same clipping, applied once per
+accumulated step); a Python ``Trainer(gradient_clip_val=...)`` with ``accum_freq > 1`` is an error
+that names ``accum_clip_val``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ class VLMModule(pl.LightningModule):
         min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of ``lr``.
         accum_freq: Exact gradient accumulation over this many micro-batches (families whose loss
             couples the batch; see the module docstring). 1 disables it.
+        accum_clip_val: With ``accum_freq > 1``: clip the accumulated gradients to this value once
+            per optimiser step (``trainer.gradient_clip_val`` cannot act under manual optimisation;
+            ``lit-vlm fit`` moves it here). None: no clipping.
+        accum_clip_algorithm: ``"norm"`` (global L2 norm) or ``"value"``, as Lightning's
+            ``gradient_clip_algorithm``.
         init_from: Starting weights, loaded when ``fit`` starts (not when resuming from
             ``--ckpt_path``): a lit-vlm Lightning checkpoint (``.ckpt``), a file holding a plain
             state dict, or a run directory (``runs/<name>``, ``runs/<name>/version_N`` or its
@@ -99,6 +107,8 @@ class VLMModule(pl.LightningModule):
         accum_freq: int = 1,
         init_from: str | None = None,
         init_from_parts: list[str] | None = None,
+        accum_clip_val: float | None = None,
+        accum_clip_algorithm: str = "norm",
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -112,6 +122,14 @@ class VLMModule(pl.LightningModule):
                 f"model accum_freq={accum_freq}: {type(self).__name__} has no batch-coupled loss; "
                 "use trainer.accumulate_grad_batches for it"
             )
+        if accum_clip_val is not None and not accum_clip_val > 0:
+            raise ValueError(f"model accum_clip_val must be None or > 0, got {accum_clip_val!r}")
+        if accum_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"model accum_clip_algorithm must be 'norm' or 'value', got {accum_clip_algorithm!r}")
+        if accum_clip_val is not None and accum_freq == 1:
+            raise ValueError(
+                "model accum_clip_val only acts with accum_freq > 1; with accum_freq=1 clip with trainer.gradient_clip_val"
+            )
         if init_from_parts is not None and (not init_from_parts or any(not str(p) for p in init_from_parts)):
             raise ValueError(f"model init_from_parts must be None or a non-empty list of names, got {init_from_parts!r}")
         self.lr = lr
@@ -124,8 +142,9 @@ class VLMModule(pl.LightningModule):
         self.init_from = init_from
         self.init_from_parts = list(init_from_parts) if init_from_parts is not None else None
         self.automatic_optimization = accum_freq == 1
+        self.accum_clip_val = accum_clip_val
+        self.accum_clip_algorithm = accum_clip_algorithm
         self._accum_buffer: list[dict] = []
-        self._taken_clip: tuple[float | None, str | None] | None = None
 
     def save_config(self) -> None:
         """``save_hyperparameters`` for families that receive built towers.
@@ -166,9 +185,8 @@ class VLMModule(pl.LightningModule):
 
         - A family with a batch-coupled loss refuses ``trainer.accumulate_grad_batches > 1`` and
           points to ``accum_freq``.
-        - With ``accum_freq > 1`` (manual optimisation) the module takes the trainer's
-          ``gradient_clip_val`` over and clips once per accumulated step itself; the trainer's
-          value is given back when the fit ends.
+        - With ``accum_freq > 1`` (manual optimisation) ``trainer.gradient_clip_val`` must be
+          unset (Lightning cannot clip manual steps): the clipping is ``accum_clip_val``.
         """
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
@@ -181,19 +199,17 @@ class VLMModule(pl.LightningModule):
                 "(exact: one loss over the whole accumulated batch) and leave accumulate_grad_batches at 1"
             )
         if self.accum_freq > 1 and trainer.gradient_clip_val:
-            if str(trainer.precision) == "16-mixed":
-                raise ValueError(
-                    "model accum_freq > 1 clips gradients itself and cannot unscale fp16 gradients first: "
-                    "use trainer.precision bf16-mixed, or trainer.gradient_clip_val null"
-                )
-            self._taken_clip = (trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
-            trainer.gradient_clip_val = None
+            raise ValueError(
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val} cannot act with model accum_freq="
+                f"{self.accum_freq} (manual optimisation): set model accum_clip_val={trainer.gradient_clip_val} "
+                "instead (one clip per accumulated step) and trainer.gradient_clip_val null; lit-vlm fit does this itself"
+            )
+        if self.accum_clip_val is not None and str(trainer.precision) == "16-mixed":
+            raise ValueError(
+                "model accum_clip_val cannot unscale fp16 gradients before clipping them: "
+                "use trainer.precision bf16-mixed, or model accum_clip_val null"
+            )
         return []
-
-    def teardown(self, stage: str) -> None:
-        if self._taken_clip is not None and self._trainer is not None:
-            self._trainer.gradient_clip_val = self._taken_clip[0]
-            self._taken_clip = None
 
     # ---- exact accumulation for batch-coupled losses ---------------------------------------
     def features(self, batch: dict) -> dict[str, torch.Tensor | None]:
@@ -257,9 +273,10 @@ class VLMModule(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         terms = self.accumulated_backward(micro_batches)
-        if self._taken_clip is not None:
-            value, algorithm = self._taken_clip
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+        if self.accum_clip_val is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.accum_clip_val, gradient_clip_algorithm=self.accum_clip_algorithm
+            )
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:

@@ -99,6 +99,8 @@ class CLIP(VLMModule):
         accum_freq: Exact contrastive gradient accumulation over this many micro-batches: one
             optimiser step per group, whose loss sees all of the group's samples (GradCache; see
             :mod:`lit_vlm.models.base`). Use it instead of ``trainer.accumulate_grad_batches``.
+        accum_clip_val: Gradient clipping per accumulated step when ``accum_freq > 1`` (``lit-vlm
+            fit`` moves ``trainer.gradient_clip_val`` here); ``accum_clip_algorithm``: norm or value.
         init_from: Starting weights loaded when ``fit`` starts: a lit-vlm ``.ckpt``, a run directory
             (its best checkpoint, via ``checkpoints/index.json``) or foreign weights through
             :mod:`lit_vlm.interop`. Not loaded when resuming with ``--ckpt_path``.
@@ -136,8 +138,13 @@ class CLIP(VLMModule):
         accum_freq: int = 1,
         init_from: str | None = None,
         init_from_parts: list[str] | None = None,
+        accum_clip_val: float | None = None,
+        accum_clip_algorithm: str = "norm",
     ) -> None:
-        super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, accum_freq, init_from, init_from_parts)
+        super().__init__(
+            lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, accum_freq, init_from, init_from_parts,
+            accum_clip_val, accum_clip_algorithm,
+        )
         self.save_config()
         if loss not in LOSSES:
             raise ValueError(f"model loss must be one of {LOSSES}, got {loss!r}")
