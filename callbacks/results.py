@@ -174,15 +174,17 @@ class ResultsWriter(pl.Callback):
         stats = next((c for c in trainer.callbacks if hasattr(c, "fit_totals")), None)
         guard = next((c for c in trainer.callbacks if hasattr(c, "skipped") and hasattr(c, "max_consecutive")), None)
         checkpoint = trainer.checkpoint_callback
-        train_skips = dict(stats.fit_totals) if stats is not None else None
+        def counts(by_reason: dict[str, int] | None) -> dict[str, Any] | None:
+            return None if by_reason is None else {"skipped": sum(by_reason.values()), "skipped_by_reason": dict(by_reason)}
+
         summary = {
             "family": type(pl_module).__name__,
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
             "resumed_from": trainer.ckpt_path,
             "data": {
-                "train": None if train_skips is None else {"skipped": sum(train_skips.values()), "skipped_by_reason": train_skips},
-                "val": None if stats is None else stats.totals.get("val"),
+                "train": counts(stats.fit_totals) if stats is not None else None,  # every epoch of the fit
+                "val": counts(stats.totals.get("val")) if stats is not None else None,  # the latest validation
             },
             "nonfinite_steps_skipped": None if guard is None else guard.skipped,
             "checkpoints": None if checkpoint is None else {

@@ -33,12 +33,18 @@ class Probe(pl.Callback):
             }
         )
 
-    def state_dict(self) -> dict:
-        return {"steps": list(self.steps)}
+    def state_dict(self) -> dict:  # a checkpoint is written by rank 0: gather every rank's record
+        from lit_vlm.distributed import all_gather_objects
+
+        return {"ranks": all_gather_objects(list(self.steps))}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.steps = list(state_dict["steps"])
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.steps = list(state_dict["ranks"][rank])
 
     def on_train_end(self, trainer, pl_module):
-        with open(self.out, "w") as fh:
+        out = self.out if trainer.global_rank == 0 else f"{self.out}.rank{trainer.global_rank}"
+        with open(out, "w") as fh:
             json.dump(self.steps, fh)

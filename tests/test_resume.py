@@ -33,7 +33,7 @@ COMMON = [
 ]
 
 
-def fit(tmp_path: Path, name: str, out: Path, *extra: str, kill_at: int = -1) -> subprocess.CompletedProcess:
+def fit(tmp_path: Path, name: str, out: Path, *extra: str, kill_at: int = -1, env: dict | None = None) -> subprocess.CompletedProcess:
     args = [
         *COMMON,
         "--data.init_args.root", str(tmp_path / "world"),
@@ -44,7 +44,7 @@ def fit(tmp_path: Path, name: str, out: Path, *extra: str, kill_at: int = -1) ->
         "--trainer.callbacks.kill_at_step", str(kill_at),
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "lit_vlm", "fit", *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 
@@ -85,6 +85,32 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert counts(record) == counts(reference)
     assert [s["samples"] for s in record] == [s["samples"] for s in reference]
     assert [s["loss"] for s in record] == [s["loss"] for s in reference]  # bitwise on CPU
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_resume_matches_the_uninterrupted_run(tmp_path):
+    """2 CPU processes (gloo): both ranks die at step 8 (checkpoint at 6) and the run resumes; every
+    rank's samples and losses equal those of the uninterrupted 2-process run."""
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1",
+           "--data.init_args.batch_size", "4"]  # 96 samples / (2 ranks x 4): 12 steps
+    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    whole = fit(tmp_path, "whole", tmp_path / "whole.json", *ddp, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(tmp_path, "killed", tmp_path / "killed.json", *ddp, kill_at=8, env=env)
+    assert killed.returncode != 0 and not (tmp_path / "killed.json").exists()
+    last = torch.load(tmp_path / "runs/killed/version_0/checkpoints/last.ckpt", weights_only=True)
+    [loader_state] = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert sorted(loader_state["workers"]) == [0, 1]  # both ranks' positions, gathered
+    assert len(last["callbacks"]["RandomState"]["ranks"]) == 2
+    resumed = fit(tmp_path, "killed", tmp_path / "killed.json", "--ckpt_path", "last", *ddp, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for suffix in ("", ".rank1"):
+        reference = json.loads((tmp_path / f"whole.json{suffix}").read_text())
+        record = json.loads((tmp_path / f"killed.json{suffix}").read_text())
+        assert [s["step"] for s in reference] == list(range(1, 13))
+        assert [s["samples"] for s in record] == [s["samples"] for s in reference]
+        assert [s["loss"] for s in record] == [s["loss"] for s in reference]
 
 
 @pytest.mark.slow
