@@ -3,12 +3,15 @@ skip counts (corrupt samples that were dropped, by reason)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 
 from lit_vlm.distributed import all_gather_objects
+
+log = logging.getLogger("lit_vlm.data")
 
 
 def _batch_size(batch) -> int:
@@ -85,6 +88,11 @@ class DataStats(pl.Callback):
             for reason, n in counts.items():
                 merged[reason] = merged.get(reason, 0) + int(n)
         self.totals[split] = merged
+        if trainer.is_global_zero and any(merged.values()):
+            log.info(
+                "%s: %d bad samples skipped in this %s %s", split, sum(merged.values()),
+                "epoch" if split == "train" else "pass", {r: n for r, n in merged.items() if n},
+            )
         if trainer.logger is not None and trainer.is_global_zero and merged:
             trainer.logger.log_metrics({f"data/{split}/skipped_{r}": n for r, n in merged.items()}, step=trainer.global_step)
 

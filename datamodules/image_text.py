@@ -894,14 +894,20 @@ class ImageTextDataModule(pl.LightningDataModule):
         return batch
 
     def record_stats(self, stats: dict[str, Any]) -> None:
-        """Keep the latest ``data_stats`` of a (split, worker); log when skips increase."""
+        """Keep the latest ``data_stats`` of a (split, worker); log the counts per reason when the
+        total of the epoch or pass first exceeds 0, then each time it doubles (1, 2, 4, ...), so
+        a badly broken corpus does not flood the log."""
         split = str(stats.get("split", "?"))
         self._stats[(split, int(stats.get("worker", 0)))] = stats
         total = sum(self.skip_counts(split).values())
-        if total > self._logged_skips.get(split, 0):
+        last = self._logged_skips.get(split, 0)
+        if total < last:  # a new epoch or pass: its counts start again
+            last = self._logged_skips[split] = 0
+        if total > 0 and total >= 2 * last:
             counts = {k: v for k, v in self.skip_counts(split).items() if v}
-            logger.info("%s: %d bad samples skipped so far %s", split, total, counts)
-        self._logged_skips[split] = total
+            logger.info("%s: %d bad samples skipped so far in this %s %s", split, total,
+                        "epoch" if split == "train" else "pass", counts)
+            self._logged_skips[split] = total
 
     def skip_counts(self, split: str | None = None) -> dict[str, int]:
         """Skipped samples per reason, summed over workers (and over splits when ``split=None``).
@@ -935,7 +941,9 @@ class ImageTextDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The training stream's position (its epoch; mid-epoch resume comes later)."""
+        """The training stream's epoch. The position inside the epoch (every worker of every rank)
+        is the training loader's own state (:meth:`StreamLoader.state_dict`), which Lightning
+        saves beside this in each checkpoint."""
         return {"stream": dataclasses.asdict(self._stream_state)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -36,9 +36,11 @@ webdataset handler (counted as ``tar_error``; the sample being assembled when th
 dropped and reading continues with the next shard), a sample whose key already occurred in its
 shard is dropped (``duplicate_key``; a member name repeated inside a sample starts such a
 repeat), and the decode callable raises :class:`~lit_vlm.datamodules.transforms.BadSample` for
-bad samples.  Skips are counted per reason;
-the first few per worker are logged (logger ``lit_vlm.data``) with shard URL and key.  Every
-batch carries ``batch["data_stats"]`` with the worker's cumulative counts for the epoch.
+bad samples.  Skips are counted per reason; the first few per worker are logged (logger
+``lit_vlm.data``) with shard URL and key.  Every batch carries ``batch["data_stats"]`` with the
+worker's cumulative counts for the epoch.  An evaluation worker holds each batch back until the
+next is ready, so its last batch carries the counts of its whole pass (skips after the last
+sample included); a worker that produced no batch at all sends its counts alone (``STATS_ONLY``).
 
 Resuming mid-epoch.  Every random choice of a training stream derives from (seed, epoch, global
 worker), so a worker's position is fully described by the number of raw samples it has drawn
@@ -48,7 +50,8 @@ keeps the latest one per worker and is *stateful* in Lightning's sense (``state_
 ``load_state_dict``, saved in every checkpoint and gathered from all ranks under DDP).  On resume
 each worker replays its raw stream up to its position *without decoding* (tar reading and the
 shuffle buffer only), restores its generator and counts, and yields exactly the batches the
-interrupted run had not yet delivered.  Resuming needs the same ``world_size``, ``num_workers``,
+interrupted run had not yet delivered; the DataLoader's workers are rotated so that the next batch
+comes from the worker whose turn it was.  Resuming needs the same ``world_size``, ``num_workers``,
 batch size and seed; otherwise the epoch restarts from its beginning, with a warning.
 """
 
@@ -408,6 +411,10 @@ class StreamDataset(IterableDataset):
         #: Training: ``{"epoch": e, "workers": {g: position}}`` set by :class:`StreamLoader` to
         #: resume mid-epoch; a worker whose ``g`` is listed starts from that position in epoch e.
         self.resume_from: dict[str, Any] | None = None
+        #: DataLoader worker k plays this rank's worker (k + worker_offset) % num_workers. The
+        #: DataLoader takes batches from its workers in turn, starting with worker 0; a resumed
+        #: epoch must start with the worker whose turn it was, so the loader rotates them.
+        self.worker_offset = 0
         known = [s.num_samples for s in self.sources]
         self.num_samples: int | None = None if any(n is None for n in known) else sum(n or 0 for n in known)
         if train:
@@ -651,6 +658,7 @@ class StreamDataset(IterableDataset):
                 f"{self.split}: dataset configured for num_workers={self.num_workers} but iterated with "
                 f"{num_workers if info is not None else 0} DataLoader workers; use StreamLoader"
             )
+        worker_id = (worker_id + self.worker_offset) % self.workers_per_rank
         return self.rank * self.workers_per_rank + worker_id, self.total_workers
 
     def __iter__(self) -> Iterator[Batch]:
@@ -827,6 +835,9 @@ class StreamLoader(DataLoader):
             dataset.resume_from = resume
             self._positions_epoch = dataset.epoch
             self._positions = dict(resume["workers"]) if resume is not None else {}
+            mine = range(dataset.rank * dataset.workers_per_rank, (dataset.rank + 1) * dataset.workers_per_rank)
+            delivered = sum(int(self._positions[g]["batches"]) for g in mine if g in self._positions)
+            dataset.worker_offset = delivered % dataset.workers_per_rank  # whose turn it is
         return super().__iter__()
 
     def _tracked(self) -> Iterator[Batch]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -410,9 +411,8 @@ def test_evaluation_through_bad_input_with_workers(tmp_path, tokenizer_file, cap
     assert sorted(ids) == sorted(good)
     assert dm.skip_counts("val") == expected
     assert dm.stream_stats["val"]["skipped"] == sum(expected.values())
-    assert (
-        f"val: {sum(expected.values())} bad samples skipped so far" in caplog.text
-    )  # the main process reports growing totals
+    logged = [int(m) for m in re.findall(r"val: (\d+) bad samples skipped so far in this pass", caplog.text)]
+    assert logged and logged[0] >= 1 and all(b >= 2 * a for a, b in zip(logged, logged[1:]))  # growing, throttled
 
 
 # ------------------------------------------------------------------------------------ DataModule

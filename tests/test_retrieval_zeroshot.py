@@ -570,3 +570,31 @@ def test_tiny_clip_on_synthetic_world_logs_examples(tmp_path):
     # the batch contract's raw `captions` strings reach the example logs (not the "caption k of id" fallback)
     i2t = text_of(acc, "val/retrieval/i2t_examples")
     assert i2t.count('"') >= 2 * 5 and "caption 0 of" not in i2t
+
+
+def test_a_sample_seen_twice_is_counted_once_and_named(caplog):
+    batches = make_batches()
+    dm = FakeData(batches)
+    module = FakeFamily()
+    module.log = Recorder()
+    once = RetrievalEvaluation(splits=["val"])
+    run_epoch(once, fake_trainer(dm), module, batches)
+    module.log = Recorder()
+    twice = RetrievalEvaluation(splits=["val"])
+    with caplog.at_level(logging.WARNING, logger="lit_vlm.eval"):
+        run_epoch(twice, fake_trainer(dm), module, batches + batches[:1])  # the first batch again
+    assert twice.metrics["val"] == once.metrics["val"]  # never double-counted
+    first_ids = list(batches[0]["sample_id"])
+    assert f"{len(first_ids)} sample(s) of the val split came more than once" in caplog.text
+    assert all(repr(i) in caplog.text for i in first_ids)
+
+
+def test_markdown_escaping_of_user_text():
+    from lit_vlm.callbacks.base import md_code, md_escape
+
+    text = 'a <script>alert(1)</script> | **bold** _x_ [link](http://e) `c` #h\nnext\u2028line'
+    escaped = md_escape(text)
+    for ch in "<>|*_[]`#":
+        assert ch not in escaped.replace("\\" + ch, "")  # every special character is escaped
+    assert "\n" not in escaped and "\u2028" not in escaped
+    assert md_code("id`1\n2") == "`id'1 2`"
