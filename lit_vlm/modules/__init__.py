@@ -1,5 +1,6 @@
 """Shared neural-network building blocks (plain ``torch.nn``, no Lightning)."""
 
+from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .text import TextOutput, TextTransformer
 from .transformer import MLP, Attention, AttentionalPooler, Block, CrossAttention, LayerScale, QuickGELU, Transformer, make_activation
@@ -11,10 +12,14 @@ __all__ = [
     "Block",
     "CLIP_PRESETS",
     "CrossAttention",
+    "DecoderBlock",
+    "DecoderCache",
+    "DecoderOutput",
     "LayerScale",
     "MLP",
     "QuickGELU",
     "TEXT_PRESETS",
+    "TextDecoder",
     "TextOutput",
     "TextTransformer",
     "Transformer",

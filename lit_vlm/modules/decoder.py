@@ -1,0 +1,240 @@
+"""A causal text decoder with optional cross-attention to image tokens and a key/value cache.
+
+The generating families (CoCa's multimodal text decoder, BLIP's image-grounded decoder, PrefixLM,
+captioners) share it, and :mod:`lit_vlm.generation` decodes with it.
+
+- Pre-LN blocks: ``x + self_attn(ln_1(x))`` (causal), then, in blocks with cross-attention,
+  ``x + cross_attn(ln_x(x), context)``, then ``x + mlp(ln_2(x))``.
+- ``cross_attention_layers``: how many of the *last* blocks attend to the context (CoCa splits its
+  decoder into unimodal layers without and multimodal layers with cross-attention); ``None`` means
+  every block, ``0`` none (a plain language model).
+- Padding: ``mask`` [B, L] marks real tokens. Positions count real tokens only, so left-padded and
+  right-padded prompts give the same result; padded keys are never attended to (a padded query
+  attends to itself only, so its output stays finite; it is never used).
+- Cache: with ``use_cache=True`` the forward returns a :class:`DecoderCache` holding every
+  block's keys and values (and the cross-attention keys and values of the context, computed once);
+  passing it back with only the new tokens costs one token's work per step. Cached and uncached
+  decoding give the same logits (tests/test_generation.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_vlm.modules.transformer import MLP, Attention, CrossAttention
+
+
+@dataclass
+class DecoderCache:
+    """Keys/values of everything decoded so far.
+
+    Attributes:
+        self_kv: Per block, (keys, values) of the self-attention, each [B, H, T, Dh].
+        cross_kv: Per block, (keys, values) of the context, each [B, H, S, Dh]; None for blocks
+            without cross-attention.
+        mask: [B, T] bool, which of the T cached positions are real tokens.
+        context_mask: [B, S] bool or None (all context tokens valid).
+    """
+
+    self_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    cross_kv: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+    mask: Tensor | None = None
+    context_mask: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def reorder(self, index: Tensor) -> DecoderCache:
+        """Select batch rows ``index`` [N'] (beam search): a new cache."""
+        pick = lambda t: t.index_select(0, index)  # noqa: E731
+        return DecoderCache(
+            self_kv=[(pick(k), pick(v)) for k, v in self.self_kv],
+            cross_kv=[None if kv is None else (pick(kv[0]), pick(kv[1])) for kv in self.cross_kv],
+            mask=None if self.mask is None else pick(self.mask),
+            context_mask=None if self.context_mask is None else pick(self.context_mask),
+        )
+
+
+@dataclass
+class DecoderOutput:
+    logits: Tensor  # [B, L, V]
+    hidden: Tensor  # [B, L, D] after the final LayerNorm
+    cache: DecoderCache | None = None
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    B, L, D = x.shape
+    return x.view(B, L, heads, D // heads).transpose(1, 2)  # [B, H, L, Dh]
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN causal block with optional cross-attention (see the module docstring)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+        act_layer: str = "gelu",
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.ln_x = nn.LayerNorm(dim, eps=norm_eps) if cross_attention else None
+        self.xattn = CrossAttention(dim, heads, context_dim=context_dim, dropout=dropout) if cross_attention else None
+        self.ln_2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, mlp_ratio, dropout=dropout, act_layer=act_layer)
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the context [B, S, Dc] for this block's cross-attention."""
+        assert self.xattn is not None
+        B, S, _ = context.shape
+        kv = self.xattn.kv(context).view(B, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # [2, B, H, S, Dh]
+        return kv[0], kv[1]
+
+    def forward(
+        self,
+        x: Tensor,  # [B, L, D] the new tokens
+        self_mask: Tensor,  # [B, 1, L, T] bool, True where a query may attend a key
+        past: tuple[Tensor, Tensor] | None,  # cached keys/values [B, H, T - L, Dh]
+        cross_kv: tuple[Tensor, Tensor] | None,  # [B, H, S, Dh]
+        cross_mask: Tensor | None,  # [B, 1, 1, S] bool or None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        B, L, D = x.shape
+        drop = self.attn.dropout if self.training else 0.0
+        qkv = self.attn.qkv(self.ln_1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # 3 x [B, H, L, Dh]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # [B, H, T, Dh]
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=drop)  # [B, H, L, Dh]
+        x = x + self.attn.proj_drop(self.attn.proj(y.transpose(1, 2).reshape(B, L, D)))
+        if self.xattn is not None:
+            assert cross_kv is not None, "this block cross-attends: pass a context"
+            xq = _heads(self.xattn.q(self.ln_x(x)), self.heads)  # [B, H, L, Dh]
+            y = F.scaled_dot_product_attention(xq, cross_kv[0], cross_kv[1], attn_mask=cross_mask, dropout_p=drop)
+            x = x + self.xattn.proj_drop(self.xattn.proj(y.transpose(1, 2).reshape(B, L, D)))
+        x = x + self.mlp(self.ln_2(x))
+        return x, (k, v)
+
+
+class TextDecoder(nn.Module):
+    """Causal text decoder (see the module docstring).
+
+    Args:
+        vocab_size: Size of the token vocabulary V.
+        context_length: Maximum number of positions (prompt + generated tokens).
+        width: Model width D.
+        layers: Number of blocks.
+        heads: Attention heads; must divide ``width``.
+        mlp_ratio: MLP hidden width as a multiple of ``width``.
+        cross_attention_layers: How many of the last blocks cross-attend to the context; None: all.
+        context_dim: Width of the context tokens (default: ``width``).
+        dropout: Dropout in attention and MLPs (training only).
+        act_layer: MLP activation ("gelu", "quick_gelu", "gelu_tanh").
+        norm_eps: LayerNorm epsilon.
+        tie_embeddings: Use the token embedding as the output projection.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int,
+        width: int = 512,
+        layers: int = 6,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        cross_attention_layers: int | None = None,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+        act_layer: str = "gelu",
+        norm_eps: float = 1e-5,
+        tie_embeddings: bool = True,
+    ) -> None:
+        super().__init__()
+        n_cross = layers if cross_attention_layers is None else cross_attention_layers
+        if not 0 <= n_cross <= layers:
+            raise ValueError(f"cross_attention_layers must be in [0, layers={layers}], got {cross_attention_layers}")
+        if width % heads != 0:
+            raise ValueError(f"decoder width {width} must be divisible by heads {heads}")
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.width = width
+        self.heads = heads
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(width, heads, mlp_ratio, cross_attention=i >= layers - n_cross, context_dim=context_dim,
+                         dropout=dropout, act_layer=act_layer, norm_eps=norm_eps)
+            for i in range(layers)
+        )
+        self.ln_final = nn.LayerNorm(width, eps=norm_eps)
+        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=width**-0.5)
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return any(b.xattn is not None for b in self.blocks)
+
+    def forward(
+        self,
+        ids: Tensor,  # [B, L] new token ids
+        mask: Tensor | None = None,  # [B, L] bool, True on real tokens
+        context: Tensor | None = None,  # [B, S, Dc] image tokens (ignored when the cache holds them)
+        context_mask: Tensor | None = None,  # [B, S] bool
+        cache: DecoderCache | None = None,
+        use_cache: bool = False,
+    ) -> DecoderOutput:
+        B, L = ids.shape
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        past_mask = cache.mask if cache is not None and cache.mask is not None else ids.new_zeros((B, 0), dtype=torch.bool)
+        full_mask = torch.cat([past_mask, mask], dim=1)  # [B, T]
+        T = full_mask.shape[1]
+        if T > self.context_length:
+            raise ValueError(f"decoder: {T} positions exceed context_length={self.context_length}")
+        positions = (full_mask.long().cumsum(1) - 1).clamp_min(0)[:, T - L :]  # [B, L] real tokens before
+        x = self.token_embedding(ids) + self.positional_embedding[positions]  # [B, L, D]
+        # query i (absolute T - L + i) sees real keys j <= its own position, and always itself
+        q_abs = torch.arange(T - L, T, device=ids.device)[:, None]  # [L, 1]
+        k_abs = torch.arange(T, device=ids.device)[None, :]  # [1, T]
+        causal = k_abs <= q_abs  # [L, T]
+        self_mask = (causal[None] & full_mask[:, None, :]) | (k_abs == q_abs)[None]  # [B, L, T]
+        self_mask = self_mask[:, None]  # [B, 1, L, T]
+
+        cross_kv: list[tuple[Tensor, Tensor] | None]
+        if cache is not None and cache.cross_kv:
+            cross_kv, context_mask = cache.cross_kv, cache.context_mask
+        elif self.has_cross_attention:
+            if context is None:
+                raise ValueError("this decoder cross-attends to image tokens: pass context")
+            cross_kv = [b.context_kv(context) if b.xattn is not None else None for b in self.blocks]
+        else:
+            cross_kv = [None] * len(self.blocks)
+        cross_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+
+        new_self: list[tuple[Tensor, Tensor]] = []
+        for i, block in enumerate(self.blocks):
+            past = cache.self_kv[i] if cache is not None and cache.self_kv else None
+            x, kv = block(x, self_mask, past, cross_kv[i], cross_mask)
+            new_self.append(kv)
+        hidden = self.ln_final(x)  # [B, L, D]
+        logits = self.lm_head(hidden)  # [B, L, V]
+        out_cache = None
+        if use_cache:
+            out_cache = DecoderCache(self_kv=new_self, cross_kv=list(cross_kv), mask=full_mask, context_mask=context_mask)
+        return DecoderOutput(logits=logits, hidden=hidden, cache=out_cache)
