@@ -16,7 +16,8 @@ Options, as Hugging Face's ``generate`` names them:
   the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``
   (nucleus); ``generator`` makes it reproducible.
 - ``repetition_penalty`` (CTRL, Keskar et al. 2019): the logit of every token already in the row
-  (prompt included) is divided by the penalty when positive and multiplied when negative.
+  (prompt included) is divided by the penalty when positive and multiplied when negative. Beam
+  search applies it (like the other options) to the log-probabilities, as Hugging Face does.
 - ``no_repeat_ngram_size``: a token that would repeat an n-gram already in the row is banned.
 - ``min_new_tokens``: ``eos_id`` is banned before that many new tokens.
 - ``use_cache``: decode with the key/value cache (one token's work per step) or recompute the
@@ -212,9 +213,9 @@ def _beam_search(
     generated = torch.zeros(B * K, 0, dtype=torch.long, device=device)
     logits = stepper.first(ids, mask)
     for step in range(max_new_tokens):
-        logits = _apply_penalties(logits.float(), ids, mask, repetition_penalty, no_repeat_ngram_size,
-                                  step < min_new_tokens, eos_id)
-        logprobs = logits.log_softmax(-1)  # [B*K, V]
+        # As Hugging Face's beam search: the penalties act on the log-probabilities
+        logprobs = _apply_penalties(logits.float().log_softmax(-1), ids, mask, repetition_penalty,
+                                    no_repeat_ngram_size, step < min_new_tokens, eos_id)  # [B*K, V]
         V = logprobs.shape[-1]
         cand = (scores.view(B * K, 1) + logprobs).view(B, K * V)  # [B, K*V]
         top_scores, top_index = torch.topk(cand, min(2 * K, K * V), dim=1)  # [B, 2K]
