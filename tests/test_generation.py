@@ -102,6 +102,7 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
     dec = make_decoder(cross=2, seed=4)
     ids, mask, context = prompts()
 
+    @torch.no_grad()
     def logprob(new: torch.Tensor, row: int) -> float:
         tokens = new[row][new[row] != PAD]
         seq = torch.cat([ids[row][mask[row]], tokens])[None]
