@@ -71,7 +71,7 @@ from typing import Any
 
 from PIL import Image
 
-from lit_vlm.io import manifest_format, write_json_atomic
+from lit_vlm.io import atomic_output, manifest_format, write_json_atomic
 
 __all__ = [
     "FORMAT",
@@ -238,17 +238,8 @@ def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with open(src, "rb") as source, atomic_output(dst, "wb") as target:
+        shutil.copyfileobj(source, target)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

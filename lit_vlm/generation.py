@@ -109,12 +109,10 @@ class _Stepper:
         return out.logits[:, -1]
 
     def reorder(self, index: Tensor) -> None:
+        """Beam search keeps the rows of ``index``; beams only move within their batch item, whose
+        image tokens they share, so the (uncached) context needs no reordering."""
         if self.cache is not None:
             self.cache = self.cache.reorder(index)
-        if not self.use_cache and self.context is not None:
-            self.context = self.context.index_select(0, index)
-            if self.context_mask is not None:
-                self.context_mask = self.context_mask.index_select(0, index)
 
 
 @torch.no_grad()

@@ -88,14 +88,14 @@ def test_beam_one_is_greedy_and_rows_do_not_depend_on_the_batch():
     beam1 = generate(dec, ids, mask, context, max_new_tokens=10, eos_id=EOS, pad_id=PAD, num_beams=1)
     assert torch.equal(greedy, beam1)
     assert decode_tokens(greedy, EOS, PAD) == decode_tokens(beam1, EOS, PAD)
+    batched = generate(dec, ids, mask, context, max_new_tokens=10, eos_id=EOS, pad_id=PAD, num_beams=3)
     for row in range(3):  # alone, without padding: the same tokens
         n = int(mask[row].sum())
         alone = generate(dec, ids[row : row + 1, :n], None, context[row : row + 1], max_new_tokens=10, eos_id=EOS, pad_id=PAD)
         assert decode_tokens(alone, EOS, PAD)[0] == decode_tokens(greedy, EOS, PAD)[row]
-        beams = [generate(dec, ids[row : row + 1, :n], None, context[row : row + 1], max_new_tokens=10, eos_id=EOS,
-                          pad_id=PAD, num_beams=3)]
-        batched = generate(dec, ids, mask, context, max_new_tokens=10, eos_id=EOS, pad_id=PAD, num_beams=3)
-        assert decode_tokens(beams[0], EOS, PAD)[0] == decode_tokens(batched, EOS, PAD)[row]
+        beams = generate(dec, ids[row : row + 1, :n], None, context[row : row + 1], max_new_tokens=10, eos_id=EOS,
+                         pad_id=PAD, num_beams=3)
+        assert decode_tokens(beams, EOS, PAD)[0] == decode_tokens(batched, EOS, PAD)[row]
 
 
 def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():

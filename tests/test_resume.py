@@ -202,4 +202,4 @@ def loader_positions(batches) -> dict:
     for b in batches:
         s = b["data_stats"]
         positions[s["worker"]] = {"raw": s["raw"], "batches": s["batches"], "samples": s["samples"], "skipped": s["skipped"]}
-    return {g: p for g, p in positions.items()}
+    return positions
