@@ -1,9 +1,12 @@
 """Image captioning evaluation: generate a caption per image, score the whole set with the COCO
-caption evaluator's metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; see ``lit_vlm.captioning``)."""
+caption evaluator's metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; see ``lit_vlm.captioning``),
+optionally beside a nearest-neighbour caption baseline scored the same way."""
 
 from __future__ import annotations
 
 import logging
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +51,19 @@ class CaptionEvaluation(EvalCallback):
         metrics: Which metrics to compute, among "BLEU" (BLEU_1..4), "METEOR", "ROUGE_L" and
             "CIDEr" (METEOR's Java start-up costs seconds on every evaluation; leave it out of
             frequent validation if that matters).
+        baseline: ``"nearest_neighbour"`` also scores the nearest-neighbour caption baseline
+            (Devlin et al., 2015) on the same images against the same references, logged as
+            ``{stage}/caption/baseline/<metric>``: each evaluated image takes a caption of the
+            most similar images of a reference split (``baseline_split``, by default the
+            training data, read through the DataModule's ``sample_loader``), the caption of the
+            ``baseline_k`` nearest images that agrees most with the others (mean unigram+bigram
+            F1). None: no baseline.
+        baseline_features: What "similar" means: ``"pixels"`` (cosine of 8x8 average-pooled
+            normalised pixels: the model plays no part) or ``"model"`` (cosine of the family's
+            ``encode_image``, recomputed for the bank at every evaluation).
+        baseline_split: Split the reference images and captions come from (never the evaluated one).
+        baseline_size: Reference images read from that split (the first ones, in shard order).
+        baseline_k: Nearest images whose captions compete for each evaluated image.
     """
 
     def __init__(
@@ -59,8 +75,31 @@ class CaptionEvaluation(EvalCallback):
         prefix: str = "caption",
         num_examples: int = 8,
         metrics: tuple[str, ...] | list[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
+        baseline: str | None = None,
+        baseline_features: str = "pixels",
+        baseline_split: str = "train",
+        baseline_size: int = 5000,
+        baseline_k: int = 1,
     ) -> None:
         super().__init__(splits, prefix)
+        if baseline not in (None, "nearest_neighbour"):
+            raise ValueError(f"CaptionEvaluation baseline must be None or 'nearest_neighbour', got {baseline!r}")
+        if baseline_features not in ("pixels", "model"):
+            raise ValueError(f"CaptionEvaluation baseline_features must be 'pixels' or 'model', got {baseline_features!r}")
+        if baseline_size < 1 or baseline_k < 1:
+            raise ValueError(f"CaptionEvaluation baseline_size and baseline_k must be >= 1, got {baseline_size}, {baseline_k}")
+        if baseline is not None and baseline_split in self.splits and baseline_split != "train":
+            raise ValueError(
+                f"CaptionEvaluation baseline_split={baseline_split!r} is also evaluated: the baseline would copy "
+                "the references of the very images it is scored on; use 'train'"
+            )
+        self.baseline = baseline
+        self.baseline_features = baseline_features
+        self.baseline_split = baseline_split
+        self.baseline_size = baseline_size
+        self.baseline_k = baseline_k
+        self._bank: tuple[torch.Tensor, list[list[str]]] | None = None
+        self._bank_key: Any = None
         known = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
         unknown = [m for m in metrics if m.upper() not in {k.upper() for k in known}]
         if unknown or not metrics:
@@ -102,7 +141,53 @@ class CaptionEvaluation(EvalCallback):
         self._file_refs_path = str(path) if path else None
         self._file_refs = load_caption_references(path) if path else None
         self._results = None
+        if self.baseline is not None:
+            if self.baseline_features == "model":
+                require_capability(pl_module, "encode_image")
+            self._build_bank(trainer, pl_module)
         return True
+
+    # ---- nearest-neighbour baseline -------------------------------------------------------------
+    def _features(self, pl_module, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> L2-normalised features [B, F] for the baseline's similarity."""
+        if self.baseline_features == "model":
+            return torch.nn.functional.normalize(pl_module.encode_image(images).float(), dim=-1)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)  # [B, 3*64]
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def _build_bank(self, trainer, pl_module) -> None:
+        key = (self.baseline_split, self.baseline_size, self.baseline_features)
+        if self._bank is not None and self._bank_key == key and self.baseline_features == "pixels":
+            return  # pixels do not change; model features do
+        dm = trainer.datamodule
+        loader_fn = getattr(dm, "sample_loader", None)
+        if not callable(loader_fn):
+            raise ValueError(
+                f"CaptionEvaluation baseline: {type(dm).__name__} has no sample_loader(split) to read "
+                f"the {self.baseline_split!r} reference images from"
+            )
+        feats, captions, seen = [], [], 0
+        for batch in loader_fn(self.baseline_split):
+            images = batch["image"].to(pl_module.device)
+            take = min(images.shape[0], self.baseline_size - seen)
+            feats.append(self._features(pl_module, images[:take]).cpu())
+            captions += [list(c) for c in batch["captions"][:take]]
+            seen += take
+            if seen >= self.baseline_size:
+                break
+        if not seen:
+            raise ValueError(f"CaptionEvaluation baseline: the {self.baseline_split!r} split has no samples")
+        self._bank = (torch.cat(feats), captions)
+        self._bank_key = key
+        if rank_and_world()[0] == 0:
+            log.info("CaptionEvaluation: nearest-neighbour baseline over %d %s images (%s features)",
+                     seen, self.baseline_split, self.baseline_features)
+
+    def _baseline_captions(self, pl_module, images: torch.Tensor) -> list[str]:
+        bank_feats, bank_caps = self._bank
+        sims = self._features(pl_module, images).cpu() @ bank_feats.T  # [B, N]
+        nearest = sims.topk(min(self.baseline_k, sims.shape[1]), dim=1).indices  # [B, k]
+        return [consensus_caption([c for j in row.tolist() for c in bank_caps[j]]) for row in nearest]
 
     # ---- per batch --------------------------------------------------------------------------
     def collect(self, trainer, pl_module, batch):
@@ -122,11 +207,12 @@ class CaptionEvaluation(EvalCallback):
         texts = pl_module.generate(images, prompts, max_new_tokens=self.max_new_tokens)
         if len(texts) != n or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"{type(pl_module).__name__}.generate must return {n} strings for {n} images, got {texts!r:.200}")
-        return {str(image_id): (image_id, text, refs) for image_id, text, refs in zip(ids, texts, batch_refs)}
+        base = self._baseline_captions(pl_module, images) if self.baseline is not None else [None] * n
+        return {str(i): (i, text, refs, b) for i, text, refs, b in zip(ids, texts, batch_refs, base)}
 
     # ---- once per epoch ---------------------------------------------------------------------
     def compute(self, records):
-        predictions = {str(image_id): text for image_id, text, _ in records}
+        predictions = {str(image_id): text for image_id, text, _, _ in records}
         if self._file_refs is not None:
             preds, refs = align_captions(
                 predictions, self._file_refs, allow_missing=True,
@@ -139,18 +225,30 @@ class CaptionEvaluation(EvalCallback):
                 )
         else:
             preds = predictions
-            refs = {str(image_id): batch_refs for image_id, _, batch_refs in records}
+            refs = {str(image_id): batch_refs for image_id, _, batch_refs, _ in records}
         self._used_refs = refs
-        self._results = [{"image_id": image_id, "caption": text} for image_id, text, _ in records]
-        return _on_rank_zero_for_all(lambda: caption_metrics(preds, refs, metrics=self.caption_metric_names))
+        self._results = [{"image_id": image_id, "caption": text} for image_id, text, _, _ in records]
+        baseline = {str(image_id): b for image_id, _, _, b in records if str(image_id) in preds}
+
+        def score() -> dict[str, float]:
+            out = caption_metrics(preds, refs, metrics=self.caption_metric_names)
+            if self.baseline is not None:
+                base = caption_metrics(baseline, refs, metrics=self.caption_metric_names)
+                out.update({f"baseline/{k}": v for k, v in base.items()})
+            return out
+
+        return _on_rank_zero_for_all(score)
 
     def log_examples(self, writer, stage, step, ids, records):
         if self.num_examples == 0:
             return
         rows = ["| image_id | generated | references |", "|---|---|---|"]
-        for image_id, text, _ in records[: self.num_examples]:
-            refs = self._used_refs.get(str(image_id), [])
-            rows.append(f"| {md_escape(image_id)} | {md_escape(text)} | {'<br>'.join(md_escape(r) for r in refs)} |")
+        if self.baseline is not None:
+            rows = ["| image_id | generated | nearest-neighbour baseline | references |", "|---|---|---|---|"]
+        for image_id, text, _, base in records[: self.num_examples]:
+            refs = "<br>".join(md_escape(r) for r in self._used_refs.get(str(image_id), []))
+            middle = f" {md_escape(base)} |" if self.baseline is not None else ""
+            rows.append(f"| {md_escape(image_id)} | {md_escape(text)} |{middle} {refs} |")
         writer.add_text(f"{stage}/{self.prefix}/examples", "\n".join(rows), step)
 
     def _write_predictions(self, trainer: pl.Trainer, stage: str) -> None:
@@ -172,6 +270,30 @@ class CaptionEvaluation(EvalCallback):
         super().on_test_epoch_end(trainer, pl_module)
         if getattr(self, "_enabled", False):
             self._write_predictions(trainer, "test")
+
+
+def _ngrams(words: list[str]) -> Counter:
+    return Counter(words) + Counter(zip(words, words[1:]))
+
+
+def consensus_caption(candidates: list[str]) -> str:
+    """The candidate that agrees most with the others: the highest mean F1 of unigrams and bigrams
+    (as multisets, lower-cased words) against every other candidate; the first one on ties
+    (Devlin et al., 2015, pick the consensus caption of the nearest images the same way, with
+    BLEU or CIDEr as the agreement)."""
+    if not candidates:
+        return ""
+    grams = [_ngrams(re.findall(r"\w+", c.lower())) for c in candidates]
+
+    def f1(a: Counter, b: Counter) -> float:
+        overlap = sum((a & b).values())
+        total = sum(a.values()) + sum(b.values())
+        return 2 * overlap / total if total else 0.0
+
+    if len(candidates) == 1:
+        return candidates[0]
+    scores = [sum(f1(g, h) for j, h in enumerate(grams) if j != i) for i, g in enumerate(grams)]
+    return candidates[max(range(len(candidates)), key=lambda i: (scores[i], -i))]
 
 
 def _on_rank_zero_for_all(fn: Callable[[], dict[str, float]]) -> dict[str, float]:

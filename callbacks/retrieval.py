@@ -174,6 +174,14 @@ class RetrievalEvaluation(EvalCallback):
         token_chunk_size: Images and captions per block when the family scores with its own
             ``similarity`` (memory of a block ~ token_chunk_size^2 x tokens per image x tokens per
             caption x 4 bytes).
+        rerank_k: Also re-rank the top ``rerank_k`` candidates of every query (the k captions
+            most similar to an image, the k images most similar to a caption) with the family's
+            pair scorer, as BLIP does with its ITM head (k = 256 on COCO there): the re-ranked
+            score of a candidate is its ``score_pairs`` value plus its similarity, candidates
+            outside the top k keep their similarity order behind them. Logged beside the plain
+            metrics as ``{stage}/retrieval/rerank/i2t_R@1`` and so on. Needs the capabilities
+            ``pair_features(images)`` and ``score_pairs(features, ids, mask)``. 0: off.
+        rerank_batch_size: Pairs per ``score_pairs`` call.
     """
 
     def __init__(
@@ -186,8 +194,15 @@ class RetrievalEvaluation(EvalCallback):
         thumbnail_size: int = 64,
         prefix: str = "retrieval",
         token_chunk_size: int = 32,
+        rerank_k: int = 0,
+        rerank_batch_size: int = 128,
     ) -> None:
         super().__init__(splits, prefix)
+        if rerank_k < 0 or rerank_batch_size < 1:
+            raise ValueError(f"RetrievalEvaluation needs rerank_k >= 0 and rerank_batch_size >= 1, got {rerank_k}, {rerank_batch_size}")
+        self.rerank_k = rerank_k
+        self.rerank_batch_size = rerank_batch_size
+        self._module: Any = None
         if num_examples < 0 or thumbnails < 0 or thumbnail_size < 1 or chunk_size < 1 or token_chunk_size < 1:
             raise ValueError(
                 "RetrievalEvaluation needs num_examples >= 0, thumbnails >= 0, thumbnail_size >= 1, chunk_size >= 1 "
@@ -215,6 +230,9 @@ class RetrievalEvaluation(EvalCallback):
         else:
             require_capability(pl_module, "encode_image", "encode_text")
             self._similarity = None
+        if self.rerank_k:
+            require_capability(pl_module, "pair_features", "score_pairs")
+        self._module = pl_module if self.rerank_k else None
         self._examples = self.num_examples > 0 and _tensorboard_writer(trainer) is not None
         self._thumbs_left = self.thumbnails if self._examples else 0
         self._norm = normalisation(trainer)
@@ -249,10 +267,15 @@ class RetrievalEvaluation(EvalCallback):
                 f"or points outside the batch's {len(ids)} images"
             )
         texts = batch.get("captions") if self._examples else None
+        pair = pl_module.pair_features(batch["image"]).float().cpu() if self.rerank_k else None  # [B, ...]
         records: dict[str, Any] = {}
         for i, sid in enumerate(ids):
             caps = caption_emb[owner == i]  # [n_i, E] (a copy)
             record: dict[str, Any] = {"id": sid, "image": image_emb[i].clone(), "captions": caps}  # clone: own storage
+            if pair is not None:
+                record["pair"] = pair[i].clone()
+                record["caption_ids"] = batch["caption_ids"][owner.to(batch["caption_ids"].device) == i].cpu()  # [n_i, L]
+                record["caption_mask_ids"] = batch["caption_mask"][owner.to(batch["caption_mask"].device) == i].cpu()
             if caption_mask is not None:
                 record["caption_mask"] = caption_mask[owner == i]  # [n_i, L]
                 record["image_mask"] = image_mask[i].clone() if image_mask is not None else None  # [P]
@@ -300,6 +323,63 @@ class RetrievalEvaluation(EvalCallback):
         return image_emb, caption_emb, owner
 
     def compute(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        metrics = self._compute(records)
+        if self.rerank_k:
+            metrics.update({f"rerank/{k}": v for k, v in self.reranked_metrics(records).items()})
+        return metrics
+
+    def reranked_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Metrics after re-ranking every query's top ``rerank_k`` candidates with ``score_pairs``
+        (see the class docstring). The pairs are split over the ranks and the scores gathered,
+        so every rank returns the same metrics."""
+        from lit_vlm.distributed import all_gather_objects, rank_and_world
+
+        if self._similarity is None:
+            image_emb, caption_emb, owner = self._stack(records)
+            sim = image_emb @ caption_emb.T  # [I, T]
+            sim_i2t = sim_t2i = sim
+        else:
+            sim_i2t, sim_t2i, owner = self.token_similarities(records, self._similarity)
+        n_img, n_txt = sim_i2t.shape
+        pair = torch.stack([r["pair"] for r in records])  # [I, ...]
+        length = max(r["caption_ids"].shape[1] for r in records)
+        cap_ids = torch.cat([F.pad(r["caption_ids"], (0, length - r["caption_ids"].shape[1])) for r in records])  # [T, L]
+        cap_mask = torch.cat([F.pad(r["caption_mask_ids"], (0, length - r["caption_mask_ids"].shape[1])) for r in records])
+        k_t, k_i = min(self.rerank_k, n_txt), min(self.rerank_k, n_img)
+        top_t = sim_i2t.topk(k_t, dim=1).indices  # [I, k] captions of each image
+        top_i = sim_t2i.topk(k_i, dim=0).indices.T  # [T, k] images of each caption
+        pairs = [(int(i), int(t)) for i in range(n_img) for t in top_t[i]]
+        pairs += [(int(i), int(t)) for t in range(n_txt) for i in top_i[t]]
+        unique = sorted(set(pairs))
+        rank, world = rank_and_world()
+        mine = unique[rank::world]
+        module = self._module
+        device = module.device
+        scores: dict[tuple[int, int], float] = {}
+        with torch.no_grad():
+            for a in range(0, len(mine), self.rerank_batch_size):
+                chunk = mine[a : a + self.rerank_batch_size]
+                img = torch.tensor([i for i, _ in chunk])
+                txt = torch.tensor([t for _, t in chunk])
+                out = module.score_pairs(pair[img].to(device), cap_ids[txt].to(device), cap_mask[txt].to(device))  # [c]
+                scores.update(zip(chunk, out.float().cpu().tolist()))
+        if world > 1:
+            for part in all_gather_objects(scores):
+                scores.update(part)
+        offset = 1e4  # candidates outside the top k keep their similarity order, behind every re-ranked one
+        r_i2t = sim_i2t.float() - offset
+        r_t2i = sim_t2i.float() - offset
+        for i in range(n_img):
+            for t in top_t[i].tolist():
+                r_i2t[i, t] = float(sim_i2t[i, t]) + scores[(i, t)]
+        for t in range(n_txt):
+            for i in top_i[t].tolist():
+                r_t2i[i, t] = float(sim_t2i[i, t]) + scores[(i, t)]
+        i2t_ranks, _ = retrieval_ranks_from_similarity(r_i2t, owner, self.chunk_size)  # [I]
+        _, t2i_ranks = retrieval_ranks_from_similarity(r_t2i, owner, self.chunk_size)  # [T]
+        return retrieval_metrics_from_ranks(i2t_ranks, t2i_ranks, self.ks)
+
+    def _compute(self, records: list[dict[str, Any]]) -> dict[str, float]:
         self._sims = None
         if self._similarity is None:
             image_emb, caption_emb, owner = self._stack(records)

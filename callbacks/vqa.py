@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,15 @@ def metric_name(name: str) -> str:
     if not sep:
         return name
     return f"{kind}/{_UNSAFE.sub('_', value).strip('_') or '_'}"
+
+
+def majority_answers(annotations: list[dict[str, Any]]) -> dict[str, str]:
+    """``{question_type: its most common multiple_choice_answer}`` (ties: the alphabetically first
+    answer) over ``annotations``; an entry without ``question_type`` counts under ``""``."""
+    counts: dict[str, Counter] = {}
+    for a in annotations:
+        counts.setdefault(a.get("question_type", ""), Counter())[str(a.get("multiple_choice_answer", ""))] += 1
+    return {qt: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for qt, c in counts.items()}
 
 
 class VQAEvaluation(EvalCallback):
@@ -73,6 +84,18 @@ class VQAEvaluation(EvalCallback):
         num_examples: Questions shown in the TensorBoard examples table (0: none).
         save_predictions: Write the predictions JSON into the run's log directory.
         prefix: Metric namespace (also the predictions file's name prefix).
+        mode: ``"generate"`` (answer with ``generate``, open-ended) or ``"rank"`` (pick the most
+            likely answer of a candidate list with the family's ``score_answers``, as BLIP's
+            ``rank`` inference does; for families that score text).
+        answer_list: ``mode="rank"``: JSON file holding the list of candidate answers (e.g. the
+            VQAv2 answer vocabulary). Default: every distinct ``multiple_choice_answer`` of the
+            evaluated annotations (what the synthetic world's answer space is; on VQAv2 pass the
+            training answer list, as LAVIS does).
+        baseline: Also score the per-question-type prior (Antol et al., 2015): every question
+            answered with the most common ``multiple_choice_answer`` of its question type, logged
+            as ``{stage}/vqa/baseline/overall`` and ``.../baseline/answer_type/<type>``. The prior
+            is counted on the evaluated questions themselves, so it knows the evaluated answer
+            distribution: an optimistic baseline (the paper fits it on the training answers).
     """
 
     def __init__(
@@ -87,8 +110,19 @@ class VQAEvaluation(EvalCallback):
         num_examples: int = 8,
         save_predictions: bool = True,
         prefix: str = "vqa",
+        mode: str = "generate",
+        answer_list: str | None = None,
+        baseline: bool = False,
     ) -> None:
         super().__init__(splits, prefix)
+        if mode not in ("generate", "rank"):
+            raise ValueError(f"VQAEvaluation mode must be 'generate' or 'rank', got {mode!r}")
+        if answer_list is not None and mode != "rank":
+            raise ValueError("VQAEvaluation answer_list is only used with mode='rank'")
+        self.mode = mode
+        self.answer_list = answer_list
+        self.baseline = baseline
+        self._candidates: list[str] = []
         sentinel = "\x00question\x00"
         try:
             formatted = prompt.format(question=sentinel)
@@ -164,9 +198,29 @@ class VQAEvaluation(EvalCallback):
         self._loaded_key = key
 
     def setup_epoch(self, trainer, pl_module, stage):
-        require_capability(pl_module, "generate")
+        require_capability(pl_module, "score_answers" if self.mode == "rank" else "generate")
         self._load(*self._paths(trainer, stage))
+        if self.mode == "rank":
+            self._candidates = self._answer_candidates()
         return True
+
+    def _answer_candidates(self) -> list[str]:
+        if self.answer_list is None:
+            found = sorted({str(a.get("multiple_choice_answer", "")).strip() for a in self._annotation_list} - {""})
+            if not found:
+                raise ValueError(
+                    f"VQAEvaluation mode='rank': {self._annotation_source} has no multiple_choice_answer to rank; "
+                    "set answer_list to a JSON list of candidate answers"
+                )
+            return found
+        try:
+            with open(self.answer_list, encoding="utf-8") as f:
+                listed = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"VQAEvaluation answer_list={self.answer_list!r}: cannot read it ({err})") from err
+        if not isinstance(listed, list) or not listed or not all(isinstance(a, str) and a.strip() for a in listed):
+            raise ValueError(f"VQAEvaluation answer_list={self.answer_list!r} must hold a non-empty JSON list of non-empty strings")
+        return list(dict.fromkeys(a.strip() for a in listed))
 
     # ---- per batch -----------------------------------------------------------------------------
     def collect(self, trainer, pl_module, batch):
@@ -194,7 +248,11 @@ class VQAEvaluation(EvalCallback):
             stop = start + self.batch_size
             rows = owner[start:stop].to(images.device)  # [q]
             prompts = [self.prompt.format(question=q) for q in questions[start:stop]]
-            answers = pl_module.generate(images[rows], prompts, max_new_tokens=self.max_new_tokens)  # q strings
+            if self.mode == "rank":
+                scores = pl_module.score_answers(images[rows], prompts, self._candidates)  # [q, C]
+                answers = [self._candidates[j] for j in scores.argmax(1).tolist()]
+            else:
+                answers = pl_module.generate(images[rows], prompts, max_new_tokens=self.max_new_tokens)  # q strings
             if len(answers) != len(prompts) or not all(isinstance(a, str) for a in answers):
                 raise TypeError(
                     f"{type(pl_module).__name__}.generate must return one string per prompt: "
@@ -226,6 +284,13 @@ class VQAEvaluation(EvalCallback):
             while safe in out:  # two types that only differ in unsafe characters
                 safe, n = f"{base}_{n}", n + 1
             out[safe] = value
+        if self.baseline:
+            prior = majority_answers(asked)
+            guesses = {a["question_id"]: prior[a.get("question_type", "")] for a in asked}
+            base = vqa_accuracy(guesses, asked, always_normalize=self.always_normalize)
+            for name, value in base.items():
+                if name == "overall" or name.startswith("answer_type/"):
+                    out[f"baseline/{metric_name(name)}"] = value
         return out
 
     def log_examples(self, writer, stage, step, ids, records):

@@ -27,6 +27,10 @@ Training batches (``train_dataloader``):
   with ``caption_sampling="random"``, the first with ``"first"``): ``[bos] tokens [eos] pad...``;
 * ``text_mask``: bool ``[B, L]``, True on real tokens (bos and eos included);
 * ``sample_id``: ``list[str]`` of the webdataset keys (``__key__``);
+* with ``train_vqa=True``: ``question`` and ``answer`` (``list[str]``, one question drawn at
+  random per image that has an answered one, with its ``multiple_choice_answer``), ``qa_ids``,
+  ``qa_mask`` and ``qa_answer_mask`` (``[Q, L]``: ``[bos] question answer [eos]``, the answer
+  and end token marked) and ``qa_owner`` (long ``[Q]``, each question's image row);
 * ``data_stats``: loader statistics (see below); removed again by
   :meth:`ImageTextDataModule.on_after_batch_transfer`, so a ``training_step`` does not see it.
 
@@ -72,6 +76,7 @@ import json
 import logging
 import math
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +143,8 @@ class ImageTextDecoder:
             a sample with questions needs no caption.
         image_root: Folder that a relative JSON ``image_path`` is resolved against (samples
             stored without image bytes); ``None``: only absolute paths can be read.
+        train_vqa: In training, also draw one of the sample's questions with its answer
+            (``"qa"``: ``(question, answer)``; see :meth:`_train_question`).
     """
 
     def __init__(
@@ -151,6 +158,7 @@ class ImageTextDecoder:
         draft_size: int | None = None,
         require_caption: bool = True,
         image_root: str | None = None,
+        train_vqa: bool = False,
     ) -> None:
         if caption_sampling not in _CAPTION_SAMPLING:
             raise ValueError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {caption_sampling!r}")
@@ -162,6 +170,36 @@ class ImageTextDecoder:
         self.draft_size = draft_size
         self.require_caption = require_caption
         self.image_root = None if image_root is None else Path(image_root)
+        self.train_vqa = train_vqa
+
+    @staticmethod
+    def _train_question(meta: dict[str, Any], generator: torch.Generator) -> tuple[str, str] | None:
+        """A random ``(question, answer)`` of the JSON ``questions``: the answer is the entry's
+        ``multiple_choice_answer``, else the most common of its ``answers`` (strings or VQAv2
+        ``{"answer": ...}`` objects). None when the sample has no answered question."""
+        listed = meta.get("questions")
+        if listed is None:
+            return None
+        if not isinstance(listed, list):
+            raise BadSample("bad_json", f"json 'questions' is a {type(listed).__name__}, not a list")
+        pairs = []
+        for i, entry in enumerate(listed):
+            if not isinstance(entry, dict) or not isinstance(entry.get("question"), str):
+                raise BadSample("bad_json", f"json 'questions'[{i}] has no string 'question'")
+            answer = entry.get("multiple_choice_answer")
+            if answer is None and isinstance(entry.get("answers"), list) and entry["answers"]:
+                given = [a.get("answer") if isinstance(a, dict) else a for a in entry["answers"]]
+                given = [a for a in given if isinstance(a, str) and a.strip()]
+                answer = Counter(given).most_common(1)[0][0] if given else None
+            if answer is None:
+                continue
+            if not isinstance(answer, str):
+                raise BadSample("bad_json", f"json 'questions'[{i}] answer is {answer!r}, not a string")
+            if entry["question"].strip() and answer.strip():
+                pairs.append((entry["question"].strip(), answer.strip()))
+        if not pairs:
+            return None
+        return pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
 
     @staticmethod
     def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +331,10 @@ class ImageTextDecoder:
                 caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
             else:
                 caption = captions[0]
-            return {"image": image, "caption": caption, "label": label}
+            sample = {"image": image, "caption": caption, "label": label}
+            if self.train_vqa:
+                sample["qa"] = self._train_question(meta, generator)
+            return sample
         return {"image": image, "captions": captions, "label": label, "image_id": image_id, "questions": questions}
 
 
@@ -320,6 +361,14 @@ class ImageTextCollator:
             batch["text_ids"], batch["text_mask"] = self.tokenizer.encode(
                 [s["caption"] for s in samples], self.context_length
             )
+            if any("qa" in s for s in samples):
+                qa = [(row, s["qa"]) for row, s in enumerate(samples) if s.get("qa") is not None]
+                batch["question"] = [q for _, (q, _) in qa]
+                batch["answer"] = [a for _, (_, a) in qa]
+                batch["qa_ids"], batch["qa_mask"], batch["qa_answer_mask"] = self.tokenizer.encode_pairs(
+                    batch["question"], batch["answer"], self.context_length
+                )  # [Q, L] each
+                batch["qa_owner"] = torch.tensor([row for row, _ in qa], dtype=torch.long)  # [Q]
             return batch
         first = [s["captions"][0] if s["captions"] else "" for s in samples]
         batch["text_ids"], batch["text_mask"] = self.tokenizer.encode(first, self.context_length)
@@ -436,6 +485,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             caption JSON), ``vqa_questions`` and ``vqa_annotations`` (official VQAv2 JSON),
             values the file paths.  See :meth:`eval_annotations`.
         test_annotations: Evaluation annotation files of the test data (same keys).
+        train_vqa: Also give every training image one of its VQA questions with the answer (the
+            JSON ``questions``, as the synthetic world and ``lit-vlm data vqav2`` write them), for
+            families that learn to answer by generation (BLIP's ``vqa_weight``); see the batch
+            contract.
     """
 
     def __init__(
@@ -469,6 +522,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         image_root: str | None = None,
         val_annotations: dict[str, str] | None = None,
         test_annotations: dict[str, str] | None = None,
+        train_vqa: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -504,6 +558,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             "val": {k: str(v) for k, v in (val_annotations or {}).items()},
             "test": {k: str(v) for k, v in (test_annotations or {}).items()},
         }
+        self.train_vqa = bool(train_vqa)
         self._validate()
         try:
             self.tokenizer: Tokenizer = Tokenizer.load(tokenizer)
@@ -814,9 +869,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             return train_transform(self.image_size, self.mean, self.std, self.train_crop_scale)
         return eval_transform(self.image_size, self.mean, self.std)
 
-    def _dataset(self, split: str, sources: list[Source]) -> StreamDataset:
-        train = split == "train"
-        rank, world_size = self._rank_world()
+    def _dataset(
+        self, split: str, sources: list[Source], layout: str | None = None, num_workers: int | None = None
+    ) -> StreamDataset:
+        train = split == "train" and layout is None
+        rank, world_size = self._rank_world() if layout is None else (0, 1)
         if train:
             draft = math.ceil(self.image_size / math.sqrt(self.train_crop_scale[0]))
         else:
@@ -830,6 +887,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             draft_size=draft,
             require_caption=split != "predict",
             image_root=self._image_root(split),
+            train_vqa=self.train_vqa and train,
         )
         return StreamDataset(
             sources,
@@ -840,7 +898,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             train=train,
             rank=rank,
             world_size=world_size,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers if num_workers is None else num_workers,
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer if train else 0,
             resampled=self.resampled and train,
@@ -872,6 +930,20 @@ class ImageTextDataModule(pl.LightningDataModule):
         if not sources:
             return []
         return self._loader(self._dataset(split, sources))
+
+    def sample_loader(self, split: str, num_workers: int = 0) -> StreamLoader | list[Any]:
+        """Evaluation-layout batches (every caption, ``image_id``, questions; evaluation
+        transform, no shuffling) of any split, ``"train"`` included, read whole by this process
+        alone whatever the number of ranks. For evaluations that need a reference set, such as the
+        nearest-neighbour caption baseline of :class:`~lit_vlm.callbacks.CaptionEvaluation`; the
+        caller stops reading when it has enough. ``[]`` when the split has no data."""
+        if split not in self.shard_specs:
+            raise ValueError(f"sample_loader: split must be one of {sorted(self.shard_specs)}, got {split!r}")
+        sources = self._sources(split)
+        if not sources:
+            return []
+        dataset = self._dataset(split, sources, layout="eval", num_workers=num_workers)
+        return StreamLoader(dataset, num_workers=num_workers, pin_memory=False)
 
     def val_dataloader(self) -> StreamLoader | list[Any]:
         """Every validation sample exactly once across ranks; ``[]`` when there is none."""

@@ -252,6 +252,36 @@ class Tokenizer:
             mask[row, : len(seq)] = True
         return ids, mask
 
+    def encode_pairs(
+        self, prompts: Sequence[str], answers: Sequence[str], context_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokenise prompt-answer pairs as one sequence each, ``[bos] prompt answer [eos]``, for a
+        language-modelling loss on the answer only (VQA as generation).
+
+        Returns ``(ids, mask, answer_mask)``, each ``[B, L]``: ``answer_mask`` is True on the
+        answer's tokens and the end token. Too long a pair loses the end of its prompt first, then
+        the end of its answer; the end token is always kept.
+        """
+        if len(prompts) != len(answers):
+            raise ValueError(f"encode_pairs: {len(prompts)} prompts but {len(answers)} answers")
+        n_special = (self._bos_id is not None) + (self._eos_id is not None)
+        room = context_length - n_special
+        if room < 1:
+            raise ValueError(f"context_length={context_length} leaves no room for a prompt and an answer")
+        ids = torch.full((len(prompts), context_length), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), context_length), dtype=torch.bool)
+        answer_mask = torch.zeros((len(prompts), context_length), dtype=torch.bool)
+        prefix = [] if self._bos_id is None else [self._bos_id]
+        suffix = [] if self._eos_id is None else [self._eos_id]
+        for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+            a = self._tok.encode(answer, add_special_tokens=False).ids[:room]
+            q = self._tok.encode(prompt, add_special_tokens=False).ids[: room - len(a)]
+            seq = prefix + q + a + suffix
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+            answer_mask[row, len(prefix) + len(q) : len(seq)] = True
+        return ids, mask, answer_mask
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Decode one row of ids back to text.
 

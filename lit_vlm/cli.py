@@ -7,7 +7,7 @@ a guard against non-finite losses); every one can be overridden from YAML or the
 ``fit --ckpt_path last`` resumes the newest run in its own directory, mid-epoch included.
 
 Values that must agree between data and model are given once: any ``image_size``,
-``vocab_size``, ``context_length`` or ``pad_id`` argument left unset anywhere in the model's config
+``vocab_size``, ``context_length``, ``pad_id`` or ``tokenizer`` argument left unset anywhere in the model's config
 (the family's own arguments or its towers') is filled from the DataModule's attribute of that
 name; a value set in both places that disagrees is an error naming both.
 
@@ -32,12 +32,12 @@ from lightning.pytorch.cli import LightningCLI
 from lit_vlm.callbacks.results import INDEX_FILE, Checkpoint
 from lit_vlm.callbacks.training import NonFiniteLossError
 
-LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id")
+LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenizer")
 
 _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
-`lit-vlm data {synth,karpathy,vqav2} ...` (write the synthetic world, convert datasets; `lit-vlm data --help`),
+`lit-vlm data {synth,karpathy,vqav2,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
 `lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`)."""
 
 
@@ -111,7 +111,14 @@ def _data_values(data_cfg: Namespace) -> dict[str, Any]:
     """Instantiate the DataModule once (cheap: no data is read) to read the linked attributes."""
     init_args = data_cfg.init_args.as_dict() if isinstance(data_cfg.init_args, Namespace) else dict(data_cfg.init_args or {})
     dm = _import(data_cfg.class_path)(**init_args)
-    return {k: getattr(dm, k) for k in LINKED_KEYS if getattr(dm, k, None) is not None}
+    values = {k: getattr(dm, k) for k in LINKED_KEYS if getattr(dm, k, None) is not None}
+    if "tokenizer" in values:  # a Tokenizer object links as the spec it loads from ("synth" or a path)
+        name = getattr(values["tokenizer"], "name", values["tokenizer"])
+        if isinstance(name, str):
+            values["tokenizer"] = name
+        else:
+            del values["tokenizer"]
+    return values
 
 
 def _fill(node: Any, values: dict[str, Any], path: str) -> None:
@@ -226,6 +233,8 @@ TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
                      "convert COCO / Flickr30k Karpathy-split JSON + images into shards + caption annotations"),
         "vqav2": ("lit_vlm.datamodules.convert", "vqav2_main",
                   "convert VQAv2 questions + annotations + images into shards + the official annotation files"),
+        "capfilt": ("lit_vlm.capfilt", "main",
+                    "BLIP's CapFilt: caption shards with a trained captioner, filter captions with its ITM head, write new shards"),
     },
     "eval": {
         "vqa": ("lit_vlm.vqa", "main", "score a VQAv2 results file with the official VQA accuracy"),

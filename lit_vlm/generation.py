@@ -26,6 +26,7 @@ Options, as Hugging Face's ``generate`` names them:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -94,8 +95,12 @@ class _Stepper:
     def __init__(self, decoder: TextDecoder, context: Tensor | None, context_mask: Tensor | None, use_cache: bool) -> None:
         self.decoder, self.context, self.context_mask, self.use_cache = decoder, context, context_mask, use_cache
         self.cache: DecoderCache | None = None
+        self.prompt_length = 0
+        # a prefix LM needs to know where the prompt ends when it recomputes a whole sequence
+        self.takes_prefix = "prefix_length" in inspect.signature(decoder.forward).parameters
 
     def first(self, ids: Tensor, mask: Tensor) -> Tensor:
+        self.prompt_length = ids.shape[1]
         out = self.decoder(ids, mask, context=self.context, context_mask=self.context_mask, use_cache=self.use_cache)
         self.cache = out.cache
         return out.logits[:, -1]  # [N, V]
@@ -103,7 +108,8 @@ class _Stepper:
     def next(self, ids: Tensor, mask: Tensor) -> Tensor:
         """``ids``/``mask`` [N, T]: the whole sequence so far (its last column is new)."""
         if not self.use_cache:
-            return self.decoder(ids, mask, context=self.context, context_mask=self.context_mask).logits[:, -1]
+            extra = {"prefix_length": self.prompt_length} if self.takes_prefix else {}
+            return self.decoder(ids, mask, context=self.context, context_mask=self.context_mask, **extra).logits[:, -1]
         out = self.decoder(ids[:, -1:], mask[:, -1:], cache=self.cache, use_cache=True)
         self.cache = out.cache
         return out.logits[:, -1]

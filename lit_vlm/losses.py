@@ -11,6 +11,8 @@ tests/test_ddp_contrastive.py prove it with 2 CPU processes).
   chunked so that memory grows with the chunk rather than with the global batch squared.
 * :func:`focal_clip_loss` — focal contrastive loss (RO-ViT / MaMMUT), sigmoid or softmax form.
 * :func:`filip_similarity`, :func:`filip_loss` — FILIP token-wise late interaction.
+* :func:`token_cross_entropy`, :func:`caption_loss`, :func:`global_token_mean` — the
+  captioning (language-modelling) loss as per-sample sums and counts.
 * :func:`get_loss` — look a loss up by the name a YAML file gives.
 """
 
@@ -489,6 +491,62 @@ def filip_loss(
         logits_i2t = logit_scale * sim_i2t  # [B, W*B] local images against all texts
         logits_t2i = logit_scale * sim_t2i.T  # [B, W*B] local texts against all images
     return _symmetric_infonce(logits_i2t, logits_t2i, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Language modelling (captioning)
+# ----------------------------------------------------------------------------------------------
+
+
+def token_cross_entropy(
+    logits: torch.Tensor,  # [B, L, V] next-token logits at every position
+    targets: torch.Tensor,  # [B, L] the token each position must predict
+    weights: torch.Tensor,  # [B, L] bool or float, which targets count
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample sums of the token cross-entropy and the number of counted targets.
+
+    Returns ``(sums [B], counts [B])``. The batch loss is ``sums.sum() / counts.sum()``: the mean
+    over every counted token of the batch, as ``CrossEntropyLoss(ignore_index=pad)`` computes it
+    (open_clip's CoCa caption loss, BLIP's LM loss). Keeping sums and counts apart lets exact
+    gradient accumulation and DDP recombine micro-batches into that same global mean.
+    """
+    B, L, V = logits.shape
+    ce = F.cross_entropy(
+        logits.reshape(B * L, V).float(), targets.reshape(B * L), reduction="none", label_smoothing=label_smoothing
+    ).view(B, L)  # [B, L]
+    w = weights.to(ce.dtype)  # [B, L]
+    return (ce * w).sum(1), w.sum(1)  # [B], [B]
+
+
+def caption_loss(
+    logits: torch.Tensor,  # [B, L, V] decoder logits over the caption [bos, w1, ..., eos, pad...]
+    ids: torch.Tensor,  # [B, L] the caption's token ids
+    mask: torch.Tensor,  # [B, L] bool, real tokens
+    label_smoothing: float = 0.0,
+    loss_mask: torch.Tensor | None = None,  # [B, L] bool: which tokens are targets (default: all real)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced captioning loss: position t predicts token t + 1, for every real token after
+    the first (the start token is never a target; the end token is). ``loss_mask`` restricts the
+    targets further (e.g. PrefixLM's suffix, a VQA answer). Returns ``(sums [B], counts [B])``
+    as :func:`token_cross_entropy`."""
+    targets = ids[:, 1:]  # [B, L-1]
+    weights = mask[:, 1:].bool()  # [B, L-1]
+    if loss_mask is not None:
+        weights = weights & loss_mask[:, 1:].bool()
+    return token_cross_entropy(logits[:, :-1], targets, weights, label_smoothing)
+
+
+def global_token_mean(sums: torch.Tensor, counts: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    """``sums.sum() / counts.sum()`` over this rank's samples, rescaled under DDP so that the
+    DDP average of the ranks' values is the mean over every token of the global batch (each rank
+    divides its sum by the global count, times the world size). Exact whatever the ranks' token
+    counts; the count is all-reduced without gradient."""
+    total = counts.sum()
+    _, world = rank_and_world() if gather else (0, 1)
+    if world > 1:
+        total = gather_no_grad(total.reshape(1)).sum() / world
+    return sums.sum() / total.clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------------------------

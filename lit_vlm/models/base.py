@@ -12,7 +12,10 @@ A family subclasses :class:`VLMModule`, builds its connector and losses from the
   ``similarity(image_tokens, image_mask, text_tokens, text_mask) -> (sim_i2t [I, T], sim_t2i [I, T])``
   (or one ``[I, T]`` matrix for both directions): the retrieval callback then ranks with the
   family's own similarity (FILIP's token-wise late interaction) instead of a dot product;
-- later: ``score_pairs`` (ITM re-ranking) and ``generate(images, prompts)`` (captioning, VQA).
+- ``pair_features(images)`` + ``score_pairs(features, ids, mask) -> [N]`` (ITM re-ranking of
+  retrieval; BLIP, FLAVA) and ``generate(images, prompts, max_new_tokens) -> list[str]``
+  (captioning, VQA; the families mix in :class:`lit_vlm.models.generating.GeneratingMixin`, which
+  also gives ``score_answers`` for VQA by ranking).
 
 Contrastive gradient accumulation (``accum_freq``)
 -------------------------------------------------

@@ -4,7 +4,7 @@ from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .text import TextOutput, TextTransformer
 from .transformer import MLP, Attention, AttentionalPooler, Block, CrossAttention, LayerScale, QuickGELU, Transformer, make_activation
-from .vision import VisionOutput, VisionTransformer, interpolate_pos_embed
+from .vision import VisionOutput, VisionTransformer, interpolate_pos_embed, random_masking
 
 __all__ = [
     "Attention",
@@ -27,6 +27,7 @@ __all__ = [
     "VisionOutput",
     "VisionTransformer",
     "interpolate_pos_embed",
+    "random_masking",
     "make_activation",
     "resolve_preset",
 ]

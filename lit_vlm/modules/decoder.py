@@ -11,6 +11,9 @@ captioners) share it, and :mod:`lit_vlm.generation` decodes with it.
 - Padding: ``mask`` [B, L] marks real tokens. Positions count real tokens only, so left-padded and
   right-padded prompts give the same result; padded keys are never attended to (a padded query
   attends to itself only, so its output stays finite; it is never used).
+- ``prefix_length``: :mod:`lit_vlm.generation` passes the prompt's length to decoders whose
+  forward takes it, when it recomputes a whole sequence without cache (a prefix LM needs to know
+  where its bidirectional prompt ends); a causal decoder ignores it.
 - Cache: with ``use_cache=True`` the forward returns a :class:`DecoderCache` holding every
   block's keys and values (and the cross-attention keys and values of the context, computed once);
   passing it back with only the new tokens costs one token's work per step. Cached and uncached
@@ -132,8 +135,9 @@ class TextDecoder(nn.Module):
     """Causal text decoder (see the module docstring).
 
     Args:
-        vocab_size: Size of the token vocabulary V.
-        context_length: Maximum number of positions (prompt + generated tokens).
+        vocab_size: Size of the token vocabulary V (``lit-vlm`` takes it from the data's tokenizer).
+        context_length: Maximum number of positions, prompt and generated tokens together
+            (``lit-vlm`` takes the data's ``context_length``).
         width: Model width D.
         layers: Number of blocks.
         heads: Attention heads; must divide ``width``.
@@ -148,8 +152,8 @@ class TextDecoder(nn.Module):
 
     def __init__(
         self,
-        vocab_size: int,
-        context_length: int,
+        vocab_size: int | None = None,
+        context_length: int | None = None,
         width: int = 512,
         layers: int = 6,
         heads: int = 8,
@@ -162,6 +166,8 @@ class TextDecoder(nn.Module):
         tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
+        if vocab_size is None or context_length is None:
+            raise ValueError("TextDecoder: vocab_size and context_length must be given (lit-vlm fills them from the data)")
         n_cross = layers if cross_attention_layers is None else cross_attention_layers
         if not 0 <= n_cross <= layers:
             raise ValueError(f"cross_attention_layers must be in [0, layers={layers}], got {cross_attention_layers}")
@@ -191,6 +197,63 @@ class TextDecoder(nn.Module):
     def has_cross_attention(self) -> bool:
         return any(b.xattn is not None for b in self.blocks)
 
+    @property
+    def num_unimodal_layers(self) -> int:
+        """Blocks before the first cross-attending one (CoCa's unimodal text layers)."""
+        return next((i for i, b in enumerate(self.blocks) if b.xattn is not None), len(self.blocks))
+
+    # ---- pieces, also used by families that run the blocks in stages (CoCa) ------------------
+    @staticmethod
+    def attention_mask(full_mask: Tensor, new: int) -> Tensor:
+        """Self-attention mask of the last ``new`` of T positions: [B, T] real-token mask ->
+        [B, 1, new, T] bool. A query sees the real keys up to its own position, and always itself."""
+        T = full_mask.shape[1]
+        q_abs = torch.arange(T - new, T, device=full_mask.device)[:, None]  # [L, 1]
+        k_abs = torch.arange(T, device=full_mask.device)[None, :]  # [1, T]
+        allowed = ((k_abs <= q_abs)[None] & full_mask[:, None, :]) | (k_abs == q_abs)[None]  # [B, L, T]
+        return allowed[:, None]  # [B, 1, L, T]
+
+    def embed(self, ids: Tensor, full_mask: Tensor) -> Tensor:
+        """Token plus positional embedding of the last L = ids.shape[1] of the T positions of
+        ``full_mask`` [B, T]; a position counts the real tokens before it: [B, L] -> [B, L, D]."""
+        T, L = full_mask.shape[1], ids.shape[1]
+        if T > self.context_length:
+            raise ValueError(f"decoder: {T} positions exceed context_length={self.context_length}")
+        positions = (full_mask.long().cumsum(1) - 1).clamp_min(0)[:, T - L :]  # [B, L]
+        return self.token_embedding(ids) + self.positional_embedding[positions]  # [B, L, D]
+
+    def context_kv(self, context: Tensor | None) -> list[tuple[Tensor, Tensor] | None]:
+        """Every block's cross-attention keys/values of ``context`` [B, S, Dc] (None for blocks
+        without cross-attention)."""
+        if not self.has_cross_attention:
+            return [None] * len(self.blocks)
+        if context is None:
+            raise ValueError("this decoder cross-attends to image tokens: pass context")
+        return [b.context_kv(context) if b.xattn is not None else None for b in self.blocks]
+
+    def run_blocks(
+        self,
+        x: Tensor,  # [B, L, D]
+        self_mask: Tensor,  # [B, 1, L, T]
+        cross_kv: list[tuple[Tensor, Tensor] | None],
+        context_mask: Tensor | None = None,  # [B, S] bool
+        start: int = 0,
+        stop: int | None = None,
+        past: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Blocks ``start:stop`` on ``x``; returns the output [B, L, D] and their keys/values."""
+        cross_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+        kvs: list[tuple[Tensor, Tensor]] = []
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            x, kv = self.blocks[i](x, self_mask, past[i] if past else None, cross_kv[i], cross_mask)
+            kvs.append(kv)
+        return x, kvs
+
+    def head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Final LayerNorm and output projection: [B, L, D] -> (hidden [B, L, D], logits [B, L, V])."""
+        hidden = self.ln_final(x)
+        return hidden, self.lm_head(hidden)
+
     def forward(
         self,
         ids: Tensor,  # [B, L] new token ids
@@ -199,41 +262,21 @@ class TextDecoder(nn.Module):
         context_mask: Tensor | None = None,  # [B, S] bool
         cache: DecoderCache | None = None,
         use_cache: bool = False,
+        prefix_length: int | None = None,  # unused: a causal decoder has no bidirectional prefix
     ) -> DecoderOutput:
         B, L = ids.shape
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         past_mask = cache.mask if cache is not None and cache.mask is not None else ids.new_zeros((B, 0), dtype=torch.bool)
         full_mask = torch.cat([past_mask, mask], dim=1)  # [B, T]
-        T = full_mask.shape[1]
-        if T > self.context_length:
-            raise ValueError(f"decoder: {T} positions exceed context_length={self.context_length}")
-        positions = (full_mask.long().cumsum(1) - 1).clamp_min(0)[:, T - L :]  # [B, L] real tokens before
-        x = self.token_embedding(ids) + self.positional_embedding[positions]  # [B, L, D]
-        # query i (absolute T - L + i) sees real keys j <= its own position, and always itself
-        q_abs = torch.arange(T - L, T, device=ids.device)[:, None]  # [L, 1]
-        k_abs = torch.arange(T, device=ids.device)[None, :]  # [1, T]
-        causal = k_abs <= q_abs  # [L, T]
-        self_mask = (causal[None] & full_mask[:, None, :]) | (k_abs == q_abs)[None]  # [B, L, T]
-        self_mask = self_mask[:, None]  # [B, 1, L, T]
-
-        cross_kv: list[tuple[Tensor, Tensor] | None]
+        x = self.embed(ids, full_mask)  # [B, L, D]
+        self_mask = self.attention_mask(full_mask, L)  # [B, 1, L, T]
         if cache is not None and cache.cross_kv:
             cross_kv, context_mask = cache.cross_kv, cache.context_mask
-        elif self.has_cross_attention:
-            if context is None:
-                raise ValueError("this decoder cross-attends to image tokens: pass context")
-            cross_kv = [b.context_kv(context) if b.xattn is not None else None for b in self.blocks]
         else:
-            cross_kv = [None] * len(self.blocks)
-        cross_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-
-        new_self: list[tuple[Tensor, Tensor]] = []
-        for i, block in enumerate(self.blocks):
-            past = cache.self_kv[i] if cache is not None and cache.self_kv else None
-            x, kv = block(x, self_mask, past, cross_kv[i], cross_mask)
-            new_self.append(kv)
-        hidden = self.ln_final(x)  # [B, L, D]
-        logits = self.lm_head(hidden)  # [B, L, V]
+            cross_kv = self.context_kv(context)
+        past = cache.self_kv if cache is not None and cache.self_kv else None
+        x, new_self = self.run_blocks(x, self_mask, cross_kv, context_mask, past=past)
+        hidden, logits = self.head(x)  # [B, L, D], [B, L, V]
         out_cache = None
         if use_cache:
             out_cache = DecoderCache(self_kv=new_self, cross_kv=list(cross_kv), mask=full_mask, context_mask=context_mask)

@@ -92,6 +92,31 @@ def interpolate_pos_embed(
     return out.squeeze(0) if squeeze else out
 
 
+def random_masking(
+    x: Tensor,  # [B, N, D] patch tokens
+    mask_ratio: float,
+    noise: Tensor | None = None,  # [B, N] in [0, 1); default uniform
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's per-sample random masking by argsort of noise: keep the ``round((1 - ratio) * N)``
+    tokens with the smallest noise.
+
+    Returns ``(kept [B, N', D], mask [B, N] (1 = removed, in the original patch order),
+    ids_restore [B, N])``: ``torch.gather`` of ``cat(kept, mask tokens)`` along dim 1 with
+    ``ids_restore`` puts every token back in its original place.
+    """
+    B, N, D = x.shape
+    keep = max(1, int(round(N * (1.0 - mask_ratio))))
+    if noise is None:
+        noise = torch.rand(B, N, device=x.device)  # [B, N]
+    ids_shuffle = noise.argsort(dim=1)  # [B, N] ascending: the first ones are kept
+    ids_restore = ids_shuffle.argsort(dim=1)  # [B, N]
+    kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, D))  # [B, N', D]
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # [B, N] in patch order
+    return kept, mask, ids_restore
+
+
 def conv_stem(patch_size: int, width: int) -> nn.Sequential:
     """log2(patch_size) 3x3 stride-2 convolutions (channels 32, 64, ... capped at ``width``), each
     followed by GroupNorm(1) and GELU, then a 1x1 projection to ``width``: [B, 3, H, W] -> [B, D, H/p, W/p]."""
@@ -241,7 +266,37 @@ class VisionTransformer(nn.Module):
         patches = torch.gather(x[:, 1:], 1, idx.unsqueeze(-1).expand(-1, -1, D))  # [B, N', D]
         return torch.cat([x[:, :1], patches], dim=1)  # [B, 1+N', D]
 
-    def forward(self, images: Tensor, output_hidden_states: bool = False, patch_dropout: float | None = None) -> VisionOutput:
+    def forward_masked(
+        self, images: Tensor, mask_ratio: float, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """MAE encoder pass: embed the patches, add positions, keep a random ``1 - mask_ratio`` of
+        them per sample (:func:`random_masking`), prepend the class token, run the transformer on
+        the visible tokens only.
+
+        Returns ``(tokens [B, 1+N', D] after ln_post, mask [B, N], ids_restore [B, N])``.
+        """
+        B, _, h, w = images.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} must be divisible by patch_size {self.patch_size}")
+        x = self.conv1(images)  # [B, D, gh, gw]
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        pos = self._pos_embed(gh, gw).to(x.dtype)  # [1+N, D]
+        x = x + pos[1:]  # [B, N, D]
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # [B, N', D]
+        cls = (self.class_embedding.to(x.dtype) + pos[0]).expand(B, 1, -1)  # [B, 1, D]
+        x = self.ln_pre(torch.cat([cls, x], dim=1))  # [B, 1+N', D]
+        x, _ = self.transformer(x)
+        return self.ln_post(x), mask, ids_restore
+
+    def forward(
+        self,
+        images: Tensor,
+        output_hidden_states: bool = False,
+        patch_dropout: float | None = None,
+        replace_mask: Tensor | None = None,
+        replace_token: Tensor | None = None,
+    ) -> VisionOutput:
         """Encode ``images`` [B, 3, H, W] (H and W divisible by ``patch_size``).
 
         Args:
@@ -250,6 +305,9 @@ class VisionTransformer(nn.Module):
             output_hidden_states: Also return every layer's tokens (before ``ln_post``).
             patch_dropout: Override the module's patch-dropout ratio for this call. Patch dropout
                 is only ever applied in training mode.
+            replace_mask: [B, N] bool: patches whose embedding is replaced by ``replace_token``
+                [D] before the positions are added (BEiT / FLAVA masked image modelling).
+            replace_token: The learned mask token [D] (with ``replace_mask``).
         """
         B, _, h, w = images.shape
         if h % self.patch_size or w % self.patch_size:
@@ -260,6 +318,8 @@ class VisionTransformer(nn.Module):
         x = self.conv1(images)  # [B, D, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+        if replace_mask is not None:
+            x = torch.where(replace_mask.bool()[:, :, None], replace_token.to(x.dtype), x)  # [B, N, D]
         cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1)  # [B, 1+N, D]
         x = x + self._pos_embed(gh, gw).to(x.dtype)  # [B, 1+N, D]
