@@ -364,6 +364,35 @@ class VLMModule(pl.LightningModule):
                     return value
         return value
 
+    # ---- default steps: forward(batch) -> named terms ----------------------------------------
+    #: Terms logged on the val/test splits (None: every scalar term of ``forward``).
+    eval_terms: tuple[str, ...] | None = None
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        """``forward(batch)`` gives the named terms (``loss`` among them); log them as ``train/*``.
+        Under ``accum_freq > 1`` the micro-batch is buffered (see :meth:`accumulation_step`)."""
+        if not self.automatic_optimization:
+            terms = self.accumulation_step(batch)
+            if terms is not None:
+                self.log_terms("train", terms, batch_size=batch["image"].shape[0] * self.accum_freq)
+            return None
+        terms = self(batch)
+        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
+        return terms["loss"]
+
+    def evaluation_step(self, stage: str, batch: dict) -> dict[str, torch.Tensor]:
+        """``forward(batch)`` on a val/test batch, its ``eval_terms`` logged (averaged over ranks)."""
+        terms = self(batch)
+        keep = terms if self.eval_terms is None else {k: terms[k] for k in self.eval_terms if k in terms}
+        self.log_terms(stage, keep, batch["image"].shape[0], sync_dist=True)
+        return terms
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step("test", batch)
+
     # ---- logging -----------------------------------------------------------------------------
     def log_terms(self, stage: str, terms: dict[str, torch.Tensor], batch_size: int, **kwargs) -> None:
         """Log every named scalar term as ``{stage}/{name}``; ``loss`` also on the progress bar."""

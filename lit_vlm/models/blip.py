@@ -54,7 +54,7 @@ from lit_vlm.models.clip import trim_padding
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
 from lit_vlm.modules import Attention, TextDecoder, VisionTransformer
 
-EVAL_TERMS = ("loss", "itc_loss", "itm_loss", "lm_loss", "itm_acc")
+EVAL_TERMS = ("loss", "itc_loss", "itm_loss", "lm_loss", "vqa_loss", "itm_acc")
 
 
 class MixtureTextModel(nn.Module):
@@ -138,6 +138,7 @@ class BLIP(GeneratingMixin, VLMModule):
     """
 
     couples_batch = True
+    eval_terms = EVAL_TERMS
 
     def __init__(
         self,
@@ -394,19 +395,6 @@ class BLIP(GeneratingMixin, VLMModule):
         terms["loss"] = loss
         terms["temperature"] = self.temp.detach()
         return terms
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
-        return terms["loss"]
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("val", {k: terms[k] for k in EVAL_TERMS if k in terms}, batch["image"].shape[0], sync_dist=True)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("test", {k: terms[k] for k in EVAL_TERMS if k in terms}, batch["image"].shape[0], sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generated captions and ITC embeddings of the batch's images, keyed by sample id."""

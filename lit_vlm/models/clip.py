@@ -109,6 +109,7 @@ class CLIP(VLMModule):
     """
 
     couples_batch = True
+    eval_terms = EVAL_TERMS
 
     def __init__(
         self,
@@ -316,16 +317,6 @@ class CLIP(VLMModule):
         # Gather across ranks only in training, where every rank has the same batch size.
         return self.loss_from_features(self.features(batch), gather=self.training)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if not self.automatic_optimization:
-            terms = self.accumulation_step(batch)
-            if terms is not None:
-                self.log_terms("train", terms, batch_size=batch["image"].shape[0] * self.accum_freq)
-            return None
-        terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
-        return terms["loss"]
-
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.max_log_scale)  # exp(t) <= max_logit_scale
@@ -356,14 +347,6 @@ class CLIP(VLMModule):
         self._patch_dropout_now = None
 
     # ---- evaluation ------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("val", {k: terms[k] for k in EVAL_TERMS}, batch["image"].shape[0], sync_dist=True)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("test", {k: terms[k] for k in EVAL_TERMS}, batch["image"].shape[0], sync_dist=True)
-
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Embeddings of the batch's images and (first) captions, keyed by sample id."""
         return {

@@ -41,7 +41,7 @@ from lit_vlm.models.clip import trim_padding
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
 from lit_vlm.modules import AttentionalPooler, TextDecoder, VisionTransformer
 
-EVAL_TERMS = ("loss", "contrastive_loss", "caption_loss", "acc_i2t", "acc_t2i")
+EVAL_TERMS = ("loss", "contrastive_loss", "caption_loss", "vqa_loss", "acc_i2t", "acc_t2i")
 
 
 class CoCa(GeneratingMixin, VLMModule):
@@ -89,6 +89,7 @@ class CoCa(GeneratingMixin, VLMModule):
     """
 
     couples_batch = True
+    eval_terms = EVAL_TERMS
 
     def __init__(
         self,
@@ -259,27 +260,9 @@ class CoCa(GeneratingMixin, VLMModule):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.loss_from_features(self.features(batch), gather=self.training)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if not self.automatic_optimization:
-            terms = self.accumulation_step(batch)
-            if terms is not None:
-                self.log_terms("train", terms, batch_size=batch["image"].shape[0] * self.accum_freq)
-            return None
-        terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
-        return terms["loss"]
-
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, self.max_log_scale)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("val", {k: terms[k] for k in EVAL_TERMS}, batch["image"].shape[0], sync_dist=True)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("test", {k: terms[k] for k in EVAL_TERMS}, batch["image"].shape[0], sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generated captions and embeddings of the batch's images, keyed by sample id."""

@@ -105,6 +105,8 @@ class FLAVA(VLMModule):
         init_from_parts: Load only these attributes from ``init_from`` (e.g. ``[vision]``).
     """
 
+    eval_terms = ("loss", *(f"{name}_loss" for name in LOSSES), "itm_acc")
+
     def __init__(
         self,
         vision: VisionTransformer,
@@ -265,22 +267,10 @@ class FLAVA(VLMModule):
         terms["loss"] = sum(w[name] * terms[f"{name}_loss"] for name in LOSSES if f"{name}_loss" in terms)
         return terms
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
-        return terms["loss"]
-
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         with torch.no_grad():
             self.logit_scale.clamp_(0, math.log(100.0))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("val", {k: v for k, v in terms.items() if k.endswith("loss")}, batch["image"].shape[0], sync_dist=True)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms("test", {k: v for k, v in terms.items() if k.endswith("loss")}, batch["image"].shape[0], sync_dist=True)
 
 
 __all__ = ["FLAVA", "bert_mask"]

@@ -143,22 +143,10 @@ class MAE(VLMModule):
         loss = mae_loss(out["pred"], out["target"], out["mask"], self.norm_pix_loss)
         return {"loss": loss}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
-        return terms["loss"]
-
-    def _eval_step(self, stage: str, batch: dict, batch_idx: int) -> None:
-        terms = self(batch)
-        self.log_terms(stage, terms, batch["image"].shape[0], sync_dist=True)
-        if stage == "val" and batch_idx == 0 and self.num_reconstructions:
-            self._log_reconstructions(batch["image"][: self.num_reconstructions])
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch, batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch, batch_idx)
+        self.evaluation_step("val", batch)
+        if batch_idx == 0 and self.num_reconstructions:
+            self._log_reconstructions(batch["image"][: self.num_reconstructions])
 
     # ---- reconstructions and export ---------------------------------------------------------------
     def reconstruction_grid(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -138,6 +138,8 @@ class PrefixLM(GeneratingMixin, VLMModule):
         init_from_parts: Load only these attributes from ``init_from`` (e.g. ``[vision]``).
     """
 
+    eval_terms = ("loss", "caption_loss", "vqa_loss")
+
     def __init__(
         self,
         vision: VisionTransformer,
@@ -219,17 +221,6 @@ class PrefixLM(GeneratingMixin, VLMModule):
             terms["vqa_loss"] = self._suffix_loss(tokens[rows], torch.ones_like(rows, dtype=torch.bool), qa_ids, qa_mask.bool(), qa_prefix)
         loss = terms["caption_loss"] + self.vqa_weight * terms.get("vqa_loss", 0.0)
         return {"loss": loss, **terms, "text_only_fraction": (~has_image).float().mean()}
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
-        return terms["loss"]
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log_terms("val", {"loss": self(batch)["loss"]}, batch["image"].shape[0], sync_dist=True)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.log_terms("test", {"loss": self(batch)["loss"]}, batch["image"].shape[0], sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"sample_id": batch["sample_id"], "caption": self.generate(batch["image"])}
