@@ -603,3 +603,20 @@ def test_coca_step_under_ddp_equals_one_process(tmp_path):
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, atol=1e-6, rtol=1e-4, msg=key)
     assert max(v.abs().max().item() for v in single.values()) > 1e-3
+
+
+def test_nearest_neighbour_baseline_takes_the_nearest_training_images_captions():
+    from lit_vlm.callbacks import CaptionEvaluation
+
+    cb = CaptionEvaluation(baseline="nearest_neighbour", baseline_k=1)
+    bank = torch.randn(3, 3, 16, 16)
+    cb._bank = (cb._features(None, bank), [["a red circle", "one red circle", "a red circle on the left"],
+                                            ["a blue star"], ["two green squares", "green squares"]])
+    query = bank[[2, 0]] + 0.01 * torch.randn(2, 3, 16, 16)  # near bank images 2 and 0
+    assert cb._baseline_captions(None, query) == ["two green squares", "a red circle"]
+    cb.baseline_k = 2  # the two nearest images' captions compete: the consensus of their union
+    second = int((cb._features(None, bank[:1]) @ cb._bank[0].T)[0].argsort(descending=True)[1])
+    pool = cb._bank[1][0] + cb._bank[1][second]
+    assert cb._baseline_captions(None, bank[:1]) == [consensus_caption(pool)]
+    with pytest.raises(ValueError, match="baseline_split"):
+        CaptionEvaluation(baseline="nearest_neighbour", baseline_split="val")
