@@ -39,8 +39,6 @@ import torch
 
 log = logging.getLogger("lit_vlm")
 
-FORMAT = "lit-vlm-converted"
-
 
 def load_model(source: str, device: str = "cpu") -> Any:
     """The LightningModule of a lit-vlm checkpoint file or run directory (its best checkpoint)."""
@@ -229,13 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "num_captions": args.num_captions, **stats}
     (out / "reports").mkdir(exist_ok=True)
     (out / "reports" / "capfilt.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    manifest = {"format": FORMAT, "version": 1, "source": "capfilt",
+    from lit_vlm.datamodules.convert import FORMAT, MANIFEST, VERSION
+    from lit_vlm.io import write_json_atomic
+
+    manifest = {"format": FORMAT, "version": VERSION, "source": "capfilt",
                 "splits": {"train": {"shards": [f"train/{s}" for s in writer.shards], "num_samples": stats["images_out"],
                                      "packed": True, "report": "reports/capfilt.json"}},
                 "annotations": {}}
-    from lit_vlm.io import write_json_atomic
-
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return report
 
 

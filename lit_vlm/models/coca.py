@@ -166,14 +166,15 @@ class CoCa(GeneratingMixin, VLMModule):
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (unnormalised embedding [B, E], captioning context [B, n, Dc])."""
         tokens = self.vision(images).tokens  # [B, 1+N, Wv]
-        pooled = self.contrast_pool(tokens).squeeze(1)  # [B, Wv]
-        emb = self.image_projection(self.image_ln(pooled))  # [B, E]
-        return emb, self.caption_pool(tokens)  # [B, E], [B, n, Dc]
+        return self._contrastive(tokens), self.caption_pool(tokens)  # [B, E], [B, n, Dc]
+
+    def _contrastive(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, 1+N, Wv] -> unnormalised contrastive embedding [B, E]."""
+        return self.image_projection(self.image_ln(self.contrast_pool(tokens).squeeze(1)))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images [B, 3, H, W] -> embeddings [B, E] (L2-normalised unless ``normalize=False``)."""
-        tokens = self.vision(images).tokens  # [B, 1+N, Wv]
-        emb = self.image_projection(self.image_ln(self.contrast_pool(tokens).squeeze(1)))  # [B, E]
+        emb = self._contrastive(self.vision(images).tokens)  # [B, E]
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def generation_context(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
