@@ -27,8 +27,9 @@ Training batches (``train_dataloader``):
   with ``caption_sampling="random"``, the first with ``"first"``): ``[bos] tokens [eos] pad...``;
 * ``text_mask``: bool ``[B, L]``, True on real tokens (bos and eos included);
 * ``sample_id``: ``list[str]`` of the webdataset keys (``__key__``);
-* with ``train_vqa=True``: ``question`` and ``answer`` (``list[str]``, one question drawn at
-  random per image that has an answered one, with its ``multiple_choice_answer``), ``qa_ids``,
+* with ``train_vqa`` (k questions per image, ``true`` = 1): ``question`` and ``answer``
+  (``list[str]``, up to k distinct questions drawn at random per image that has answered ones,
+  with their ``multiple_choice_answer``), ``qa_ids``,
   ``qa_mask`` and ``qa_answer_mask`` (``[Q, L]``: ``[bos] question answer [eos]``, the answer
   and end token marked) and ``qa_owner`` (long ``[Q]``, each question's image row);
 * ``data_stats``: loader statistics (see below); removed again by
@@ -143,8 +144,9 @@ class ImageTextDecoder:
             a sample with questions needs no caption.
         image_root: Folder that a relative JSON ``image_path`` is resolved against (samples
             stored without image bytes); ``None``: only absolute paths can be read.
-        train_vqa: In training, also draw one of the sample's questions with its answer
-            (``"qa"``: ``(question, answer)``; see :meth:`_train_question`).
+        train_vqa: In training, also draw this many of the sample's questions (distinct, at
+            random; all of them when it has fewer) with their answers (``"qa"``: a list of
+            ``(question, answer)``; see :meth:`_train_questions`); ``True`` is 1, ``False`` 0.
     """
 
     def __init__(
@@ -158,7 +160,7 @@ class ImageTextDecoder:
         draft_size: int | None = None,
         require_caption: bool = True,
         image_root: str | None = None,
-        train_vqa: bool = False,
+        train_vqa: bool | int = False,
     ) -> None:
         if caption_sampling not in _CAPTION_SAMPLING:
             raise ValueError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {caption_sampling!r}")
@@ -170,16 +172,17 @@ class ImageTextDecoder:
         self.draft_size = draft_size
         self.require_caption = require_caption
         self.image_root = None if image_root is None else Path(image_root)
-        self.train_vqa = train_vqa
+        self.train_vqa = int(train_vqa)
 
     @staticmethod
-    def _train_question(meta: dict[str, Any], generator: torch.Generator) -> tuple[str, str] | None:
-        """A random ``(question, answer)`` of the JSON ``questions``: the answer is the entry's
-        ``multiple_choice_answer``, else the most common of its ``answers`` (strings or VQAv2
-        ``{"answer": ...}`` objects). None when the sample has no answered question."""
+    def _train_questions(meta: dict[str, Any], generator: torch.Generator, k: int) -> list[tuple[str, str]]:
+        """Up to ``k`` distinct random ``(question, answer)`` pairs of the JSON ``questions``: the
+        answer is the entry's ``multiple_choice_answer``, else the most common of its ``answers``
+        (strings or VQAv2 ``{"answer": ...}`` objects). Empty when the sample has no answered
+        question."""
         listed = meta.get("questions")
         if listed is None:
-            return None
+            return []
         if not isinstance(listed, list):
             raise BadSample("bad_json", f"json 'questions' is a {type(listed).__name__}, not a list")
         pairs = []
@@ -197,9 +200,8 @@ class ImageTextDecoder:
                 raise BadSample("bad_json", f"json 'questions'[{i}] answer is {answer!r}, not a string")
             if entry["question"].strip() and answer.strip():
                 pairs.append((entry["question"].strip(), answer.strip()))
-        if not pairs:
-            return None
-        return pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+        order = torch.randperm(len(pairs), generator=generator)[:k].tolist()
+        return [pairs[i] for i in order]
 
     @staticmethod
     def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
@@ -333,7 +335,7 @@ class ImageTextDecoder:
                 caption = captions[0]
             sample = {"image": image, "caption": caption, "label": label}
             if self.train_vqa:
-                sample["qa"] = self._train_question(meta, generator)
+                sample["qa"] = self._train_questions(meta, generator, self.train_vqa)
             return sample
         return {"image": image, "captions": captions, "label": label, "image_id": image_id, "questions": questions}
 
@@ -362,7 +364,7 @@ class ImageTextCollator:
                 [s["caption"] for s in samples], self.context_length
             )
             if any("qa" in s for s in samples):
-                qa = [(row, s["qa"]) for row, s in enumerate(samples) if s.get("qa") is not None]
+                qa = [(row, pair) for row, s in enumerate(samples) for pair in s.get("qa") or []]
                 batch["question"] = [q for _, (q, _) in qa]
                 batch["answer"] = [a for _, (_, a) in qa]
                 batch["qa_ids"], batch["qa_mask"], batch["qa_answer_mask"] = self.tokenizer.encode_pairs(
@@ -485,10 +487,12 @@ class ImageTextDataModule(pl.LightningDataModule):
             caption JSON), ``vqa_questions`` and ``vqa_annotations`` (official VQAv2 JSON),
             values the file paths.  See :meth:`eval_annotations`.
         test_annotations: Evaluation annotation files of the test data (same keys).
-        train_vqa: Also give every training image one of its VQA questions with the answer (the
-            JSON ``questions``, as the synthetic world and ``lit-vlm data vqav2`` write them), for
-            families that learn to answer by generation (BLIP's ``vqa_weight``); see the batch
-            contract.
+        train_vqa: Also give every training image this many of its VQA questions (distinct, drawn
+            at random; ``true`` = 1) with their answers (the JSON ``questions``, as the synthetic
+            world and ``lit-vlm data vqav2`` write them), for families that learn to answer by
+            generation (``vqa_weight`` of BLIP, CoCa, PrefixLM); see the batch contract. More
+            questions per image add question-answering signal for the cost of short text
+            sequences only: the image is encoded once.
     """
 
     def __init__(
@@ -522,7 +526,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         image_root: str | None = None,
         val_annotations: dict[str, str] | None = None,
         test_annotations: dict[str, str] | None = None,
-        train_vqa: bool = False,
+        train_vqa: bool | int = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -558,7 +562,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             "val": {k: str(v) for k, v in (val_annotations or {}).items()},
             "test": {k: str(v) for k, v in (test_annotations or {}).items()},
         }
-        self.train_vqa = bool(train_vqa)
+        if isinstance(train_vqa, bool) or train_vqa is None:
+            train_vqa = int(bool(train_vqa))
+        if not isinstance(train_vqa, int) or train_vqa < 0:
+            raise ValueError(f"data train_vqa must be true/false or a number of questions per image >= 0, got {train_vqa!r}")
+        self.train_vqa = train_vqa
         self._validate()
         try:
             self.tokenizer: Tokenizer = Tokenizer.load(tokenizer)
@@ -887,7 +895,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             draft_size=draft,
             require_caption=split != "predict",
             image_root=self._image_root(split),
-            train_vqa=self.train_vqa and train,
+            train_vqa=self.train_vqa if train else 0,
         )
         return StreamDataset(
             sources,
