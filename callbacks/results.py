@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ class ResultsWriter(pl.Callback):
     checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit. At the end
     of every ``fit`` it writes (or, for a resumed run, rewrites) ``fit.json``: steps, epochs, the
     training skip counts per reason over the whole fit, skipped non-finite steps, checkpoints,
-    machine, date and commit.
+    wall-clock seconds of this invocation (``time``: ``fit_s`` from the start of the fit loop to its
+    end, ``validation_s`` spent in validation loops, sanity check included, and ``train_s`` the
+    difference), machine, date and commit.
 
     Args:
         dirpath: Directory for the file; default: the run's log directory.
@@ -165,6 +168,27 @@ class ResultsWriter(pl.Callback):
         self.dirpath = dirpath
         self.filename = filename
         self.last_path: Path | None = None
+        self._fit_start: float | None = None
+        self._val_start: float | None = None
+        self._val_seconds = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start, self._val_seconds = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_start is not None:
+            self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._val_start is not None:
+            self._val_seconds += time.perf_counter() - self._val_start
+            self._val_start = None
+
+    def _fit_time(self) -> dict[str, float] | None:
+        if self._fit_start is None:
+            return None
+        total = time.perf_counter() - self._fit_start
+        return {"fit_s": round(total, 1), "train_s": round(total - self._val_seconds, 1), "validation_s": round(self._val_seconds, 1)}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_dir = trainer.log_dir  # a collective under DDP: read it on every rank
@@ -191,10 +215,12 @@ class ResultsWriter(pl.Callback):
                 "best": checkpoint.best_model_path or None, "last": getattr(checkpoint, "last_model_path", None) or None,
             },
             "world_size": trainer.world_size,
+            "time": self._fit_time(),
             "machine": machine_info(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **git_commit(),
         }
+        self._fit_start = None
         write_json_atomic(log_dir / "fit.json", summary)
         rank_zero_info(f"Fit summary: {log_dir / 'fit.json'}")
 

@@ -58,6 +58,9 @@ def test_evaluation_is_identical_on_one_and_two_processes(tmp_path):
     common = ["--config", TINY, "--data.init_args.root", str(tmp_path / "world"), "--trainer.enable_progress_bar", "false"]
     lit_vlm("fit", *common, "--trainer.max_epochs", "2", cwd=tmp_path)
     ckpt = json.loads((tmp_path / "runs/clip-tiny/version_0/checkpoints/index.json").read_text())["last"]
+    timing = json.loads((tmp_path / "runs/clip-tiny/version_0/fit.json").read_text())["time"]
+    assert 0 < timing["validation_s"] < timing["fit_s"]  # the sanity check and 2 validations
+    assert timing["train_s"] == pytest.approx(timing["fit_s"] - timing["validation_s"], abs=0.11)
     lit_vlm("test", *common, "--ckpt_path", ckpt, cwd=tmp_path)
     lit_vlm("test", *common, "--ckpt_path", ckpt, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
     one = json.loads((tmp_path / "runs/clip-tiny/version_1/results.json").read_text())
