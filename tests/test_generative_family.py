@@ -187,6 +187,10 @@ def test_every_generative_tiny_config_fits_and_tests_through_the_cli(tmp_path):
     for family in families:
         cfg = ["--config", str(ROOT / "configs" / family / "tiny.yaml"), *common]
         runs += [["fit", *cfg, "--trainer.limit_train_batches", "2"], ["test", *cfg, "--ckpt_path", "best"]]
+    # BLIP's second stage: the captioning fine-tune (ITC and ITM off) starting from the pre-trained run
+    runs.append(["fit", "--config", str(ROOT / "configs" / "blip" / "tiny.yaml"), *common, "--trainer.limit_train_batches", "2",
+                 "--trainer.logger.init_args.name", "blip-tiny-finetune", "--model.init_args.init_from", "runs/blip-tiny",
+                 "--model.init_args.itc_weight", "0", "--model.init_args.itm_weight", "0"])
     runs.append(["data", "capfilt", "--model", "runs/blip-tiny", "--root", str(tmp_path / "world"), "--out", "capfilt",
                  "--limit", "20", "--batch-size", "8", "--shard-size", "8", "--max-new-tokens", "6", "--threshold", "0.0",
                  "--context-length", "32", "--quiet"])
@@ -221,6 +225,8 @@ def test_every_generative_tiny_config_fits_and_tests_through_the_cli(tmp_path):
 
     dm = ImageTextDataModule(root=str(tmp_path / "capfilt"), image_size=32, batch_size=20, num_workers=0, synthesize=False)
     assert sum(b["image"].shape[0] for b in dm.sample_loader("train")) == 20
+    tuned = scalars(tmp_path / "runs" / "blip-tiny-finetune" / "version_0")
+    assert "train/lm_loss" in tuned and "train/itc_loss" not in tuned and "val/caption/CIDEr" in tuned
     blip = json.loads((tmp_path / "runs" / "blip-tiny" / "version_1" / "results.json").read_text())["metrics"]
     assert {"test/retrieval/rerank/mean_R@1", "test/vqa/overall", "test/vqa/baseline/answer_type/yes_no",
             "test/vqa_rank/overall", "test/itm_loss"} <= set(blip)
@@ -287,6 +293,15 @@ def test_blip_losses_momentum_queue_and_weights():
     txt = plain.encode_text(batch["text_ids"], batch["text_mask"])
     torch.testing.assert_close(t["loss"], clip_loss(img, txt, 1 / plain.temp)["loss"])
     assert "itm_loss" not in t and "lm_loss" not in t and not hasattr(plain, "vision_m")
+    # the captioning fine-tune (ITC and ITM off) never runs the unimodal or image-grounded encoder
+    tune = make_blip(momentum=None, itc_weight=0.0, itm_weight=0.0, lm_weight=2.0).train()
+    calls = []
+    tune.text.encode = lambda *a, **k: calls.append(1)
+    t = tune(batch)
+    assert calls == [] and set(t) == {"lm_loss", "loss", "temperature"}
+    torch.testing.assert_close(t["loss"], 2.0 * t["lm_loss"])
+    t["loss"].backward()
+    assert tune.text.enc_token.grad is None and tune.text.decoder.blocks[0].xattn.q.weight.grad is not None
 
 
 def test_blip_itm_hard_negatives_follow_the_similarity(monkeypatch):
@@ -364,6 +379,19 @@ def test_train_vqa_batches_carry_question_answer_sequences(tmp_path):
     # the bank reader of the nearest-neighbour baseline reads the training split whole, in order
     bank = [b for b in dm.sample_loader("train")]
     assert sum(b["image"].shape[0] for b in bank) == 16 and "captions" in bank[0]
+    # k questions per image: k distinct ones of each image (the world asks 5 to 8), owners in row order
+    dm4 = ImageTextDataModule(root=str(tmp_path / "w"), image_size=32, batch_size=8, num_workers=0, train_vqa=4)
+    batch = next(iter(dm4.train_dataloader()))
+    owner = batch["qa_owner"].tolist()
+    assert owner == sorted(owner) and [owner.count(r) for r in range(8)] == [4] * 8
+    for row in range(8):
+        asked = [q for q, o in zip(batch["question"], owner) if o == row]
+        assert len(set(asked)) == 4
+    many = ImageTextDataModule(root=str(tmp_path / "w"), image_size=32, batch_size=8, num_workers=0, train_vqa=50)
+    owner = next(iter(many.train_dataloader()))["qa_owner"].tolist()
+    assert all(5 <= owner.count(r) <= 8 for r in range(8))  # every question once
+    with pytest.raises(ValueError, match="train_vqa"):
+        ImageTextDataModule(root=str(tmp_path / "w"), train_vqa=-1)
 
 
 def test_vqa_majority_prior():

@@ -376,10 +376,11 @@ class BLIP(GeneratingMixin, VLMModule):
         if not (gather and rank_and_world()[1] > 1):  # ranks gather ids for ITM: keep their common length
             ids, mask = trim_padding(ids, mask)
         pooled, tokens = self._vision(images)  # [B, Dv], [B, S, Dv]
-        image_feat = F.normalize(self.vision_proj(pooled), dim=-1)  # [B, E]
-        text_feat = F.normalize(self.text_proj(self.text.encode(ids, mask)[:, 0]), dim=-1)  # [B, E]
         terms: dict[str, torch.Tensor] = {}
         w = self.loss_weights
+        if w["itc_weight"] or w["itm_weight"]:  # a captioning fine-tune (both 0) skips the text encoder
+            image_feat = F.normalize(self.vision_proj(pooled), dim=-1)  # [B, E]
+            text_feat = F.normalize(self.text_proj(self.text.encode(ids, mask)[:, 0]), dim=-1)  # [B, E]
         if w["itc_weight"]:
             terms.update(self._itc(image_feat, text_feat, images, ids, mask, gather))
         if w["itm_weight"]:
