@@ -332,6 +332,8 @@ def test_init_from_parts_resizes_positions_and_names_errors(tmp_path):
         make(init_from=str(siglip_ckpt)).load_initial_weights()
     with pytest.raises(FileNotFoundError, match="init_from"):
         make(init_from=str(tmp_path / "nothing.ckpt")).load_initial_weights()
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*runs/never-trained: no such file or directory.*train that run"):
+        make(init_from=str(tmp_path / "runs" / "never-trained")).load_initial_weights()  # a run directory not there yet
     with pytest.raises(FileNotFoundError, match="index.json"):
         (tmp_path / "empty").mkdir()
         make(init_from=str(tmp_path / "empty")).load_initial_weights()

@@ -478,13 +478,16 @@ def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[st
     """
     text = str(path)
     file = Path(text)
+    if not file.exists():
+        raise FileNotFoundError(
+            f"model init_from={path}: no such file or directory (a lit-vlm run directory or checkpoint: train that "
+            "run first; foreign weights: fetch them first, lit-vlm never downloads; or fix the path)"
+        )
     if file.is_dir():
         if not any(file.glob("**/index.json")) and any(file.glob("*config.json")):
             return _interop_state_dict(text, model)  # e.g. a Hugging Face model directory
         file = resolve_init_from(file)
-    elif not file.is_file() and file.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise FileNotFoundError(f"model init_from={path}: no such file (train that run first, or fix the path)")
-    elif not file.is_file() or file.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+    elif file.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         return _interop_state_dict(text, model)  # a model name, a .safetensors file, ...
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
