@@ -15,15 +15,22 @@ import lightning.pytorch as pl
 import torch
 
 from lit_vlm.distributed import all_gather_objects
+from lit_vlm.errors import UserError
 
-_MARKDOWN_SPECIAL = "\\`*_|[]<>#"
+# TensorBoard renders text summaries with Python-Markdown (tables extension) and then sanitises
+# the HTML. Python-Markdown honours a backslash before these characters; before < > & it would
+# show the backslash, so those three become HTML entities instead.
+_MARKDOWN_SPECIAL = "\\`*_|[]#"
+_HTML_ENTITIES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
 
 
 def md_escape(text: Any) -> str:
     """User text (captions, answers, class names) made inert in TensorBoard's Markdown view and in a
-    table cell: every Markdown or HTML-significant character is backslash-escaped and line breaks
-    become spaces, so a caption can neither inject markup nor break the table."""
+    table cell: it shows exactly as written, can neither inject markup nor break the table (line
+    breaks become spaces)."""
     text = str(text)
+    for ch, entity in _HTML_ENTITIES:
+        text = text.replace(ch, entity)
     for ch in _MARKDOWN_SPECIAL:
         text = text.replace(ch, "\\" + ch)
     for ch in "\r\n\v\f\u2028\u2029":
@@ -55,7 +62,7 @@ class EvalCallback(pl.Callback):
     def __init__(self, splits: tuple[str, ...] | list[str] = ("val", "test"), prefix: str = "eval") -> None:
         bad = [s for s in splits if s not in _STAGES]
         if bad:
-            raise ValueError(f"{type(self).__name__} splits must be among {_STAGES}, got {bad}")
+            raise UserError(f"{type(self).__name__} splits must be among {_STAGES}, got {bad}")
         self.splits = tuple(splits)
         self.prefix = prefix
         self._records: dict[str, Any] = {}
@@ -166,4 +173,4 @@ def require_capability(pl_module: pl.LightningModule, *names: str) -> None:
     """Raise a clear error if the family lacks a capability an evaluation needs."""
     missing = [n for n in names if not callable(getattr(pl_module, n, None))]
     if missing:
-        raise TypeError(f"{type(pl_module).__name__} does not implement {', '.join(missing)}, needed by this evaluation")
+        raise UserError(f"{type(pl_module).__name__} does not implement {', '.join(missing)}, needed by this evaluation")

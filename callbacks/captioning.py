@@ -18,6 +18,7 @@ from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
 from lit_vlm.captioning import align_captions, caption_metrics, load_caption_references, require_java
 from lit_vlm.distributed import rank_and_world
+from lit_vlm.errors import UserError
 
 log = logging.getLogger("lit_vlm.eval")
 
@@ -83,13 +84,13 @@ class CaptionEvaluation(EvalCallback):
     ) -> None:
         super().__init__(splits, prefix)
         if baseline not in (None, "nearest_neighbour"):
-            raise ValueError(f"CaptionEvaluation baseline must be None or 'nearest_neighbour', got {baseline!r}")
+            raise UserError(f"CaptionEvaluation baseline must be None or 'nearest_neighbour', got {baseline!r}")
         if baseline_features not in ("pixels", "model"):
-            raise ValueError(f"CaptionEvaluation baseline_features must be 'pixels' or 'model', got {baseline_features!r}")
+            raise UserError(f"CaptionEvaluation baseline_features must be 'pixels' or 'model', got {baseline_features!r}")
         if baseline_size < 1 or baseline_k < 1:
-            raise ValueError(f"CaptionEvaluation baseline_size and baseline_k must be >= 1, got {baseline_size}, {baseline_k}")
+            raise UserError(f"CaptionEvaluation baseline_size and baseline_k must be >= 1, got {baseline_size}, {baseline_k}")
         if baseline is not None and baseline_split in self.splits and baseline_split != "train":
-            raise ValueError(
+            raise UserError(
                 f"CaptionEvaluation baseline_split={baseline_split!r} is also evaluated: the baseline would copy "
                 "the references of the very images it is scored on; use 'train'"
             )
@@ -103,16 +104,16 @@ class CaptionEvaluation(EvalCallback):
         known = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")
         unknown = [m for m in metrics if m.upper() not in {k.upper() for k in known}]
         if unknown or not metrics:
-            raise ValueError(f"CaptionEvaluation metrics must be a non-empty subset of {known}, got {list(metrics)}")
+            raise UserError(f"CaptionEvaluation metrics must be a non-empty subset of {known}, got {list(metrics)}")
         self.caption_metric_names = tuple(metrics)
         if max_new_tokens < 1:
-            raise ValueError(f"CaptionEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise UserError(f"CaptionEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
         if num_examples < 0:
-            raise ValueError(f"CaptionEvaluation num_examples must be >= 0, got {num_examples}")
+            raise UserError(f"CaptionEvaluation num_examples must be >= 0, got {num_examples}")
         if isinstance(references, dict):
             bad = [s for s in references if s not in ("val", "test")]
             if bad:
-                raise ValueError(f"CaptionEvaluation references keys must be among 'val', 'test', got {bad}")
+                raise UserError(f"CaptionEvaluation references keys must be among 'val', 'test', got {bad}")
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.references = references
@@ -162,7 +163,7 @@ class CaptionEvaluation(EvalCallback):
         dm = trainer.datamodule
         loader_fn = getattr(dm, "sample_loader", None)
         if not callable(loader_fn):
-            raise ValueError(
+            raise UserError(
                 f"CaptionEvaluation baseline: {type(dm).__name__} has no sample_loader(split) to read "
                 f"the {self.baseline_split!r} reference images from"
             )
@@ -176,7 +177,7 @@ class CaptionEvaluation(EvalCallback):
             if seen >= self.baseline_size:
                 break
         if not seen:
-            raise ValueError(f"CaptionEvaluation baseline: the {self.baseline_split!r} split has no samples")
+            raise UserError(f"CaptionEvaluation baseline: the {self.baseline_split!r} split has no samples")
         self._bank = (torch.cat(feats), captions)
         self._bank_key = key
         if rank_and_world()[0] == 0:
@@ -195,18 +196,18 @@ class CaptionEvaluation(EvalCallback):
         n = images.shape[0]
         ids = batch.get("image_id", batch.get("sample_id"))
         if ids is None:
-            raise KeyError("CaptionEvaluation needs batch key 'image_id' (or 'sample_id')")
+            raise UserError("CaptionEvaluation needs batch key 'image_id' (or 'sample_id')")
         ids = [i.item() if isinstance(i, torch.Tensor) else i for i in ids]
         if self._file_refs is None:
             if "captions" not in batch:
-                raise KeyError("CaptionEvaluation needs batch key 'captions' (or a references file: set references=...)")
+                raise UserError("CaptionEvaluation needs batch key 'captions' (or a references file: set references=...)")
             batch_refs = [list(c) for c in batch["captions"]]
         else:
             batch_refs = [[] for _ in range(n)]  # the file's captions are used
         prompts = [self.prompt] * n if self.prompt is not None else None
         texts = pl_module.generate(images, prompts, max_new_tokens=self.max_new_tokens)
         if len(texts) != n or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"{type(pl_module).__name__}.generate must return {n} strings for {n} images, got {texts!r:.200}")
+            raise UserError(f"{type(pl_module).__name__}.generate must return {n} strings for {n} images, got {texts!r:.200}")
         base = self._baseline_captions(pl_module, images) if self.baseline is not None else [None] * n
         return {str(i): (i, text, refs, b) for i, text, refs, b in zip(ids, texts, batch_refs, base)}
 

@@ -5,7 +5,6 @@ test run writes (the leaderboard's only input)."""
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -25,8 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import lit_vlm
 from lit_vlm.io import atomic_output
 from lit_vlm.io import write_json_atomic as _write_json_atomic
-
-INDEX_FILE = "index.json"
+from lit_vlm.weights import INDEX_FILE
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
@@ -67,12 +65,18 @@ class Checkpoint(ModelCheckpoint):
     ({"best", "last", "monitor", "best_score"}) up to date after every save, so ``--ckpt_path
     best|last`` resolves in a later process (``lit-vlm fit --ckpt_path last`` resumes a killed run).
 
-    ``every_n_train_steps`` saves ``last`` (and the top-k by ``monitor``, when it is logged by then)
-    every N optimiser steps: the way to checkpoint resampled or very long epochs."""
+    With a ``monitor``, ``every_n_train_steps`` (and ``train_time_interval``) write ``last`` from the
+    first steps on, and only ``last``: Lightning would hold them back until the monitored metric
+    exists (a run killed in its first epoch had nothing to resume) and then rank the current
+    weights by a stale validation score. The top-k are ranked after every validation of the fit,
+    and only then, so ``best`` only ever names validated weights (the index has no ``best`` before
+    the first validation); ``last`` is also written after each validation and at each epoch's end.
+    The run's final step is always in ``last``, also when N does not divide the step count."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._indexed: dict[str, Any] | None = None
+        self._last_step_in_last: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -82,7 +86,9 @@ class Checkpoint(ModelCheckpoint):
         if not trainer.is_global_zero or not self.dirpath:
             return
         last = str(Path(self.last_model_path).resolve()) if self.last_model_path else None
-        best = str(Path(self.best_model_path).resolve()) if self.best_model_path else last
+        best = str(Path(self.best_model_path).resolve()) if self.best_model_path else None
+        if best is None and self.monitor is None:
+            best = last  # nothing is ranked: the newest weights are the best there are
         if not best and not last:
             return
         score = self.best_model_score
@@ -92,20 +98,54 @@ class Checkpoint(ModelCheckpoint):
         write_json_atomic(Path(self.dirpath) / INDEX_FILE, index)
         self._indexed = index
 
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_step_in_last = trainer.global_step
+
+    def _step_save_due(self, trainer: pl.Trainer) -> bool:
+        """Lightning's every_n_train_steps / train_time_interval test, once per optimiser step."""
+        step = trainer.global_step
+        due = self._every_n_train_steps >= 1 and step % self._every_n_train_steps == 0
+        if self._train_time_interval is not None:
+            now = time.monotonic()
+            if self._last_time_checked is None:
+                self._last_time_checked = now
+            elif now - self._last_time_checked >= self._train_time_interval.total_seconds():
+                due, self._last_time_checked = True, now
+            due = trainer.strategy.broadcast(due)
+        return due and step > 0 and self._last_step_in_last != step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.monitor is None:  # nothing ranked by validation: Lightning's own step saving
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._step_save_due(trainer):
+            saved_step = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = saved_step  # a validation at this step still ranks its weights
         self._write_index(trainer)
 
     def on_validation_end(self, trainer, pl_module):
-        super().on_validation_end(trainer, pl_module)
+        if self.monitor is None:
+            super().on_validation_end(trainer, pl_module)
+        elif not self._should_skip_saving_checkpoint(trainer):  # a fit's validation (not the sanity check)
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)  # rank the weights just validated
+            if self.save_last:
+                self._save_last_checkpoint(trainer, candidates)
         self._write_index(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        super().on_train_epoch_end(trainer, pl_module)
+        if self.monitor is None:
+            super().on_train_epoch_end(trainer, pl_module)
+        elif self.save_last and not self._should_skip_saving_checkpoint(trainer):  # an epoch without validation
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._write_index(trainer)
 
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
+        if self.save_last and not trainer.fast_dev_run and self._last_step_in_last != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # the final step
         self._write_index(trainer)
         log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
         if trainer.is_global_zero and self.dirpath:

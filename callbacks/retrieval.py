@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, md_code, md_escape, require_capability
+from lit_vlm.errors import UserError
 from lit_vlm.metrics import (
     retrieval_metrics,
     retrieval_metrics_from_ranks,
@@ -74,7 +75,7 @@ def make_thumbnail(
     """
     x = image.detach().float().cpu()  # [C, H, W]
     if x.dim() != 3:
-        raise ValueError(f"make_thumbnail expects [C, H, W], got {list(x.shape)}")
+        raise UserError(f"make_thumbnail expects [C, H, W], got {list(x.shape)}")
     if norm is not None and x.shape[0] == 3:
         mean, std = norm
         x = x * std.view(3, 1, 1) + mean.view(3, 1, 1)  # [3, H, W] in [0, 1]
@@ -199,18 +200,18 @@ class RetrievalEvaluation(EvalCallback):
     ) -> None:
         super().__init__(splits, prefix)
         if rerank_k < 0 or rerank_batch_size < 1:
-            raise ValueError(f"RetrievalEvaluation needs rerank_k >= 0 and rerank_batch_size >= 1, got {rerank_k}, {rerank_batch_size}")
+            raise UserError(f"RetrievalEvaluation needs rerank_k >= 0 and rerank_batch_size >= 1, got {rerank_k}, {rerank_batch_size}")
         self.rerank_k = rerank_k
         self.rerank_batch_size = rerank_batch_size
         self._module: Any = None
         if num_examples < 0 or thumbnails < 0 or thumbnail_size < 1 or chunk_size < 1 or token_chunk_size < 1:
-            raise ValueError(
+            raise UserError(
                 "RetrievalEvaluation needs num_examples >= 0, thumbnails >= 0, thumbnail_size >= 1, chunk_size >= 1 "
                 "and token_chunk_size >= 1"
             )
         self.ks = tuple(ks)
         if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
-            raise ValueError(f"RetrievalEvaluation ks must be distinct positive integers, got {list(ks)}")
+            raise UserError(f"RetrievalEvaluation ks must be distinct positive integers, got {list(ks)}")
         self.chunk_size = chunk_size
         self.token_chunk_size = token_chunk_size
         self.num_examples = num_examples
@@ -241,10 +242,10 @@ class RetrievalEvaluation(EvalCallback):
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
         for key in ("image", "sample_id", "caption_ids", "caption_mask", "caption_owner"):
             if key not in batch:
-                raise KeyError(f"RetrievalEvaluation needs batch key '{key}' (an evaluation split with captions)")
+                raise UserError(f"RetrievalEvaluation needs batch key '{key}' (an evaluation split with captions)")
         ids = list(batch["sample_id"])
         if len(ids) != batch["image"].shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"RetrievalEvaluation: {len(ids)} sample ids for {batch['image'].shape[0]} images in a batch"
             )
         image_mask = caption_mask = None
@@ -261,7 +262,7 @@ class RetrievalEvaluation(EvalCallback):
             owner.numel() > 0 and (int(owner.min()) < 0 or int(owner.max()) >= len(ids))
         )
         if bad_owner:
-            raise ValueError(
+            raise UserError(
                 f"RetrievalEvaluation: caption_owner has {owner.numel()} entries for "
                 f"{caption_emb.shape[0]} caption rows (batch {ids[0]} .. {ids[-1]}) "
                 f"or points outside the batch's {len(ids)} images"
@@ -308,7 +309,7 @@ class RetrievalEvaluation(EvalCallback):
     def _stack(records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         empty = [r["id"] for r in records if r["captions"].shape[0] == 0]
         if empty:
-            raise ValueError(
+            raise UserError(
                 f"RetrievalEvaluation: {len(empty)} image(s) without any caption, e.g. sample ids {empty[:5]}; "
                 "image->text recall is undefined"
             )

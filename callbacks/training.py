@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_vlm.distributed import all_gather_objects
+from lit_vlm.errors import UserError
 
 log = logging.getLogger("lit_vlm")
 
@@ -87,7 +88,7 @@ class RandomState(pl.Callback):
             set_rng_states(ranks[rank])
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training stopped after too many consecutive non-finite losses."""
 
 
@@ -110,7 +111,7 @@ class NonFiniteLoss(pl.Callback):
 
     def __init__(self, max_consecutive: int = 5) -> None:
         if not isinstance(max_consecutive, int) or max_consecutive < 0:
-            raise ValueError(f"NonFiniteLoss max_consecutive must be an integer >= 0, got {max_consecutive!r}")
+            raise UserError(f"NonFiniteLoss max_consecutive must be an integer >= 0, got {max_consecutive!r}")
         self.max_consecutive = max_consecutive
         self.skipped = 0
         self.consecutive = 0

@@ -15,6 +15,7 @@ import torch
 
 from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
+from lit_vlm.errors import UserError
 from lit_vlm.vqa import check_questions, load_annotations, load_questions, question_accuracy, vqa_accuracy
 
 log = logging.getLogger("lit_vlm.eval")
@@ -116,9 +117,9 @@ class VQAEvaluation(EvalCallback):
     ) -> None:
         super().__init__(splits, prefix)
         if mode not in ("generate", "rank"):
-            raise ValueError(f"VQAEvaluation mode must be 'generate' or 'rank', got {mode!r}")
+            raise UserError(f"VQAEvaluation mode must be 'generate' or 'rank', got {mode!r}")
         if answer_list is not None and mode != "rank":
-            raise ValueError("VQAEvaluation answer_list is only used with mode='rank'")
+            raise UserError("VQAEvaluation answer_list is only used with mode='rank'")
         self.mode = mode
         self.answer_list = answer_list
         self.baseline = baseline
@@ -127,18 +128,18 @@ class VQAEvaluation(EvalCallback):
         try:
             formatted = prompt.format(question=sentinel)
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
+            raise UserError(
                 f"VQAEvaluation prompt must be a format string whose only field is {{question}}, got {prompt!r} "
                 f"({type(exc).__name__}: {exc}); write literal braces as {{{{ and }}}}"
             ) from None
         if sentinel not in formatted:
-            raise ValueError(f"VQAEvaluation prompt must contain the field {{question}}, got {prompt!r}")
+            raise UserError(f"VQAEvaluation prompt must contain the field {{question}}, got {prompt!r}")
         if max_new_tokens < 1:
-            raise ValueError(f"VQAEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise UserError(f"VQAEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
-            raise ValueError(f"VQAEvaluation batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"VQAEvaluation batch_size must be >= 1, got {batch_size}")
         if num_examples < 0:
-            raise ValueError(f"VQAEvaluation num_examples must be >= 0, got {num_examples}")
+            raise UserError(f"VQAEvaluation num_examples must be >= 0, got {num_examples}")
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.annotations = annotations
@@ -173,7 +174,7 @@ class VQAEvaluation(EvalCallback):
                 if dm is not None and callable(getattr(dm, "eval_annotations", None))
                 else "the trainer has no DataModule offering eval_annotations()"
             )
-            raise ValueError(
+            raise UserError(
                 f"VQAEvaluation: no VQA annotations for the {stage} split ({where}); set the callback's "
                 "`annotations` (and `questions`) to the official VQAv2 JSON files"
             )
@@ -208,7 +209,7 @@ class VQAEvaluation(EvalCallback):
         if self.answer_list is None:
             found = sorted({str(a.get("multiple_choice_answer", "")).strip() for a in self._annotation_list} - {""})
             if not found:
-                raise ValueError(
+                raise UserError(
                     f"VQAEvaluation mode='rank': {self._annotation_source} has no multiple_choice_answer to rank; "
                     "set answer_list to a JSON list of candidate answers"
                 )
@@ -217,9 +218,9 @@ class VQAEvaluation(EvalCallback):
             with open(self.answer_list, encoding="utf-8") as f:
                 listed = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"VQAEvaluation answer_list={self.answer_list!r}: cannot read it ({err})") from err
+            raise UserError(f"VQAEvaluation answer_list={self.answer_list!r}: cannot read it ({err})") from err
         if not isinstance(listed, list) or not listed or not all(isinstance(a, str) and a.strip() for a in listed):
-            raise ValueError(f"VQAEvaluation answer_list={self.answer_list!r} must hold a non-empty JSON list of non-empty strings")
+            raise UserError(f"VQAEvaluation answer_list={self.answer_list!r} must hold a non-empty JSON list of non-empty strings")
         return list(dict.fromkeys(a.strip() for a in listed))
 
     # ---- per batch -----------------------------------------------------------------------------
@@ -238,7 +239,7 @@ class VQAEvaluation(EvalCallback):
         ids = batch["question_id"]
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         if not len(questions) == len(ids) == owner.shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"VQAEvaluation: batch has {len(questions)} questions, {len(ids)} question ids and "
                 f"{owner.shape[0]} question_owner rows; they must agree"
             )
@@ -268,7 +269,7 @@ class VQAEvaluation(EvalCallback):
         unknown = sorted(q for q in predictions if q not in self._annotation_by_id)
         if unknown:
             shown = ", ".join(map(str, unknown[:5])) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
-            raise ValueError(
+            raise UserError(
                 f"VQAEvaluation: {len(unknown)} question id(s) of the evaluated batches are not in the annotations "
                 f"{self._annotation_source}: {shown} (annotations of another split?)"
             )

@@ -21,6 +21,7 @@ from lit_vlm.callbacks.retrieval import (
     normalisation,
     ranked,
 )
+from lit_vlm.errors import UserError
 from lit_vlm.metrics import confusion_matrix, zeroshot_metrics, zeroshot_predictions
 
 __all__ = ["ZeroShotEvaluation", "class_embeddings"]
@@ -50,12 +51,12 @@ def class_embeddings(
         templates: Prompt templates, each with exactly one ``{}`` for the class name.
     """
     if not classnames:
-        raise ValueError("class_embeddings needs at least one class name")
+        raise UserError("class_embeddings needs at least one class name")
     if not templates:
-        raise ValueError("class_embeddings needs at least one prompt template")
+        raise UserError("class_embeddings needs at least one prompt template")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
-        raise ValueError(f"prompt templates need exactly one '{{}}': {bad}")
+        raise UserError(f"prompt templates need exactly one '{{}}': {bad}")
     device = getattr(pl_module, "device", torch.device("cpu"))
     out = []
     for name in classnames:
@@ -96,7 +97,7 @@ class ZeroShotEvaluation(EvalCallback):
     ) -> None:
         super().__init__(splits, prefix)
         if num_examples < 0 or thumbnail_size < 1:
-            raise ValueError("ZeroShotEvaluation needs num_examples >= 0 and thumbnail_size >= 1")
+            raise UserError("ZeroShotEvaluation needs num_examples >= 0 and thumbnail_size >= 1")
         self.classnames = classnames
         self.templates = templates
         self.num_examples = num_examples
@@ -128,7 +129,7 @@ class ZeroShotEvaluation(EvalCallback):
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
         for key in ("image", "label", "sample_id"):
             if key not in batch:
-                raise KeyError(f"ZeroShotEvaluation needs batch key '{key}'")
+                raise UserError(f"ZeroShotEvaluation needs batch key '{key}'")
         image_emb = pl_module.encode_image(batch["image"]).float()  # [B, E]
         logits = (image_emb @ self._class_emb.to(image_emb.device).T).cpu()  # [B, C]
         labels = batch["label"].cpu()  # [B]
@@ -138,7 +139,7 @@ class ZeroShotEvaluation(EvalCallback):
             if label < 0:
                 continue  # unlabelled
             if label >= len(self._names):
-                raise ValueError(
+                raise UserError(
                     f"ZeroShotEvaluation: sample {sid} has label {label} but there are {len(self._names)} class names"
                 )
             record: dict[str, Any] = {"id": sid, "logits": logits[i].clone(), "label": label}  # clone: own storage

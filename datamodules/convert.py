@@ -58,6 +58,7 @@ import argparse
 import io
 import json
 import os
+import posixpath
 import shutil
 import sys
 import tarfile
@@ -66,11 +67,12 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from PIL import Image
 
+from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.io import atomic_output, manifest_format, write_json_atomic
 
 __all__ = [
@@ -106,7 +108,7 @@ _MAX_WARNINGS = 20
 _SHOWN_IN_SUMMARY = 10
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Unusable input, an output folder that cannot be written, or a problem under ``strict``."""
 
 
@@ -127,6 +129,8 @@ class ConversionReport:
         samples: Samples written per split.
         questions: VQA questions written per split (empty for Karpathy).
         missing_images: Image files that do not exist (paths relative to the image folder).
+        outside_images: Entries whose image path leaves the image folder (``../``, an absolute
+            path): never read, never packed.
         unreadable_images: ``"path: reason"`` for image files that could not be read or decoded.
         malformed: ``"where: what"`` for entries that were left out (e.g. ``"images[12]: ..."``).
         skipped: Other entries left out on purpose, by reason (e.g. ``{"restval": 30504}``).
@@ -140,6 +144,7 @@ class ConversionReport:
     samples: dict[str, int] = field(default_factory=dict)
     questions: dict[str, int] = field(default_factory=dict)
     missing_images: list[str] = field(default_factory=list)
+    outside_images: list[str] = field(default_factory=list)
     unreadable_images: list[str] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
@@ -147,8 +152,8 @@ class ConversionReport:
 
     @property
     def problems(self) -> int:
-        """Number of missing images, unreadable images and malformed entries."""
-        return len(self.missing_images) + len(self.unreadable_images) + len(self.malformed)
+        """Number of missing, outside-the-folder and unreadable images and malformed entries."""
+        return len(self.missing_images) + len(self.outside_images) + len(self.unreadable_images) + len(self.malformed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy."""
@@ -163,6 +168,7 @@ class ConversionReport:
             lines.append(f"  {split:5s}: {n} samples{extra}")
         for title, items in (
             ("missing image files", self.missing_images),
+            ("image paths outside the image folder", self.outside_images),
             ("unreadable images", self.unreadable_images),
             ("malformed entries", self.malformed),
         ):
@@ -175,7 +181,7 @@ class ConversionReport:
             lines.append(f"  {n} entries left out: {reason}")
         lines += [f"  note: {note}" for note in self.notes]
         if not self.problems:
-            lines.append("  no missing, unreadable or malformed input")
+            lines.append("  no missing, outside, unreadable or malformed input")
         return "\n".join(lines)
 
 
@@ -202,6 +208,9 @@ class _Problems:
     def missing(self, name: str) -> None:
         self._add(self.report.missing_images, name, "image file missing")
 
+    def outside(self, name: str) -> None:
+        self._add(self.report.outside_images, name, "image path outside the image folder")
+
     def unreadable(self, name: str, reason: str) -> None:
         self._add(self.report.unreadable_images, f"{name}: {reason}", "image unreadable")
 
@@ -212,6 +221,17 @@ class _Problems:
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _inside(rel: str | Path) -> bool:
+    """Whether an entry's image path stays inside the image folder: relative (no root, no drive)
+    and no ``..`` that climbs out. Judged on the path as written: links inside the folder are the
+    user's own choice."""
+    text = str(rel).replace("\\", "/")
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(str(rel)).drive:
+        return False
+    parts = PurePosixPath(posixpath.normpath(text)).parts
+    return bool(parts) and parts[0] != ".."
 
 
 def _is_int(value: Any) -> bool:
@@ -276,7 +296,7 @@ def _inspect_image(source: bytes | Path, verify: bool) -> tuple[str, int, int, b
     """
     data = source if isinstance(source, bytes) else None
     if data is not None and not data:
-        raise ValueError("zero-byte file")
+        raise UserError("zero-byte file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -296,7 +316,7 @@ def _inspect_image(source: bytes | Path, verify: bool) -> tuple[str, int, int, b
     except FileNotFoundError:
         raise
     except Exception as exc:  # Pillow raises many exception types for bad files
-        raise ValueError(f"{type(exc).__name__}: {exc}") from exc
+        raise UserError(f"{type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,20 +339,20 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.is_file():
         hint = " (a conversion was interrupted: run it again)" if (Path(root) / MARKER).exists() else ""
-        raise FileNotFoundError(f"no converted-dataset manifest at {path}{hint}")
+        raise MissingFileError(f"no converted-dataset manifest at {path}{hint}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} manifest")
+        raise UserError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
-        raise ValueError(f"{path} has version {manifest.get('version')!r}; this code reads version {VERSION}")
+        raise UserError(f"{path} has version {manifest.get('version')!r}; this code reads version {VERSION}")
     splits = manifest.get("splits")
     if not isinstance(splits, dict) or not all(
         isinstance(e, dict) and isinstance(e.get("shards"), list) for e in splits.values()
     ):
-        raise ValueError(f"{path}: 'splits' must map split names to {{'shards': [...], ...}}")
+        raise UserError(f"{path}: 'splits' must map split names to {{'shards': [...], ...}}")
     return manifest
 
 
@@ -637,6 +657,9 @@ def _karpathy_items(
         if isinstance(filepath, str) and filepath:
             candidates.append(Path(filepath) / filename)
         candidates.append(Path(filename))
+        if not all(_inside(c) for c in candidates):
+            problems.outside(next(c for c in candidates if not _inside(c)).as_posix())
+            continue
         rel = next((c for c in candidates if (images / c).is_file()), None)
         if rel is None:
             problems.missing(candidates[0].as_posix())
@@ -955,6 +978,9 @@ def convert_vqav2(
     items: list[_Item] = []
     for image_id in sorted(by_image):
         rel = _image_name(pattern, image_id)
+        if not _inside(rel):
+            problems.outside(rel)
+            continue
         path = images / rel
         if not path.is_file():
             problems.missing(rel)

@@ -105,6 +105,7 @@ from lit_vlm.datamodules.transforms import (
     eval_transform,
     train_transform,
 )
+from lit_vlm.errors import MissingFileError, UserError
 
 __all__ = ["EVAL_ANNOTATION_KINDS", "ImageTextCollator", "ImageTextDataModule", "ImageTextDecoder"]
 
@@ -163,7 +164,7 @@ class ImageTextDecoder:
         train_vqa: bool | int = False,
     ) -> None:
         if caption_sampling not in _CAPTION_SAMPLING:
-            raise ValueError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {caption_sampling!r}")
+            raise UserError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {caption_sampling!r}")
         self.transform = transform
         self.train = train
         self.image_keys = tuple(image_keys)
@@ -565,15 +566,15 @@ class ImageTextDataModule(pl.LightningDataModule):
         if isinstance(train_vqa, bool) or train_vqa is None:
             train_vqa = int(bool(train_vqa))
         if not isinstance(train_vqa, int) or train_vqa < 0:
-            raise ValueError(f"data train_vqa must be true/false or a number of questions per image >= 0, got {train_vqa!r}")
+            raise UserError(f"data train_vqa must be true/false or a number of questions per image >= 0, got {train_vqa!r}")
         self.train_vqa = train_vqa
         self._validate()
         try:
             self.tokenizer: Tokenizer = Tokenizer.load(tokenizer)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"tokenizer={tokenizer!r}: {exc}") from exc
+            raise UserError(f"tokenizer={tokenizer!r}: {exc}") from exc
         if self.context_length < 1 + (self.tokenizer.bos_id is not None) + (self.tokenizer.eos_id is not None):
-            raise ValueError(f"context_length={context_length} is too short for the start/end tokens")
+            raise UserError(f"context_length={context_length} is too short for the start/end tokens")
         self._zeroshot: tuple[list[str] | None, list[str] | None] | None = None
         self._stream_state = StreamState()
         self._stats: dict[tuple[str, int], dict[str, Any]] = {}
@@ -582,8 +583,13 @@ class ImageTextDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------- validation
 
     def _validate(self) -> None:
+        if self.root is not None and Path(self.root).exists() and not Path(self.root).is_dir():
+            raise UserError(
+                f"data root={self.root!r} is a file, not a folder: root is the folder of a synthetic world or a converted "
+                "dataset (a missing one is generated there); give a folder path, or set root null and name shards"
+            )
         if self.caption_sampling not in _CAPTION_SAMPLING:
-            raise ValueError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {self.caption_sampling!r}")
+            raise UserError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {self.caption_sampling!r}")
         for name, value, low in (
             ("image_size", self.image_size, 1),
             ("batch_size", self.batch_size, 1),
@@ -593,68 +599,68 @@ class ImageTextDataModule(pl.LightningDataModule):
             ("context_length", self.context_length, 1),
         ):
             if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                raise UserError(f"{name} must be >= {low}, got {value}")
         if self.train_epoch_samples is not None and self.train_epoch_samples < 1:
-            raise ValueError(f"train_epoch_samples must be >= 1, got {self.train_epoch_samples}")
+            raise UserError(f"train_epoch_samples must be >= 1, got {self.train_epoch_samples}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be >= 1 or None, got {self.max_image_pixels}")
+            raise UserError(f"max_image_pixels must be >= 1 or None, got {self.max_image_pixels}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
+            raise UserError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
         low, high = self.train_crop_scale
         if not 0 < low <= high <= 1:
-            raise ValueError(f"train_crop_scale must satisfy 0 < min <= max <= 1, got {self.train_crop_scale}")
+            raise UserError(f"train_crop_scale must satisfy 0 < min <= max <= 1, got {self.train_crop_scale}")
         if not self.image_keys:
-            raise ValueError("image_keys must name at least one extension, e.g. 'jpg;png'")
+            raise UserError("image_keys must name at least one extension, e.g. 'jpg;png'")
         if self.train_weights is not None:
             train_spec = self.shard_specs["train"]
             n_sources = _spec_sources(train_spec) if train_spec is not None else 1
             if len(self.train_weights) != n_sources:
-                raise ValueError(
+                raise UserError(
                     f"train_weights={self.train_weights} has {len(self.train_weights)} entries but there are "
                     f"{n_sources} training sources (train_shards={train_spec!r})"
                 )
             if any(w < 0 or not math.isfinite(w) for w in self.train_weights) or sum(self.train_weights) <= 0:
-                raise ValueError(f"train_weights must be non-negative with a positive sum, got {self.train_weights}")
+                raise UserError(f"train_weights must be non-negative with a positive sum, got {self.train_weights}")
         for split, spec in self.shard_specs.items():
             if spec is None:
                 continue
             if (isinstance(spec, str) and not spec.strip()) or (not isinstance(spec, str) and not spec):
-                raise ValueError(f"{split}_shards is empty: {spec!r}")
+                raise UserError(f"{split}_shards is empty: {spec!r}")
             try:
                 expand_urls(spec)
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{split}_shards={spec!r}: {exc}") from exc
+                raise UserError(f"{split}_shards={spec!r}: {exc}") from exc
         if self.synth_config and self.root is None:
-            raise ValueError("synth_config is set but root is not: the synthetic world needs a directory")
+            raise UserError("synth_config is set but root is not: the synthetic world needs a directory")
         if self.root is not None:
             if (Path(self.root) / _convert_module().MARKER).exists() and not self._manifest_path().is_file():
-                raise ValueError(
+                raise UserError(
                     f"root={self.root!r} holds an interrupted dataset conversion (no manifest.json); "
                     "run the conversion again"
                 )
             if not self._manifest_path().is_file() and not self.synthesize:
-                raise ValueError(
+                raise UserError(
                     f"root={self.root!r} holds no dataset (no manifest.json) and synthesize=False; "
                     "set synthesize=True to generate a synthetic world or point root at an existing dataset"
                 )
             if self.synth_config and self._is_converted():
-                raise ValueError(
+                raise UserError(
                     f"root={self.root!r} is a converted dataset, not a synthetic world: synth_config does not apply"
                 )
             self._check_synth_config_fields()
         for split, files in self.annotation_files.items():
             unknown = sorted(set(files) - set(EVAL_ANNOTATION_KINDS))
             if unknown:
-                raise ValueError(
+                raise UserError(
                     f"{split}_annotations has unknown keys {unknown}; valid keys: {sorted(EVAL_ANNOTATION_KINDS)}"
                 )
             for kind, path in files.items():
                 if not Path(path).is_file():
-                    raise ValueError(f"{split}_annotations[{kind!r}]={path!r} does not exist")
+                    raise UserError(f"{split}_annotations[{kind!r}]={path!r} does not exist")
         if self.image_root is not None and not Path(self.image_root).is_dir():
-            raise ValueError(f"image_root={self.image_root!r} is not a folder")
+            raise UserError(f"image_root={self.image_root!r} is not a folder")
         if self.zeroshot_file is not None and not Path(self.zeroshot_file).is_file():
-            raise ValueError(f"zeroshot_file={self.zeroshot_file!r} does not exist")
+            raise UserError(f"zeroshot_file={self.zeroshot_file!r} does not exist")
 
     def _check_synth_config_fields(self) -> None:
         if not self.synth_config:
@@ -666,7 +672,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         known = {f.name for f in dataclasses.fields(synth.SynthConfig)}
         unknown = sorted(set(self.synth_config) - known)
         if unknown:
-            raise ValueError(f"synth_config has unknown fields {unknown}; valid fields: {sorted(known)}")
+            raise UserError(f"synth_config has unknown fields {unknown}; valid fields: {sorted(known)}")
 
     # ----------------------------------------------------------------------------- model-facing facts
 
@@ -725,9 +731,9 @@ class ImageTextDataModule(pl.LightningDataModule):
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+            raise UserError(f"cannot read {what} {str(path)!r}: {exc}") from exc
         if not isinstance(data, dict):
-            raise ValueError(f"{what} {str(path)!r} must hold a JSON object")
+            raise UserError(f"{what} {str(path)!r} must hold a JSON object")
         return data
 
     def _manifest_format(self) -> str | None:
@@ -744,7 +750,7 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def _manifest(self) -> dict[str, Any]:
         if not self._manifest_path().is_file():
-            raise RuntimeError(
+            raise MissingFileError(
                 f"root={self.root!r} has no manifest.json yet: call prepare_data() (the Trainer does) "
                 "or generate the world first"
             )
@@ -754,7 +760,7 @@ class ImageTextDataModule(pl.LightningDataModule):
                 return convert.load_manifest(self.root)
             return _synth_module().load_manifest(self.root)
         except ValueError as exc:
-            raise ValueError(
+            raise UserError(
                 f"root={self.root!r}: {exc} (a root must hold a synthetic world or a converted dataset)"
             ) from exc
 
@@ -770,7 +776,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             self._manifest()  # checks it
             return
         if (Path(self.root) / _convert_module().MARKER).exists():
-            raise RuntimeError(
+            raise UserError(
                 f"root={self.root!r} holds an interrupted dataset conversion (no manifest.json); run it again"
             )
         synth = _synth_module()
@@ -778,7 +784,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             self._check_existing_world()
             return
         if not self.synthesize:
-            raise RuntimeError(f"root={self.root!r} holds no synthetic world and synthesize=False")
+            raise UserError(f"root={self.root!r} holds no synthetic world and synthesize=False")
         logger.info("generating the synthetic world in %s (%s)", self.root, self.synth_config or "defaults")
         synth.generate(self.root, synth.SynthConfig(**self.synth_config))
 
@@ -795,7 +801,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         }
         if different:
             details = ", ".join(f"{k}: on disk {old!r}, requested {new!r}" for k, (old, new) in different.items())
-            raise ValueError(
+            raise UserError(
                 f"root={self.root!r} already holds a world with another synth_config ({details}); "
                 "use another root or delete it"
             )
@@ -815,7 +821,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             try:
                 return make_sources(spec, self.train_weights if split == "train" else None)
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{option}={spec!r}: {exc}") from exc
+                raise UserError(f"{option}={spec!r}: {exc}") from exc
         if self.root is None:
             return []
         manifest = self._manifest()
@@ -856,7 +862,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         """
         split = _STAGE_SPLITS.get(stage)
         if split is None:
-            raise ValueError(f"stage must be one of {sorted(_STAGE_SPLITS)}, got {stage!r}")
+            raise UserError(f"stage must be one of {sorted(_STAGE_SPLITS)}, got {stage!r}")
         found: dict[str, str] = {}
         if self.shard_specs[split] is None and self.root is not None and self._manifest_path().is_file():
             file_split = "test" if split == "predict" else split
@@ -922,7 +928,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         """Endless shuffled stream cut into equal epochs on every rank."""
         sources = self._sources("train")
         if not sources:
-            raise ValueError("no training data: set root (a synthetic world) or train_shards")
+            raise UserError("no training data: set root (a synthetic world) or train_shards")
         dataset = self._dataset("train", sources)
         dataset.state = self._stream_state  # one state object, shared with state_dict()
         epoch_fn = None
@@ -946,7 +952,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         nearest-neighbour caption baseline of :class:`~lit_vlm.callbacks.CaptionEvaluation`; the
         caller stops reading when it has enough. ``[]`` when the split has no data."""
         if split not in self.shard_specs:
-            raise ValueError(f"sample_loader: split must be one of {sorted(self.shard_specs)}, got {split!r}")
+            raise UserError(f"sample_loader: split must be one of {sorted(self.shard_specs)}, got {split!r}")
         sources = self._sources(split)
         if not sources:
             return []

@@ -77,6 +77,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
 
 from lit_vlm.datamodules.transforms import BadSample
 from lit_vlm.distributed import all_gather_objects
+from lit_vlm.errors import MissingFileError, UserError
 
 __all__ = [
     "SKIP_REASONS",
@@ -135,7 +136,7 @@ def _expand_local(pattern: str) -> list[str]:
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.tar")))
         if not found:
-            raise FileNotFoundError(f"shard directory {pattern!r} contains no *.tar file")
+            raise MissingFileError(f"shard directory {pattern!r} contains no *.tar file")
         return found
     urls: list[str] = []
     missing: list[str] = []
@@ -150,7 +151,7 @@ def _expand_local(pattern: str) -> list[str]:
         else:
             missing.append(item)
     if not urls:
-        raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
+        raise MissingFileError(f"shard pattern {pattern!r} matches no file")
     if missing:
         shown = ", ".join(repr(m) for m in missing[:3]) + (", ..." if len(missing) > 3 else "")
         logger.warning(
@@ -184,7 +185,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
         else:
             urls.extend(_expand_local(part))
     if not urls:
-        raise ValueError(f"empty shard spec {spec!r}")
+        raise UserError(f"empty shard spec {spec!r}")
     return urls
 
 
@@ -236,7 +237,7 @@ def make_sources(
     """
     spec_list = [specs] if isinstance(specs, str) else list(specs)
     if weights is not None and len(weights) != len(spec_list):
-        raise ValueError(f"{len(weights)} weights given for {len(spec_list)} shard sources")
+        raise UserError(f"{len(weights)} weights given for {len(spec_list)} shard sources")
     sources = []
     for i, spec in enumerate(spec_list):
         urls = expand_urls(spec)
@@ -384,16 +385,16 @@ class StreamDataset(IterableDataset):
     ) -> None:
         super().__init__()
         if not sources or any(not s.urls for s in sources):
-            raise ValueError(f"{split}: no shards to read")
+            raise UserError(f"{split}: no shards to read")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+            raise UserError(f"rank {rank} is not in [0, world_size={world_size})")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UserError(f"num_workers must be >= 0, got {num_workers}")
         weights = [s.weight for s in sources]
         if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"{split}: source weights must be non-negative with a positive sum, got {weights}")
+            raise UserError(f"{split}: source weights must be non-negative with a positive sum, got {weights}")
         self.sources = list(sources)
         self.decode = decode
         self.collate = collate
@@ -420,14 +421,14 @@ class StreamDataset(IterableDataset):
         if train:
             if epoch_samples is None:
                 if self.num_samples is None:
-                    raise ValueError(
+                    raise UserError(
                         f"{split}: the number of samples in {[s.name for s in self.sources]} is unknown "
                         "(no synthetic manifest and no img2dataset *_stats.json beside the shards); "
                         "set train_epoch_samples"
                     )
                 epoch_samples = self.num_samples
             if epoch_samples < 1:
-                raise ValueError(f"{split}: epoch_samples must be >= 1, got {epoch_samples}")
+                raise UserError(f"{split}: epoch_samples must be >= 1, got {epoch_samples}")
             self.epoch_samples = epoch_samples
             self._log_split_modes()
         else:
@@ -582,7 +583,7 @@ class StreamDataset(IterableDataset):
                     yield sample
                 empty_run = 0 if produced else empty_run + 1
                 if empty_run >= max(100, 10 * len(urls)):
-                    raise RuntimeError(
+                    raise UserError(
                         f"{self.split}: no readable sample in {empty_run} shards drawn from {source.name!r}"
                     )
             return
@@ -607,7 +608,7 @@ class StreamDataset(IterableDataset):
                         running += 1
             empty_passes = 0 if produced else empty_passes + 1
             if empty_passes >= (10 if mode == "shards" else 1):
-                raise RuntimeError(
+                raise UserError(
                     f"{self.split}: source {source.name!r} produced no readable sample in {empty_passes} passes"
                 )
 
@@ -642,7 +643,7 @@ class StreamDataset(IterableDataset):
                 stats.skip(bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.message)
                 consecutive_bad += 1
                 if self.train and consecutive_bad >= 100_000:
-                    raise RuntimeError(
+                    raise UserError(
                         f"{self.split}: {consecutive_bad} bad samples in a row; is the data usable?"
                     ) from bad
                 continue
@@ -798,9 +799,9 @@ class StreamLoader(DataLoader):
         **kwargs: Any,
     ) -> None:
         if batch_size is not None:
-            raise ValueError("StreamLoader batches inside the dataset: leave batch_size=None")
+            raise UserError("StreamLoader batches inside the dataset: leave batch_size=None")
         if isinstance(dataset, StreamDataset) and dataset.num_workers != num_workers:
-            raise ValueError(
+            raise UserError(
                 f"dataset was built for num_workers={dataset.num_workers} but the loader uses {num_workers}"
             )
         # The loader draws a base seed for its workers at every iter(): from its own generator, not

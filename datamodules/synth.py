@@ -58,6 +58,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.io import manifest_format, write_json_atomic
 
 __all__ = [
@@ -296,7 +297,7 @@ class SynthConfig:
 
         def check(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"invalid SynthConfig: {msg}")
+                raise UserError(f"invalid SynthConfig: {msg}")
 
         for name in ("seed", "image_size", "num_train", "num_val", "num_test", "shard_size", "min_objects",
                      "max_objects", "num_captions", "jpeg_quality", "min_questions", "max_questions"):
@@ -353,7 +354,7 @@ class SynthConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown SynthConfig keys: {unknown}")
+            raise UserError(f"unknown SynthConfig keys: {unknown}")
         return cls(**{k: (list(v) if k == "holdout" else v) for k, v in data.items()})
 
 
@@ -1190,16 +1191,16 @@ def load_manifest(out_dir: str | os.PathLike) -> dict:
     """
     path = Path(out_dir) / _MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no synthetic-world manifest at {path}: generate the world first "
+        raise MissingFileError(f"no synthetic-world manifest at {path}: generate the world first "
                                 f"(lit-vlm data synth --out {out_dir})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise UserError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} manifest")
+        raise UserError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
-        raise ValueError(f"{path} has version {manifest.get('version')!r}; this code reads version {VERSION}")
+        raise UserError(f"{path} has version {manifest.get('version')!r}; this code reads version {VERSION}")
     return manifest
 
 
@@ -1207,7 +1208,7 @@ def shard_paths(out_dir: str | os.PathLike, split: str) -> list[str]:
     """Absolute paths of a generated split's shards, in order."""
     manifest = load_manifest(out_dir)
     if split not in manifest["splits"]:
-        raise ValueError(f"unknown split {split!r}; have {sorted(manifest['splits'])}")
+        raise UserError(f"unknown split {split!r}; have {sorted(manifest['splits'])}")
     return [str(Path(out_dir).resolve() / p) for p in manifest["splits"][split]["shards"]]
 
 
@@ -1245,16 +1246,16 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig | None = None, num_
 
     Raises:
         ValueError: invalid configuration.
-        FileExistsError: ``out_dir`` is a non-empty folder that is not lit-vlm-synth output.
+        UserError: ``out_dir`` is a file, or a non-empty folder that is not lit-vlm-synth output.
     """
     config = dataclasses.replace(config) if config is not None else SynthConfig()  # validate() normalises a copy
     config.holdout = list(config.holdout)
     config.validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
+        raise UserError(f"{out} exists and is a file, not a folder: give a folder path for the synthetic world")
     if out.is_dir() and any(out.iterdir()) and not _is_ours(out):
-        raise FileExistsError(f"{out} is not empty and is not a {FORMAT} folder; refusing to write into it")
+        raise UserError(f"{out} is not empty and is not a {FORMAT} folder; refusing to write into it")
     if num_workers is None:
         num_workers = min(2, os.cpu_count() or 1)
     start_time = time.perf_counter()
@@ -1402,7 +1403,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         manifest = generate(out, config, num_workers=args.num_workers, progress=not args.quiet)
         elapsed = time.perf_counter() - start
-    except (ValueError, FileExistsError) as exc:
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     splits = manifest["splits"]

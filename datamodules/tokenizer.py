@@ -24,6 +24,8 @@ import torch
 from tokenizers import Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lit_vlm.errors import MissingFileError, UserError
+
 __all__ = ["SYNTH_SPECIALS", "Tokenizer"]
 
 SYNTH_SPECIALS: tuple[str, ...] = ("[PAD]", "[UNK]", "[SOS]", "[EOS]", "[MASK]")
@@ -98,7 +100,7 @@ class Tokenizer:
             return None
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"tokenizer {self.name!r} has no token {token!r}")
+            raise UserError(f"tokenizer {self.name!r} has no token {token!r}")
         return token_id
 
     # ---------------------------------------------------------------------------- constructors
@@ -141,11 +143,11 @@ class Tokenizer:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {str(path)!r} (expected a Hugging Face tokenizer.json)")
+            raise MissingFileError(f"tokenizer file not found: {str(path)!r} (expected a Hugging Face tokenizer.json)")
         try:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:
-            raise ValueError(
+            raise UserError(
                 f"cannot load tokenizer {str(path)!r}: not a valid Hugging Face tokenizer.json ({exc})"
             ) from exc
         vocab = backend.get_vocab(with_added_tokens=True)
@@ -238,7 +240,7 @@ class Tokenizer:
         n_special = (self._bos_id is not None) + (self._eos_id is not None)
         room = context_length - n_special
         if room < 0 or context_length < 1:
-            raise ValueError(f"context_length={context_length} leaves no room for the start/end tokens")
+            raise UserError(f"context_length={context_length} leaves no room for the start/end tokens")
         ids = torch.full((len(texts), context_length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), context_length), dtype=torch.bool)
         prefix = [] if self._bos_id is None else [self._bos_id]
@@ -263,11 +265,11 @@ class Tokenizer:
         the end of its answer; the end token is always kept.
         """
         if len(prompts) != len(answers):
-            raise ValueError(f"encode_pairs: {len(prompts)} prompts but {len(answers)} answers")
+            raise UserError(f"encode_pairs: {len(prompts)} prompts but {len(answers)} answers")
         n_special = (self._bos_id is not None) + (self._eos_id is not None)
         room = context_length - n_special
         if room < 1:
-            raise ValueError(f"context_length={context_length} leaves no room for a prompt and an answer")
+            raise UserError(f"context_length={context_length} leaves no room for a prompt and an answer")
         ids = torch.full((len(prompts), context_length), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), context_length), dtype=torch.bool)
         answer_mask = torch.zeros((len(prompts), context_length), dtype=torch.bool)
@@ -290,7 +292,7 @@ class Tokenizer:
         """
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
-                raise ValueError(f"decode expects a 1-D sequence, got shape {tuple(ids.shape)}")
+                raise UserError(f"decode expects a 1-D sequence, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = [int(i) for i in ids]
         if self._eos_id is not None and self._eos_id in ids:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from lit_vlm.errors import UserError
+
 __all__ = [
     "BadSample",
     "CLIP_MEAN",
@@ -184,7 +186,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     if len(size) != 2:
-        raise ValueError(f"size must be an int or (height, width), got {size!r}")
+        raise UserError(f"size must be an int or (height, width), got {size!r}")
     return int(size[0]), int(size[1])
 
 
@@ -219,9 +221,9 @@ class RandomResizedCrop(RandomTransform):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
     ) -> None:
         if scale[0] > scale[1] or ratio[0] > ratio[1]:
-            raise ValueError(f"scale and ratio must be (min, max) ranges, got scale={scale}, ratio={ratio}")
+            raise UserError(f"scale and ratio must be (min, max) ranges, got scale={scale}, ratio={ratio}")
         if scale[0] <= 0 or ratio[0] <= 0:
-            raise ValueError(f"scale and ratio must be positive, got scale={scale}, ratio={ratio}")
+            raise UserError(f"scale and ratio must be positive, got scale={scale}, ratio={ratio}")
         self.size = _pair(size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
@@ -270,7 +272,7 @@ class Resize:
 
     def __init__(self, size: int) -> None:
         if size <= 0:
-            raise ValueError(f"size must be positive, got {size}")
+            raise UserError(f"size must be positive, got {size}")
         self.size = int(size)
 
     def __call__(self, img: Image.Image) -> Image.Image:
@@ -338,9 +340,9 @@ class Normalize:
 
     def __init__(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> None:
         if len(mean) != len(std):
-            raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+            raise UserError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+            raise UserError(f"std must be positive, got {tuple(std)}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)

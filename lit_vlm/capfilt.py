@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from lit_vlm.errors import MissingFileError, UserError
+
 log = logging.getLogger("lit_vlm")
 
 
@@ -51,7 +53,7 @@ def load_model(source: str, device: str = "cpu") -> Any:
     try:
         model = pl.LightningModule.load_from_checkpoint(str(path), map_location=device)
     except Exception as err:  # noqa: BLE001 - reported with the file's name
-        raise ValueError(f"--model {source}: cannot rebuild a model from {path}: {type(err).__name__}: {err}") from err
+        raise UserError(f"--model {source}: cannot rebuild a model from {path}: {type(err).__name__}: {err}") from err
     return model.to(device).eval()
 
 
@@ -64,10 +66,10 @@ def _sources(args: argparse.Namespace) -> list[str]:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"--root {args.root}: no readable manifest.json ({err})") from err
+        raise MissingFileError(f"--root {args.root}: no readable manifest.json ({err})") from err
     entry = manifest.get("splits", {}).get(args.split)
     if not entry or not entry.get("shards"):
-        raise ValueError(f"--root {args.root} has no {args.split!r} split (splits: {sorted(manifest.get('splits', {}))})")
+        raise UserError(f"--root {args.root} has no {args.split!r} split (splits: {sorted(manifest.get('splits', {}))})")
     return [str(Path(args.root) / s) for s in entry["shards"]]
 
 
@@ -99,7 +101,7 @@ def _captions(members: dict[str, bytes]) -> tuple[dict[str, Any], list[str]]:
     if "json" in members:
         meta = json.loads(members["json"].decode("utf-8"))
         if not isinstance(meta, dict):
-            raise ValueError("json is not an object")
+            raise UserError("json is not an object")
     listed = meta.get("captions")
     if isinstance(listed, list) and all(isinstance(c, str) for c in listed) and any(c.strip() for c in listed):
         return meta, [c.strip() for c in listed if c.strip()]
@@ -139,11 +141,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: not empty; choose a new folder")
+        raise UserError(f"--out {out}: not empty; choose a new folder")
     model = load_model(args.model, args.device)
     missing = [c for c in ("generate", "pair_features", "score_pairs") if not callable(getattr(model, c, None))]
     if missing:
-        raise ValueError(f"--model {args.model}: {type(model).__name__} lacks {', '.join(missing)} (CapFilt needs a captioner with an ITM head, e.g. BLIP)")
+        raise UserError(f"--model {args.model}: {type(model).__name__} lacks {', '.join(missing)} (CapFilt needs a captioner with an ITM head, e.g. BLIP)")
     image_size = getattr(getattr(model, "vision", None), "image_size", None) or args.image_size
     transform = eval_transform(image_size, args.mean or CLIP_MEAN, args.std or CLIP_STD)
     urls = _sources(args)
@@ -268,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for name, low in (("num_captions", 1), ("num_beams", 1), ("batch_size", 1), ("shard_size", 1), ("max_new_tokens", 1)):
         if getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if not 0.0 <= args.threshold <= 1.0 or not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--threshold must be in [0, 1] and --top-p in (0, 1], got {args.threshold}, {args.top_p}")
+        raise UserError(f"--threshold must be in [0, 1] and --top-p in (0, 1], got {args.threshold}, {args.top_p}")
     report = run(args)
     print(json.dumps({k: report[k] for k in ("images_in", "images_out", "original_captions", "original_kept",
                                              "synthetic_captions", "synthetic_kept", "skipped_corrupt", "seconds")}))

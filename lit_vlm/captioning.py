@@ -35,6 +35,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lit_vlm.errors import MissingFileError, UserError
+
 #: Metric families ``caption_metrics`` can compute, and the keys each one reports.
 METRICS: dict[str, tuple[str, ...]] = {
     "BLEU": ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4"),
@@ -55,7 +57,7 @@ JAVA_MISSING = (
 _LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
-class JavaNotFoundError(FileNotFoundError):
+class JavaNotFoundError(MissingFileError):
     """The ``java`` executable is not on ``PATH``."""
 
 
@@ -76,20 +78,20 @@ def _metric_families(metrics: Sequence[str]) -> list[str]:
     for name in metrics:
         key = str(name).lower()
         if key == "spice":
-            raise ValueError("SPICE is not supported: it needs Stanford CoreNLP models downloaded at run time")
+            raise UserError("SPICE is not supported: it needs Stanford CoreNLP models downloaded at run time")
         if key not in lookup:
-            raise ValueError(f"unknown caption metric {name!r}; choose from {', '.join(METRICS)}")
+            raise UserError(f"unknown caption metric {name!r}; choose from {', '.join(METRICS)}")
         if lookup[key] not in out:
             out.append(lookup[key])
     if not out:
-        raise ValueError("no caption metric requested")
+        raise UserError("no caption metric requested")
     return out
 
 
 def _check_pairs(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]]) -> list[Any]:
     """The evaluated keys (in ``predictions`` order) after checking both dicts agree and are well typed."""
     if not predictions:
-        raise ValueError("no predictions to evaluate")
+        raise UserError("no predictions to evaluate")
     missing = [k for k in references if k not in predictions]
     extra = [k for k in predictions if k not in references]
     if missing or extra:
@@ -98,18 +100,18 @@ def _check_pairs(predictions: Mapping[Any, str], references: Mapping[Any, Sequen
             parts.append(f"{len(missing)} image id(s) without a prediction: {_show(missing)}")
         if extra:
             parts.append(f"{len(extra)} predicted image id(s) without references: {_show(extra)}")
-        raise ValueError("predictions and references must have the same image ids; " + "; ".join(parts))
+        raise UserError("predictions and references must have the same image ids; " + "; ".join(parts))
     for key, text in predictions.items():
         if not isinstance(text, str):
-            raise ValueError(f"prediction for image id {key!r} must be a string, got {type(text).__name__}")
+            raise UserError(f"prediction for image id {key!r} must be a string, got {type(text).__name__}")
     for key, refs in references.items():
         if isinstance(refs, str) or not isinstance(refs, Sequence):
-            raise ValueError(f"references for image id {key!r} must be a list of strings, got {type(refs).__name__}")
+            raise UserError(f"references for image id {key!r} must be a list of strings, got {type(refs).__name__}")
         if not refs:
-            raise ValueError(f"image id {key!r} has no reference caption")
+            raise UserError(f"image id {key!r} has no reference caption")
         bad = [r for r in refs if not isinstance(r, str)]
         if bad:
-            raise ValueError(f"reference captions of image id {key!r} must be strings, got {type(bad[0]).__name__}")
+            raise UserError(f"reference captions of image id {key!r} must be strings, got {type(bad[0]).__name__}")
     return list(predictions)
 
 
@@ -212,7 +214,7 @@ def caption_metrics(
             from pycocoevalcap.cider.cider import Cider
 
             if not any(r.strip() for refs in gts.values() for r in refs):
-                raise ValueError("every reference caption is empty after tokenisation; CIDEr is undefined")
+                raise UserError("every reference caption is empty after tokenisation; CIDEr is undefined")
             out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     return out
 
@@ -221,17 +223,17 @@ def caption_metrics(
 def _read_json(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise MissingFileError(f"{what} file not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise UserError(f"{path}: not valid JSON ({err})") from err
 
 
 def _image_id(value: Any, where: str, field: str = "image_id") -> str:
     """The string key of a JSON image id (int or str; bools, floats and the rest are refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{where}: {field!r} must be an integer or a string, got {value!r}")
+        raise UserError(f"{where}: {field!r} must be an integer or a string, got {value!r}")
     return str(value)
 
 
@@ -252,20 +254,20 @@ def load_caption_predictions(path: str | os.PathLike) -> dict[str, str]:
     """
     data = _read_json(path, "predictions")
     if not isinstance(data, list):
-        raise ValueError(f"{path}: COCO caption results must be a JSON list of {{'image_id', 'caption'}} objects, got {type(data).__name__}")
+        raise UserError(f"{path}: COCO caption results must be a JSON list of {{'image_id', 'caption'}} objects, got {type(data).__name__}")
     out: dict[str, str] = {}
     for i, entry in enumerate(data):
         where = f"{path}: entry {i}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object with 'image_id' and 'caption', got {type(entry).__name__}")
+            raise UserError(f"{where}: expected an object with 'image_id' and 'caption', got {type(entry).__name__}")
         missing = [k for k in ("image_id", "caption") if k not in entry]
         if missing:
-            raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+            raise UserError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
         key = _image_id(entry["image_id"], where)
         if not isinstance(entry["caption"], str):
-            raise ValueError(f"{where} (image_id {entry['image_id']!r}): 'caption' must be a string, got {type(entry['caption']).__name__}")
+            raise UserError(f"{where} (image_id {entry['image_id']!r}): 'caption' must be a string, got {type(entry['caption']).__name__}")
         if key in out:
-            raise ValueError(f"{where}: duplicate prediction for image_id {entry['image_id']!r} (one caption per image)")
+            raise UserError(f"{where}: duplicate prediction for image_id {entry['image_id']!r} (one caption per image)")
         out[key] = entry["caption"]
     return out
 
@@ -288,41 +290,41 @@ def load_caption_references(path: str | os.PathLike) -> dict[str, list[str]]:
     """
     data = _read_json(path, "references")
     if not isinstance(data, dict) or "annotations" not in data:
-        raise ValueError(f"{path}: COCO caption annotations must be a JSON object with an 'annotations' list")
+        raise UserError(f"{path}: COCO caption annotations must be a JSON object with an 'annotations' list")
     annotations = data["annotations"]
     if not isinstance(annotations, list):
-        raise ValueError(f"{path}: 'annotations' must be a list, got {type(annotations).__name__}")
+        raise UserError(f"{path}: 'annotations' must be a list, got {type(annotations).__name__}")
     out: dict[str, list[str]] = {}
     images = data.get("images")
     if images is not None:
         if not isinstance(images, list):
-            raise ValueError(f"{path}: 'images' must be a list, got {type(images).__name__}")
+            raise UserError(f"{path}: 'images' must be a list, got {type(images).__name__}")
         for i, image in enumerate(images):
             where = f"{path}: images[{i}]"
             if not isinstance(image, dict) or "id" not in image:
-                raise ValueError(f"{where}: expected an object with an 'id'")
+                raise UserError(f"{where}: expected an object with an 'id'")
             key = _image_id(image["id"], where, "id")
             if key in out:
-                raise ValueError(f"{where}: duplicate image id {image['id']!r}")
+                raise UserError(f"{where}: duplicate image id {image['id']!r}")
             out[key] = []
     for i, ann in enumerate(annotations):
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict):
-            raise ValueError(f"{where}: expected an object with 'image_id' and 'caption', got {type(ann).__name__}")
+            raise UserError(f"{where}: expected an object with 'image_id' and 'caption', got {type(ann).__name__}")
         missing = [k for k in ("image_id", "caption") if k not in ann]
         if missing:
-            raise ValueError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+            raise UserError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
         key = _image_id(ann["image_id"], where)
         if not isinstance(ann["caption"], str):
-            raise ValueError(f"{where} (image_id {ann['image_id']!r}): 'caption' must be a string, got {type(ann['caption']).__name__}")
+            raise UserError(f"{where} (image_id {ann['image_id']!r}): 'caption' must be a string, got {type(ann['caption']).__name__}")
         if images is not None and key not in out:
-            raise ValueError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
+            raise UserError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
         out.setdefault(key, []).append(ann["caption"])
     empty = [k for k, caps in out.items() if not caps]
     if empty:
-        raise ValueError(f"{path}: {len(empty)} image(s) in 'images' have no caption: {_show(empty)}")
+        raise UserError(f"{path}: {len(empty)} image(s) in 'images' have no caption: {_show(empty)}")
     if not out:
-        raise ValueError(f"{path}: no captions")
+        raise UserError(f"{path}: no captions")
     return out
 
 
@@ -349,10 +351,10 @@ def align_captions(
     """
     unknown = [k for k in predictions if k not in references]
     if unknown:
-        raise ValueError(f"{predictions_name}: {len(unknown)} prediction(s) for image ids not in {references_name}: {_show(unknown)}")
+        raise UserError(f"{predictions_name}: {len(unknown)} prediction(s) for image ids not in {references_name}: {_show(unknown)}")
     missing = [k for k in references if k not in predictions]
     if missing and not allow_missing:
-        raise ValueError(
+        raise UserError(
             f"{predictions_name}: no prediction for {len(missing)} of the {len(references)} images of "
             f"{references_name}: {_show(missing)} (allow_missing / --allow-missing evaluates the predicted images only)"
         )

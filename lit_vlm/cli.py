@@ -17,11 +17,14 @@ gradient clipping is handed to the model's ``accum_clip_val``, which clips once 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
+import logging
 import os
 import pickle
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,9 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from lit_vlm.callbacks.results import INDEX_FILE, Checkpoint
-from lit_vlm.callbacks.training import NonFiniteLossError
+from lit_vlm.callbacks.results import Checkpoint
+from lit_vlm.errors import MissingFileError, UserError
+from lit_vlm.weights import INDEX_FILE, check_checkpoint, run_checkpoint
 
 LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenizer")
 
@@ -43,6 +47,8 @@ subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
 
 class LitVLMCLI(LightningCLI):
     """LightningCLI with lit-vlm's defaults, soft links and ``--ckpt_path best|last`` resolution."""
+
+    _ckpt_named: str | None = None  # --ckpt_path as given (before resolution)
 
     def __init__(self, *args, **kwargs) -> None:
         trainer_defaults = {
@@ -76,16 +82,54 @@ class LitVLMCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         apply_soft_links(cfg)
         move_gradient_clipping(cfg)
-        if self.subcommand in ("fit", "validate", "test", "predict") and cfg.get("ckpt_path") in ("best", "last"):
-            cfg.ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.trainer.logger)
+        named = self._ckpt_named
+        if self.subcommand == "fit" and named is not None and named != cfg.ckpt_path:  # best, last, a run directory
+            run_dir = continue_run(cfg.trainer, cfg.ckpt_path)
+            if run_dir is not None:  # keep the run's config.yaml; record this resume's beside it
+                n = 1
+                while (run_dir / f"config.resume-{n}.yaml").exists():
+                    n += 1
+                self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{n}.yaml"}
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path`` (``best``, ``last``, a run directory, a file) to a checkpoint file
+        and check it is readable, before Lightning reads the hyper-parameters of a named file."""
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else None
+        if cfg is None or subcommand not in ("fit", "validate", "test", "predict") or cfg.get("ckpt_path") is None:
+            return
+        self._ckpt_named = named = cfg.ckpt_path
+        cfg.ckpt_path = resolve_ckpt_path(named, cfg.trainer.logger, subcommand)
+        if cfg.ckpt_path != named:
             print(f"Using checkpoint: {cfg.ckpt_path}", file=sys.stderr)
-            if self.subcommand == "fit":
-                run_dir = continue_run(cfg.trainer, cfg.ckpt_path)
-                if run_dir is not None:  # keep the run's config.yaml; record this resume's beside it
-                    n = 1
-                    while (run_dir / f"config.resume-{n}.yaml").exists():
-                        n += 1
-                    self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": f"config.resume-{n}.yaml"}
+        else:  # a file the user named: Lightning restores the model config from its hyper-parameters
+            super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; if it fails before a training step, remove the run directory it created (a failed
+        start leaves no empty ``version_N`` behind; a resumed or trained run keeps its own)."""
+        run_dir = _run_directory(self.trainer)
+        new_dirs = [] if run_dir is None else [d for d in (run_dir, *list(run_dir.parents)[:2]) if not d.exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            started = self.trainer.global_step > 0 or (run_dir is not None and any(run_dir.rglob("*.ckpt")))
+            if run_dir in new_dirs and self.trainer.is_global_zero and not started:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                for folder in new_dirs[1:]:  # runs/<name>, runs: only if this start made them and they are empty
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+                print(f"lit-vlm: removed the run directory of the failed start ({run_dir})", file=sys.stderr)
+            raise
+
+
+def _run_directory(trainer: Any) -> Path | None:
+    """The logger's run directory (``runs/<name>/version_N``) as it will be, without creating it."""
+    logger = getattr(trainer, "logger", None)
+    try:
+        return Path(logger.log_dir) if logger is not None and getattr(logger, "log_dir", None) else None
+    except (OSError, TypeError, AttributeError):
+        return None
 
 
 def _default_callbacks() -> list:
@@ -133,7 +177,7 @@ def _fill(node: Any, values: dict[str, Any], path: str) -> None:
             if current is None:
                 init_args[key] = value
             elif current != value:
-                raise ValueError(
+                raise UserError(
                     f"{path}.init_args.{key}={current!r} disagrees with data.init_args.{key}={value!r}; "
                     f"set {key} once, in the data config (leave the model's unset)"
                 )
@@ -157,7 +201,7 @@ def move_gradient_clipping(cfg: Namespace) -> None:
     if not isinstance(accum, int) or accum <= 1 or not trainer.get("gradient_clip_val"):
         return
     if "accum_clip_val" not in init_args:
-        raise ValueError(
+        raise UserError(
             f"model accum_freq={accum} runs manual optimisation, where trainer.gradient_clip_val cannot act, "
             f"and {model.class_path} has no accum_clip_val to take it: set trainer.gradient_clip_val null"
         )
@@ -214,13 +258,33 @@ def resolve_checkpoint(which: str, logger_cfg: Any) -> str:
     save_dir, name = _logger_location(logger_cfg)
     indexes = sorted(Path(save_dir, name).glob(f"version_*/checkpoints/{INDEX_FILE}"), key=lambda p: p.stat().st_mtime)
     for index in reversed(indexes):
-        entry = json.loads(index.read_text()).get(which)
-        if entry and Path(entry).is_file():
-            return entry
-    raise FileNotFoundError(
+        try:
+            return str(run_checkpoint(index.parent, (which,), f"--ckpt_path {which}"))
+        except MissingFileError:
+            continue
+    raise MissingFileError(
         f"--ckpt_path {which}: no '{which}' checkpoint found under {Path(save_dir, name)}/version_*/checkpoints/ "
         f"(run `lit-vlm fit` with the same config first, or pass a checkpoint path)"
+        + (" (a run has no 'best' until its first validation: use 'last')" if which == "best" else "")
     )
+
+
+def resolve_ckpt_path(named: str, logger_cfg: Any, subcommand: str) -> str:
+    """The checkpoint file ``--ckpt_path`` names, checked readable: ``best`` / ``last`` of the newest
+    run with this logger config, a run directory (its ``last`` for ``fit``, which resumes it, else its
+    ``best``), or a file. Lightning's own keys (``hpc``, ``registry``...) and URLs pass unchanged."""
+    option = f"--ckpt_path {named}"
+    if named in ("best", "last"):
+        file = Path(resolve_checkpoint(named, logger_cfg))
+    elif "://" in str(named) or str(named).startswith(("hpc", "registry")):
+        return named
+    elif Path(named).is_dir():
+        file = run_checkpoint(named, ("last",) if subcommand == "fit" else ("best", "last"), "--ckpt_path")
+    elif Path(named).exists():
+        file = Path(named)
+    else:
+        raise MissingFileError(f"{option}: no such file or directory (give a .ckpt file, a run directory, 'last' or 'best')")
+    return str(check_checkpoint(file, option))
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -243,11 +307,50 @@ TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
 }
 
 
-def _user_error(err: BaseException) -> int:
-    if os.environ.get("LIT_VLM_DEBUG"):
-        raise err
-    print(f"lit-vlm: error: {err}\n(set LIT_VLM_DEBUG=1 to see the traceback)", file=sys.stderr)
-    return 2
+def run_reporting_user_errors(fn: Callable[[], Any]) -> int:
+    """Run ``fn``; a :class:`UserError`, a refused unsafe checkpoint or a file-system error (a path
+    that is a file, a folder that cannot be written, a full disk) becomes one paragraph on stderr
+    and exit code 2, also when jsonargparse wrapped it while instantiating a class. Everything else
+    keeps its traceback: it is a bug. ``LIT_VLM_DEBUG=1`` re-raises."""
+    try:
+        return int(fn() or 0)
+    except Exception as err:
+        cause = _user_cause(err)
+        if cause is None or os.environ.get("LIT_VLM_DEBUG"):
+            raise
+        print(f"lit-vlm: error: {_paragraph(cause)}\n(set LIT_VLM_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
+
+
+_USER_ERRORS = (UserError, OSError, pickle.UnpicklingError)
+
+
+def _user_cause(err: BaseException | None) -> BaseException | None:
+    """``err`` if it is a user error, else the user error a wrapper (jsonargparse's ``ValueError``
+    / ``TypeError`` around a class's own error) was raised from; None for anything else."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, _USER_ERRORS):
+            return err
+        if not isinstance(err, (ValueError, TypeError)):
+            return None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _paragraph(err: BaseException) -> str:
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met arbitrary objects
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (
+            "refused to load a checkpoint that holds arbitrary Python objects (lit-vlm and Lightning load "
+            f"checkpoints with torch.load(weights_only=True), which runs no pickled code): {first}. Convert a "
+            "checkpoint you trust to plain tensors (a state dict or safetensors) and pass that instead"
+        )
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)  # OSError
+    return f"{err.strerror or err}{f': {where}' if where else ''} ({type(err).__name__}; check the path and its permissions)"
 
 
 def tool_main(group: str, argv: list[str]) -> int:
@@ -263,22 +366,31 @@ def tool_main(group: str, argv: list[str]) -> int:
         return 2
     module, function, _ = commands[argv[0]]
     try:
-        return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        return _user_error(err)
+        return run_reporting_user_errors(lambda: getattr(importlib.import_module(module), function)(argv[1:]))
     except SystemExit as exit_:  # argparse's --help and usage errors
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is now (a redirected or captured
+    stderr included), not the one it was created with."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def configure_logging() -> None:
     """Show lit-vlm's INFO messages (data skips per reason, resumed positions, ...) on stderr, as
     Lightning does for its own logger; a handler the user installed is left alone."""
-    import logging
-
     logger = logging.getLogger("lit_vlm")
     if logger.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -290,20 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv if explicit else sys.argv[1:])
     if argv and argv[0] in TOOL_GROUPS:
         return tool_main(argv[0], argv[1:])
-    try:
+
+    def run() -> None:
         LitVLMCLI(args=argv if explicit else None)
-    except (ValueError, FileNotFoundError, KeyError, NonFiniteLossError) as err:
-        return _user_error(err)
-    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met arbitrary objects
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return _user_error(
-            ValueError(
-                "refused to load a checkpoint that holds arbitrary Python objects (lit-vlm and Lightning load "
-                f"checkpoints with torch.load(weights_only=True), which runs no pickled code): {first}. Convert a "
-                "checkpoint you trust to plain tensors (a state dict or safetensors) and pass that instead"
-            )
-        )
-    return 0
+
+    return run_reporting_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lit_vlm.errors import UserError
 from lit_vlm.modules.decoder import DecoderCache, TextDecoder
 
 NEG_INF = float("-inf")
@@ -147,19 +148,19 @@ def generate(
     """New tokens of every row, [B, <= max_new_tokens], right-padded with ``pad_id`` (see the
     module docstring for the options)."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        raise UserError(f"num_beams must be >= 1, got {num_beams}")
     if do_sample and num_beams > 1:
-        raise ValueError("beam search with sampling is not supported: use num_beams=1 with do_sample=True")
+        raise UserError("beam search with sampling is not supported: use num_beams=1 with do_sample=True")
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise ValueError(
+        raise UserError(
             f"temperature must be > 0, top_p in (0, 1], top_k >= 0 and repetition_penalty > 0; got "
             f"{temperature}, {top_p}, {top_k}, {repetition_penalty}"
         )
     mask = torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()
     if bool((~mask.any(1)).any()):
-        raise ValueError("every prompt needs at least one real token (e.g. the start token)")
+        raise UserError("every prompt needs at least one real token (e.g. the start token)")
     ids, mask = left_align(prompt_ids, mask, pad_id)
     if num_beams > 1:
         return _beam_search(decoder, ids, mask, context, context_mask, max_new_tokens, eos_id, pad_id, num_beams,

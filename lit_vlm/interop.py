@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.modules.presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS
 from lit_vlm.modules.text import TextTransformer
 from lit_vlm.modules.vision import VisionTransformer
@@ -94,7 +95,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # --------------------------------------------------------------------------------- errors
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint does not fit a module: raised by :func:`load_into` with one readable paragraph
     naming the missing keys, the unexpected keys and the shape mismatches."""
 
@@ -184,7 +185,7 @@ def _safetensors_torch() -> Any:
     return st
 
 
-def _is_torchscript_archive(path: Path) -> bool:
+def is_torchscript_archive(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -199,16 +200,16 @@ def _read_torchscript_state_dict(path: Path) -> StateDict:
     with zipfile.ZipFile(path) as archive:
         data = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if not data:
-            raise ValueError(f"{path}: TorchScript archive without data.pkl")
+            raise UserError(f"{path}: TorchScript archive without data.pkl")
         root = data[0].split("/")[0]
         byteorder = f"{root}/byteorder"
         if byteorder in archive.namelist() and archive.read(byteorder).decode().strip() != "little":
-            raise ValueError(f"{path}: big-endian TorchScript archives are not supported")
+            raise UserError(f"{path}: big-endian TorchScript archives are not supported")
         with archive.open(data[0]) as f:
             try:
                 obj = _TorchScriptUnpickler(f, archive, root).load()
             except pickle.UnpicklingError as e:
-                raise ValueError(
+                raise UserError(
                     f"{path} is a TorchScript archive that lit-vlm cannot read safely ({e}). Convert it on a "
                     "machine you trust: `import torch; m = torch.jit.load(path, map_location='cpu'); "
                     "torch.save(m.state_dict(), 'weights.pt')` and load weights.pt instead."
@@ -237,7 +238,7 @@ def _unwrap(obj: Any, source: str) -> StateDict:
             obj = obj[key]
             break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{source}: expected a state dict (a mapping of names to tensors), found {type(obj).__name__}")
+        raise UserError(f"{source}: expected a state dict (a mapping of names to tensors), found {type(obj).__name__}")
     out: StateDict = {}
     for key, value in obj.items():
         if not isinstance(value, Tensor):
@@ -251,7 +252,7 @@ def _unwrap(obj: Any, source: str) -> StateDict:
                     key, stripped = key[len(p):], True
         out[key] = value
     if not out:
-        raise ValueError(f"{source}: no tensors found (keys: {_listing([str(k) for k in obj])})")
+        raise UserError(f"{source}: no tensors found (keys: {_listing([str(k) for k in obj])})")
     return out
 
 
@@ -263,7 +264,7 @@ def _hf_weight_files(model_dir: Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / name).is_file():
             return [model_dir / name]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{model_dir}: no model.safetensors, pytorch_model.bin or sharded index found in this Hugging Face model directory"
     )
 
@@ -294,7 +295,7 @@ def load_clip_state_dict(path: str | Path) -> StateDict:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.is_dir():
         out: StateDict = {}
         for f in _hf_weight_files(path):
@@ -302,13 +303,18 @@ def load_clip_state_dict(path: str | Path) -> StateDict:
         return out
     if path.suffix == ".safetensors":
         return _unwrap(_safetensors_torch().load_file(str(path), device="cpu"), str(path))
-    if _is_torchscript_archive(path):
+    if is_torchscript_archive(path):
         return _unwrap(_read_torchscript_state_dict(path), str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated or not a torch file
+        from lit_vlm.weights import checkpoint_problem
+
+        reason = checkpoint_problem(path) or f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        raise UserError(f"{path} cannot be read as weights: {reason}") from None
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise UserError(
             f"{path} holds Python objects besides tensors, which safe loading (torch.load with weights_only=True) "
             f"refuses ({first}). If you trust the file, convert it once: `sd = torch.load(path, weights_only=False)"
             f"; torch.save(sd['state_dict'] if 'state_dict' in sd else sd.state_dict(), 'weights.pt')` and load weights.pt."
@@ -327,7 +333,7 @@ def _layer_ids(keys: list[str], prefix: str) -> list[int]:
 def _need(sd: Mapping[str, Tensor], key: str, what: str, layout: str) -> Tensor:
     if key not in sd:
         sample = _listing(sorted(sd)[:8], 8)
-        raise ValueError(
+        raise UserError(
             f"not an {layout} CLIP state dict: {key!r} ({what}) is missing; the checkpoint's keys begin {sample}"
         )
     return sd[key]
@@ -337,7 +343,7 @@ def _default_heads(width: int, heads: int | None, which: str) -> int:
     if heads is not None:
         return int(heads)
     if width % 64 != 0:
-        raise ValueError(
+        raise UserError(
             f"cannot infer the {which} tower's attention heads: OpenAI's rule heads = width // 64 needs a "
             f"width divisible by 64, got {width}; pass {which}_heads= (or a preset)"
         )
@@ -422,22 +428,22 @@ def convert_openai_to_lit(
     sd = _normalise_openai_keys(state_dict)
     keys = list(sd)
     if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in keys):
-        raise ValueError("this is a ResNet CLIP image tower (RN50, RN101, ...); lit-vlm's interop supports ViT towers only")
+        raise UserError("this is a ResNet CLIP image tower (RN50, RN101, ...); lit-vlm's interop supports ViT towers only")
     if any(k.startswith("visual.trunk.") for k in keys):
-        raise ValueError("this open_clip model uses a timm image tower (visual.trunk.*); only CLIP ViT towers are supported")
+        raise UserError("this open_clip model uses a timm image tower (visual.trunk.*); only CLIP ViT towers are supported")
     layout = "OpenAI/open_clip"
 
     conv = _need(sd, "visual.conv1.weight", "the patch embedding", layout)  # [Wv, 3, P, P]
     if conv.dim() != 4 or conv.shape[1] != 3 or conv.shape[2] != conv.shape[3]:
-        raise ValueError(f"visual.conv1.weight has shape {_shape(conv)}; expected [width, 3, patch, patch]")
+        raise UserError(f"visual.conv1.weight has shape {_shape(conv)}; expected [width, 3, patch, patch]")
     v_width, patch = int(conv.shape[0]), int(conv.shape[-1])
     pos = _need(sd, "visual.positional_embedding", "the image positional embedding", layout)  # [1+N, Wv]
     grid = round(math.sqrt(pos.shape[0] - 1))
     if grid * grid + 1 != pos.shape[0]:
-        raise ValueError(f"visual.positional_embedding has {pos.shape[0]} rows, not 1 + a square grid of patches")
+        raise UserError(f"visual.positional_embedding has {pos.shape[0]} rows, not 1 + a square grid of patches")
     v_layers = _layer_ids(keys, "visual.transformer.resblocks.")
     if not v_layers:
-        raise ValueError("no visual.transformer.resblocks.* keys: not a ViT CLIP image tower")
+        raise UserError("no visual.transformer.resblocks.* keys: not a ViT CLIP image tower")
     v_fc = _need(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight", "the first image MLP", layout)
 
     tok = _need(sd, "token_embedding.weight", "the token embedding", layout)  # [V, Wt]
@@ -547,7 +553,7 @@ def _hf_section(config: Mapping[str, Any], name: str, defaults: Mapping[str, Any
 
 def _hf_act(value: str, where: str) -> str:
     if value not in HF_ACT_TO_LIT:
-        raise ValueError(f"{where}={value!r} is not supported; supported: {', '.join(HF_ACT_TO_LIT)}")
+        raise UserError(f"{where}={value!r} is not supported; supported: {', '.join(HF_ACT_TO_LIT)}")
     return HF_ACT_TO_LIT[value]
 
 
@@ -569,11 +575,11 @@ def hf_config_to_kwargs(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     """
     model_type = config.get("model_type", "clip")
     if model_type != "clip":
-        raise ValueError(f"config.json model_type={model_type!r}: only Hugging Face CLIPModel ('clip') checkpoints are supported")
+        raise UserError(f"config.json model_type={model_type!r}: only Hugging Face CLIPModel ('clip') checkpoints are supported")
     v = _hf_section(config, "vision_config", _HF_VISION_DEFAULTS)
     t = _hf_section(config, "text_config", _HF_TEXT_DEFAULTS)
     if int(v["num_channels"]) != 3:
-        raise ValueError(f"vision_config.num_channels={v['num_channels']}: only RGB (3) image towers are supported")
+        raise UserError(f"vision_config.num_channels={v['num_channels']}: only RGB (3) image towers are supported")
     vision_kwargs: dict[str, Any] = dict(
         preset=None, image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), width=int(v["hidden_size"]),
         layers=int(v["num_hidden_layers"]), heads=int(v["num_attention_heads"]),
@@ -691,7 +697,7 @@ def convert_hf_to_lit(
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face CLIPModel directory")
+        raise MissingFileError(f"{model_dir}: no config.json; expected a Hugging Face CLIPModel directory")
     config = json.loads(config_path.read_text())
     vision_kwargs, text_kwargs, embed_dim = hf_config_to_kwargs(config)
     state_dict = convert_hf_state_dict(load_clip_state_dict(model_dir))
@@ -787,7 +793,7 @@ def _apply_preset(preset: str, vision_kwargs: dict[str, Any], text_kwargs: dict[
     if embed_dim != entry["embed_dim"]:
         diffs.append(f"embed_dim: checkpoint {embed_dim} vs preset {entry['embed_dim']}")
     if diffs:
-        raise ValueError(f"the checkpoint is not a {preset} CLIP: " + "; ".join(diffs) + ".")
+        raise UserError(f"the checkpoint is not a {preset} CLIP: " + "; ".join(diffs) + ".")
 
 
 class CLIPTowers(nn.Module):
@@ -837,7 +843,7 @@ def build_clip_towers(
         ValueError: for unsupported architectures or a checkpoint that differs from ``preset``.
     """
     if preset is not None and preset not in CLIP_PRESETS:
-        raise ValueError(f"unknown CLIP preset {preset!r}; valid: {', '.join(repr(k) for k in CLIP_PRESETS)}")
+        raise UserError(f"unknown CLIP preset {preset!r}; valid: {', '.join(repr(k) for k in CLIP_PRESETS)}")
     path = Path(path_or_dir)
     tokenizer: Path | None = None
     if path.is_dir() and (path / "config.json").is_file():
@@ -846,7 +852,7 @@ def build_clip_towers(
     else:
         raw = load_clip_state_dict(path)
         if _is_hf_layout(raw):
-            raise ValueError(
+            raise UserError(
                 f"{path} holds Hugging Face CLIPModel weights; pass the model directory (with its config.json) instead"
             )
         act = act_layer or (CLIP_PRESETS[preset]["act_layer"] if preset in CLIP_PRESETS else "quick_gelu")
@@ -897,19 +903,24 @@ def _check_towers(model: nn.Module, vision_kwargs: Mapping[str, Any], text_kwarg
             if key in kwargs and hasattr(tower, key) and getattr(tower, key) != kwargs[key]:
                 diffs.append(f"{name} {key}={getattr(tower, key)!r} but the checkpoint needs {kwargs[key]!r}")
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"{source}: the model's towers do not match the checkpoint: " + "; ".join(diffs)
             + " (set these in the tower's init_args; the weights would load but compute something else)."
         )
 
 
-def load_state_dict(source: str | Path, model: nn.Module | None = None, act_layer: str | None = None) -> StateDict:
-    """Foreign CLIP weights as a CLIP-family state dict: the entry point of ``init_from``.
+def read_state_dict(
+    source: str | Path, model: nn.Module | None = None, act_layer: str | None = None
+) -> tuple[StateDict, str]:
+    """Foreign CLIP weights as a CLIP-family state dict, and the layout they were read as: the
+    entry point of ``init_from``.
 
     Args:
         source: A Hugging Face ``CLIPModel`` directory, or an OpenAI / open_clip weight file
-            (see :func:`load_clip_state_dict`); a file already in lit-vlm names is returned as
-            is. Nothing is downloaded: a model name that is not a path is refused.
+            (see :func:`load_clip_state_dict`: a plain ``state_dict()``, an ``epoch_N.pt``
+            training checkpoint, ``.safetensors``, a TorchScript archive); a file already in
+            lit-vlm names is returned as is. Nothing is downloaded: a model name that is not a
+            path is refused.
         model: The module the weights are meant for. For Hugging Face checkpoints its towers are
             checked against ``config.json`` (activation, LayerNorm eps, heads, pooling: what a
             wrong build would silently get wrong); for OpenAI / open_clip files its head counts
@@ -918,9 +929,10 @@ def load_state_dict(source: str | Path, model: nn.Module | None = None, act_laye
             ("quick_gelu" for OpenAI's releases); checked against ``model``'s towers.
 
     Returns:
-        ``{name: tensor}`` under CLIP-family names (``vision.*``, ``text.*``,
-        ``image_projection.weight``, ``text_projection.weight``, ``logit_scale``), for
-        ``model.load_state_dict`` or :func:`load_into`.
+        ``({name: tensor}, layout)``: the weights under CLIP-family names (``vision.*``,
+        ``text.*``, ``image_projection.weight``, ``text_projection.weight``, ``logit_scale``), for
+        ``model.load_state_dict`` or :func:`load_into`, and a phrase naming the layout the file
+        was read as (for error messages).
 
     Raises:
         FileNotFoundError: if ``source`` does not exist.
@@ -928,7 +940,7 @@ def load_state_dict(source: str | Path, model: nn.Module | None = None, act_laye
     """
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{source}: no such file or directory (lit-vlm never downloads weights: fetch the checkpoint first, e.g. "
             "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR`, and pass its path)"
         )
@@ -936,12 +948,14 @@ def load_state_dict(source: str | Path, model: nn.Module | None = None, act_laye
         vision_kwargs, text_kwargs, _, sd, _ = convert_hf_to_lit(path)
         if model is not None:
             _check_towers(model, vision_kwargs, text_kwargs, str(source))
-        return sd
+        return sd, f"a Hugging Face CLIPModel directory ({path})"
     raw = load_clip_state_dict(path)
     if _is_hf_layout(raw):
-        raise ValueError(f"{source} holds Hugging Face CLIPModel weights; pass the model directory (with its config.json)")
-    if "visual.conv1.weight" not in raw and "token_embedding.weight" not in raw and "text.token_embedding.weight" not in raw:
-        return raw  # lit-vlm names already (or unknown: the caller's strict load will name the keys)
+        raise UserError(f"{source} holds Hugging Face CLIPModel weights; pass the model directory (with its config.json)")
+    if "visual.conv1.weight" not in raw and "token_embedding.weight" not in raw:
+        # lit-vlm names already (they share text.token_embedding.weight with open_clip's CustomTextCLIP,
+        # whose image tower is visual.*), or unknown: the caller's strict load will name the keys
+        return raw, f"a state dict in lit-vlm names ({path})"
     vision, text = getattr(model, "vision", None), getattr(model, "text", None)
     vision_heads = vision.heads if isinstance(vision, VisionTransformer) else 1  # heads do not change the tensors
     text_heads = text.heads if isinstance(text, TextTransformer) else 1
@@ -949,7 +963,12 @@ def load_state_dict(source: str | Path, model: nn.Module | None = None, act_laye
     _, _, _, sd = convert_openai_to_lit(raw, act, vision_heads, text_heads)
     if model is not None and act_layer is not None:
         _check_towers(model, {"act_layer": act}, {"act_layer": act}, str(source))
-    return sd
+    return sd, f"an OpenAI / open_clip state dict, converted to lit-vlm names ({path})"
+
+
+def load_state_dict(source: str | Path, model: nn.Module | None = None, act_layer: str | None = None) -> StateDict:
+    """:func:`read_state_dict` without the layout."""
+    return read_state_dict(source, model, act_layer)[0]
 
 
 # -------------------------------------------------------------------------------- exporting
@@ -958,7 +977,7 @@ def load_state_dict(source: str | Path, model: nn.Module | None = None, act_laye
 def _as_weight(x: nn.Module | Tensor, name: str) -> Tensor:
     if isinstance(x, nn.Linear):
         if x.bias is not None:
-            raise ValueError(f"{name} has a bias; Hugging Face CLIPModel projections have none")
+            raise UserError(f"{name} has a bias; Hugging Face CLIPModel projections have none")
         return x.weight.detach()
     if isinstance(x, Tensor):
         return x.detach()
@@ -1042,13 +1061,13 @@ def export_hf(
             "argmax pooling"
         )
     if problems:
-        raise ValueError("these towers cannot be written as a Hugging Face CLIPModel: " + "; ".join(problems) + ".")
+        raise UserError("these towers cannot be written as a Hugging Face CLIPModel: " + "; ".join(problems) + ".")
 
     img_w = _as_weight(image_projection, "image_projection")  # [E, Wv]
     txt_w = _as_weight(text_projection, "text_projection")  # [E, Wt]
     embed_dim = int(img_w.shape[0])
     if img_w.shape != (embed_dim, vision.width) or txt_w.shape != (embed_dim, text.width):
-        raise ValueError(
+        raise UserError(
             f"projection shapes do not fit the towers: image_projection {_shape(img_w)} (expected [E, {vision.width}]), "
             f"text_projection {_shape(txt_w)} (expected [{embed_dim}, {text.width}])"
         )
@@ -1121,4 +1140,5 @@ __all__ = [
     "load_clip_state_dict",
     "load_into",
     "load_state_dict",
+    "read_state_dict",
 ]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from lit_vlm.distributed import gather_no_grad, gather_with_grad, ppermute, rank_and_world
+from lit_vlm.errors import UserError
 
 
 def _symmetric_infonce(
@@ -242,11 +243,11 @@ def siglip_loss(
     Returns: {"loss"} — this rank's local loss (the global-batch loss in one process).
     """
     if mode not in SIGLIP_MODES:
-        raise ValueError(f"siglip_loss: mode must be one of {SIGLIP_MODES}, got {mode!r}")
+        raise UserError(f"siglip_loss: mode must be one of {SIGLIP_MODES}, got {mode!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"siglip_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise UserError(f"siglip_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
     if image_emb.shape != text_emb.shape:
-        raise ValueError(
+        raise UserError(
             f"siglip_loss: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must both be [B, D]"
         )
     logit_scale = torch.as_tensor(logit_scale, dtype=image_emb.dtype, device=image_emb.device)  # []
@@ -318,9 +319,9 @@ def focal_clip_loss(
     form: ``loss_i2t`` is the local images' rows, ``loss_t2i`` the local texts' rows, equal on average).
     """
     if form not in FOCAL_FORMS:
-        raise ValueError(f"focal_clip_loss: form must be one of {FOCAL_FORMS}, got {form!r}")
+        raise UserError(f"focal_clip_loss: form must be one of {FOCAL_FORMS}, got {form!r}")
     if gamma < 0:
-        raise ValueError(f"focal_clip_loss: gamma must be >= 0, got {gamma!r}")
+        raise UserError(f"focal_clip_loss: gamma must be >= 0, got {gamma!r}")
     rank, world = rank_and_world() if gather else (0, 1)
     batch = image_emb.shape[0]
     all_image = gather_with_grad(image_emb) if world > 1 else image_emb  # [W*B, D]
@@ -360,11 +361,11 @@ def focal_clip_loss(
 
 def _bool_mask(mask: torch.Tensor, shape: tuple[int, int], name: str) -> torch.Tensor:
     if tuple(mask.shape) != shape:
-        raise ValueError(f"filip_similarity: {name} must have shape {list(shape)}, got {list(mask.shape)}")
+        raise UserError(f"filip_similarity: {name} must have shape {list(shape)}, got {list(mask.shape)}")
     mask = mask.bool()
     empty = ~mask.any(dim=1)  # [N]
     if bool(empty.any()):
-        raise ValueError(
+        raise UserError(
             f"filip_similarity: {name} rows {empty.nonzero().flatten().tolist()[:8]} have no valid token; "
             "every item needs at least one"
         )
@@ -406,12 +407,12 @@ def filip_similarity(
     Returns: (sim_i2t [I, T], sim_t2i [I, T]).
     """
     if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[2] != text_tokens.shape[2]:
-        raise ValueError(
+        raise UserError(
             f"filip_similarity: image_tokens {list(image_tokens.shape)} must be [I, P, D] and text_tokens "
             f"{list(text_tokens.shape)} [T, L, D] with the same D"
         )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"filip_similarity: chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise UserError(f"filip_similarity: chunk_size must be a positive int or None, got {chunk_size!r}")
     n_img, n_patch, _ = image_tokens.shape
     n_txt, n_tok, _ = text_tokens.shape
     text_mask = _bool_mask(text_mask, (n_txt, n_tok), "text_mask")  # [T, L]
@@ -572,4 +573,4 @@ def get_loss(name: str) -> Callable[..., dict[str, torch.Tensor]]:
         return siglip_loss
     if name == "focal":
         return focal_clip_loss
-    raise ValueError(f"unknown loss {name!r}; valid choices: {', '.join(LOSS_NAMES)}")
+    raise UserError(f"unknown loss {name!r}; valid choices: {', '.join(LOSS_NAMES)}")

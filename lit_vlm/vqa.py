@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lit_vlm.errors import UserError
+
 __all__ = [
     "ARTICLES",
     "CONTRACTIONS",
@@ -233,7 +235,7 @@ def question_accuracy(
         always_normalize: Normalise even when the annotators agree (not the official protocol).
     """
     if len(answers) == 0:
-        raise ValueError("question_accuracy needs at least one annotator answer")
+        raise UserError("question_accuracy needs at least one annotator answer")
     texts = [clean_answer(_answer_text(a)) for a in answers]  # n cleaned answers
     pred = clean_answer(prediction)
     if always_normalize or len(set(texts)) > 1:
@@ -283,13 +285,13 @@ def _few(ids: Sequence[Any], k: int = 5) -> str:
 def _entries(data: Any, key: str, source: str) -> list:
     if isinstance(data, Mapping):
         if key not in data:
-            raise ValueError(
+            raise UserError(
                 f"{source}: expected the official VQA JSON, an object with a list under {key!r}; "
                 f"found keys {_few(sorted(map(str, data)), 8)}"
             )
         data = data[key]
     if not isinstance(data, list):
-        raise ValueError(f"{source}: {key!r} must be a list of objects, got {type(data).__name__}")
+        raise UserError(f"{source}: {key!r} must be a list of objects, got {type(data).__name__}")
     return data
 
 
@@ -310,30 +312,30 @@ def validate_annotations(data: Any, source: str = "annotations") -> list[dict[st
     for i, ann in enumerate(entries):
         where = f"{source}: annotation #{i}"
         if not isinstance(ann, Mapping):
-            raise ValueError(f"{where} must be an object, got {type(ann).__name__}: {ann!r:.80}")
+            raise UserError(f"{where} must be an object, got {type(ann).__name__}: {ann!r:.80}")
         missing = [k for k in ("question_id", "question_type", "answer_type", "answers") if k not in ann]
         if "question_id" in ann:
             where += f" (question_id {ann['question_id']!r})"
         if missing:
-            raise ValueError(f"{where} lacks key(s) {', '.join(missing)}")
+            raise UserError(f"{where} lacks key(s) {', '.join(missing)}")
         qid = ann["question_id"]
         if not _is_int(qid):
-            raise ValueError(f"{where}: question_id must be an integer, got {type(qid).__name__}")
+            raise UserError(f"{where}: question_id must be an integer, got {type(qid).__name__}")
         if qid in first_index:
-            raise ValueError(f"{where}: duplicate question_id {qid} (first at annotation #{first_index[qid]})")
+            raise UserError(f"{where}: duplicate question_id {qid} (first at annotation #{first_index[qid]})")
         first_index[qid] = i
         for key in ("question_type", "answer_type"):
             if not isinstance(ann[key], str):
-                raise ValueError(f"{where}: {key} must be a string, got {type(ann[key]).__name__}")
+                raise UserError(f"{where}: {key} must be a string, got {type(ann[key]).__name__}")
         if "image_id" in ann and not (_is_int(ann["image_id"]) or isinstance(ann["image_id"], str)):
-            raise ValueError(f"{where}: image_id must be an integer or a string, got {type(ann['image_id']).__name__}")
+            raise UserError(f"{where}: image_id must be an integer or a string, got {type(ann['image_id']).__name__}")
         answers = ann["answers"]
         if not isinstance(answers, list) or not answers:
-            raise ValueError(f"{where}: answers must be a non-empty list, got {answers!r:.80}")
+            raise UserError(f"{where}: answers must be a non-empty list, got {answers!r:.80}")
         for j, a in enumerate(answers):
             text = a.get("answer") if isinstance(a, Mapping) else a
             if not isinstance(text, str):
-                raise ValueError(
+                raise UserError(
                     f"{where}: answer #{j} must be an object with a string 'answer' (or a string), got {a!r:.80}"
                 )
     return entries
@@ -353,22 +355,22 @@ def validate_questions(data: Any, source: str = "questions") -> list[dict[str, A
     for i, q in enumerate(entries):
         where = f"{source}: question #{i}"
         if not isinstance(q, Mapping):
-            raise ValueError(f"{where} must be an object, got {type(q).__name__}: {q!r:.80}")
+            raise UserError(f"{where} must be an object, got {type(q).__name__}: {q!r:.80}")
         missing = [k for k in ("question_id", "image_id", "question") if k not in q]
         if "question_id" in q:
             where += f" (question_id {q['question_id']!r})"
         if missing:
-            raise ValueError(f"{where} lacks key(s) {', '.join(missing)}")
+            raise UserError(f"{where} lacks key(s) {', '.join(missing)}")
         qid = q["question_id"]
         if not _is_int(qid):
-            raise ValueError(f"{where}: question_id must be an integer, got {type(qid).__name__}")
+            raise UserError(f"{where}: question_id must be an integer, got {type(qid).__name__}")
         if qid in first_index:
-            raise ValueError(f"{where}: duplicate question_id {qid} (first at question #{first_index[qid]})")
+            raise UserError(f"{where}: duplicate question_id {qid} (first at question #{first_index[qid]})")
         first_index[qid] = i
         if not (_is_int(q["image_id"]) or isinstance(q["image_id"], str)):
-            raise ValueError(f"{where}: image_id must be an integer or a string, got {type(q['image_id']).__name__}")
+            raise UserError(f"{where}: image_id must be an integer or a string, got {type(q['image_id']).__name__}")
         if not isinstance(q["question"], str):
-            raise ValueError(f"{where}: question must be a string, got {type(q['question']).__name__}")
+            raise UserError(f"{where}: question must be a string, got {type(q['question']).__name__}")
     return entries
 
 
@@ -386,14 +388,14 @@ def check_questions(
     by_id = {q["question_id"]: q for q in questions}
     missing = [a["question_id"] for a in annotations if a["question_id"] not in by_id]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{source}: {len(missing)} annotated question id(s) are not in the questions file: {_few(missing)} "
             "(annotations and questions of different splits?)"
         )
     for a in annotations:
         q = by_id[a["question_id"]]
         if "image_id" in a and a["image_id"] != q["image_id"]:
-            raise ValueError(
+            raise UserError(
                 f"{source}: question_id {a['question_id']} is on image_id {q['image_id']!r} in the questions "
                 f"but on image_id {a['image_id']!r} in the annotations"
             )
@@ -409,7 +411,7 @@ def validate_predictions(data: Any, source: str = "predictions") -> dict[int, st
         source: How errors name the data (e.g. the file path).
     """
     if not isinstance(data, list):
-        raise ValueError(
+        raise UserError(
             f"{source}: expected the official VQA results format, a list of "
             f'{{"question_id": int, "answer": str}} objects; got {type(data).__name__}'
         )
@@ -418,19 +420,19 @@ def validate_predictions(data: Any, source: str = "predictions") -> dict[int, st
     for i, entry in enumerate(data):
         where = f"{source}: entry #{i}"
         if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be an object, got {type(entry).__name__}: {entry!r:.80}")
+            raise UserError(f"{where} must be an object, got {type(entry).__name__}: {entry!r:.80}")
         missing = [k for k in ("question_id", "answer") if k not in entry]
         if missing:
-            raise ValueError(f"{where} lacks key(s) {', '.join(missing)}: {dict(entry)!r:.120}")
+            raise UserError(f"{where} lacks key(s) {', '.join(missing)}: {dict(entry)!r:.120}")
         qid, answer = entry["question_id"], entry["answer"]
         if not _is_int(qid):
-            raise ValueError(f"{where}: question_id must be an integer, got {type(qid).__name__} {qid!r:.40}")
+            raise UserError(f"{where}: question_id must be an integer, got {type(qid).__name__} {qid!r:.40}")
         if not isinstance(answer, str):
-            raise ValueError(
+            raise UserError(
                 f"{where} (question_id {qid}): answer must be a string, got {type(answer).__name__} {answer!r:.40}"
             )
         if qid in first_index:
-            raise ValueError(f"{where}: duplicate question_id {qid} (first at entry #{first_index[qid]})")
+            raise UserError(f"{where}: duplicate question_id {qid} (first at entry #{first_index[qid]})")
         first_index[qid] = i
         out[qid] = answer
     return out
@@ -441,28 +443,28 @@ def _scored_ids(
 ) -> list[int]:
     """Question ids to score (annotation order); errors for unknown or (unless allowed) missing ids."""
     if not isinstance(predictions, Mapping):
-        raise ValueError(
+        raise UserError(
             f"{source}: predictions must be a mapping {{question_id: answer}}, got {type(predictions).__name__} "
             "(load a results file with load_predictions)"
         )
     for qid, answer in predictions.items():
         if not _is_int(qid):
-            raise ValueError(f"{source}: question ids must be integers, got {type(qid).__name__} {qid!r:.40}")
+            raise UserError(f"{source}: question ids must be integers, got {type(qid).__name__} {qid!r:.40}")
         if not isinstance(answer, str):
-            raise ValueError(
+            raise UserError(
                 f"{source}: the answer for question_id {qid} must be a string, got {type(answer).__name__}"
             )
     annotated = [a["question_id"] for a in annotations]
     known = set(annotated)
     unknown = [q for q in predictions if q not in known]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{source}: {len(unknown)} prediction(s) for question ids not in the annotations: {_few(unknown)} "
             "(predictions and annotations of different splits?)"
         )
     missing = [q for q in annotated if q not in predictions]
     if missing and not allow_missing:
-        raise ValueError(
+        raise UserError(
             f"{source}: no prediction for {len(missing)} of {len(annotated)} annotated questions, e.g. {_few(missing)} "
             "(the official evaluator requires all of them; allow_missing / --allow-missing scores only "
             "the answered ones)"
@@ -472,7 +474,7 @@ def _scored_ids(
                     len(missing), len(annotated), len(annotated) - len(missing))
     scored = [q for q in annotated if q in predictions]
     if not scored:
-        raise ValueError(f"{source}: no prediction for any annotated question")
+        raise UserError(f"{source}: no prediction for any annotated question")
     return scored
 
 
@@ -487,13 +489,13 @@ def _read_json(path: str | os.PathLike, what: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{what} file not found: {path}") from None
+        raise UserError(f"{what} file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
-        raise ValueError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
 
 
 def load_annotations(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -585,7 +587,7 @@ def _aggregate(
         for name in ("overall", f"answer_type/{ann['answer_type']}", f"question_type/{ann['question_type']}"):
             groups.setdefault(name, []).append(acc)
     if not groups["overall"]:
-        raise ValueError("no questions to aggregate")
+        raise UserError("no questions to aggregate")
 
     def order(name: str) -> tuple:
         kind, _, value = name.partition("/")

@@ -172,13 +172,14 @@ MISTAKES = {
 def test_configuration_mistakes_are_short_errors_before_training(mistake, tmp_path):
     args, message = MISTAKES[mistake]
     if mistake == "untrusted pickle":
-        import pickle
 
         class Evil:
             def __reduce__(self):
                 return (print, ("this ran while loading",))
 
-        (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": {}, "x": Evil()}))
+        import torch
+
+        torch.save({"state_dict": {}, "x": Evil()}, tmp_path / "evil.ckpt")  # a whole archive, with a code object
     proc = subprocess.run(
         [sys.executable, "-m", "lit_vlm", "fit", "--config", str(TINY), "--data.init_args.root", str(tmp_path / "w"),
          "--trainer.enable_progress_bar", "false", *args],
@@ -189,3 +190,80 @@ def test_configuration_mistakes_are_short_errors_before_training(mistake, tmp_pa
     assert message in proc.stderr, proc.stderr[-3000:]
     assert "this ran while loading" not in proc.stdout + proc.stderr
     assert not list(tmp_path.glob("runs/*/version_*/checkpoints/*.ckpt"))  # nothing trained
+
+
+def _broken_run(tmp_path: Path) -> Path:
+    """A run directory whose index names a truncated ``last`` and an empty ``best``, as a full disk
+    or an interrupted copy leaves them."""
+    import torch
+
+    ckpts = tmp_path / "runs" / "clip-tiny" / "version_0" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "pytorch-lightning_version": "2.6"}, whole)
+    (ckpts / "last.ckpt").write_bytes(whole.read_bytes()[:2000])  # truncated
+    (ckpts / "best.ckpt").write_bytes(b"")  # empty
+    (ckpts / "index.json").write_text(json.dumps({"best": str(ckpts / "best.ckpt"), "last": str(ckpts / "last.ckpt")}))
+    return ckpts
+
+
+@pytest.mark.parametrize(
+    "command, named, problem",
+    [("fit", "last", "not a torch.save archive"), ("validate", "best", "empty"), ("test", "PATH", "not a torch.save archive"),
+     ("test", "RUN", "empty"), ("fit", "RUN", "not a torch.save archive"), ("predict", "last", "not a torch.save archive")],
+)
+def test_broken_checkpoint_is_one_paragraph_for_every_command(command, named, problem, tmp_path, monkeypatch, capsys):
+    """``last``, ``best``, a file or a run directory (its ``last`` for fit, else its ``best``) naming an
+    empty or truncated checkpoint: one paragraph that names it, for every command, before any run starts."""
+    ckpts = _broken_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    named = {"PATH": str(ckpts / "last.ckpt"), "RUN": str(ckpts.parent)}.get(named, named)
+    code = main([command, "--config", str(TINY), "--data.init_args.root", str(tmp_path / "w"), "--ckpt_path", named])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"lit-vlm: error: --ckpt_path {named}" in err and problem in err and ".ckpt cannot be read" in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "clip-tiny").iterdir()) == ["version_0"]  # no new run
+
+
+def test_data_root_that_is_a_file_is_one_paragraph(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(TINY), "--data.init_args.root", "afile"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "lit-vlm: error: data root='afile' is a file, not a folder" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_start_leaves_no_empty_run_directory(tmp_path, monkeypatch, capsys):
+    """init_from is read in the model's setup, after the run directory exists: a failure there
+    removes it (and the runs/<name> folder this start made)."""
+    (tmp_path / "trunc.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(TINY), "--data.init_args.root", str(tmp_path / "w"),
+                 "--model.init_args.init_from", "trunc.ckpt", "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "model init_from=trunc.ckpt: trunc.ckpt cannot be read" in err
+    assert "removed the run directory of the failed start" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_user_errors_are_one_type_handled_in_one_place(capsys):
+    """A UserError (also wrapped by jsonargparse) is a paragraph; a bug keeps its traceback."""
+    from lit_vlm.cli import run_reporting_user_errors
+    from lit_vlm.errors import UserError
+
+    def wrapped():
+        try:
+            raise UserError("data batch_size must be >= 1, got 0")
+        except UserError as err:
+            raise ValueError("Does not validate against any of the Union subtypes") from err
+
+    assert run_reporting_user_errors(wrapped) == 2
+    assert capsys.readouterr().err.startswith("lit-vlm: error: data batch_size must be >= 1, got 0\n")
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        run_reporting_user_errors(bug)

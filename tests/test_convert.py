@@ -515,3 +515,44 @@ def test_datamodule_never_synthesizes_over_a_converted_root(tmp_path, tokenizer_
     with pytest.raises(ValueError, match="converted dataset, not a synthetic world"):
         ImageTextDataModule(root=str(out), tokenizer=tokenizer_file, synth_config={"num_train": 4})
     assert dm.skip_counts() == dict.fromkeys(SKIP_REASONS, 0)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_paths_outside_the_image_folder_are_skipped_and_listed(tmp_path, pack):
+    """``../`` and absolute paths in an entry (Karpathy ``filepath`` / ``filename``, a VQAv2 image
+    pattern) are never read or packed: skipped, counted and listed in the report; fatal under
+    --strict."""
+    json_path, images = flickr_karpathy(tmp_path)
+    save_image(tmp_path / "secret.jpg", (7, 7, 7))  # beside the image folder, not in it
+    data = json.loads(json_path.read_text())
+    outside = [
+        {"filename": "../secret.jpg"},
+        {"filepath": "..", "filename": "secret.jpg"},
+        {"filename": str(tmp_path / "secret.jpg")},
+        {"filepath": "sub/../..", "filename": "secret.jpg"},
+    ]
+    for i, where in enumerate(outside):
+        data["images"].append({"imgid": 100 + i, "split": "test", "sentences": [sentence("a secret")], **where})
+    json_path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    report = convert_karpathy(json_path, images, out, pack=pack, progress=False)
+    assert report.outside_images == ["../secret.jpg", "../secret.jpg", str(tmp_path / "secret.jpg"), "sub/../../secret.jpg"]
+    assert report.samples == {"train": 1, "val": 1, "test": 2} and report.problems == 4
+    saved = json.loads((out / "reports" / "karpathy.json").read_text())
+    assert saved["outside_images"] == report.outside_images
+    secret = (tmp_path / "secret.jpg").read_bytes()
+    for split in ("train", "val", "test"):
+        for name, payload in all_members(out, split).items():
+            assert payload != secret, name
+            if name.endswith(".json"):
+                record = json.loads(payload)
+                assert "secret" not in record.get("caption", "") and ".." not in record.get("image_path", "")
+    with pytest.raises(ConversionError, match=r"strict mode: image path outside the image folder: \.\./secret\.jpg"):
+        convert_karpathy(json_path, images, tmp_path / "strict", pack=pack, strict=True, progress=False)
+    assert not (tmp_path / "strict").exists()
+
+    q_path, a_path, vqa_images = vqa_files(tmp_path / "vqa")
+    report = convert_vqav2(q_path, vqa_images, tmp_path / "vqa-out", "val", annotations=a_path, pack=pack, progress=False,
+                           image_pattern="../val2014/COCO_val2014_%012d.jpg")
+    assert report.samples == {"val": 0} and len(report.outside_images) == 3  # the three images with questions left
+    assert report.outside_images[0] == "../val2014/COCO_val2014_000000000007.jpg"

@@ -205,7 +205,17 @@ def test_presets_match_published_clip_shapes() -> None:
         assert (t["width"], t["layers"], t["heads"]) == text, name
         assert (t["context_length"], t["vocab_size"], v["mlp_ratio"], t["mlp_ratio"]) == (77, 49408, 4.0, 4.0)
         assert entry["embed_dim"] == embed and entry["act_layer"] == "quick_gelu"
-    assert CLIP_PRESETS["ViT-L-14-336"] is CLIP_PRESETS["ViT-L/14@336px"]
+
+
+def test_preset_names_follow_open_clip_activation_naming() -> None:
+    """OpenAI's spelling is its QuickGELU release; open_clip's plain name is exact GELU (its model
+    configs leave quick_gelu false) and its ``-quickgelu`` name is QuickGELU; shapes are shared."""
+    for openai, open_clip in (("ViT-B/32", "ViT-B-32"), ("ViT-B/16", "ViT-B-16"), ("ViT-L/14", "ViT-L-14"),
+                              ("ViT-L/14@336px", "ViT-L-14-336")):
+        gelu, quick = CLIP_PRESETS[open_clip], CLIP_PRESETS[f"{open_clip}-quickgelu"]
+        assert (gelu["act_layer"], quick["act_layer"], CLIP_PRESETS[openai]["act_layer"]) == ("gelu", "quick_gelu", "quick_gelu")
+        shape = {k: v for k, v in CLIP_PRESETS[openai].items() if k != "act_layer"}
+        assert {k: v for k, v in gelu.items() if k != "act_layer"} == shape == {k: v for k, v in quick.items() if k != "act_layer"}
 
 
 # -------------------------------------------------------------------------- lit-vlm -> HF
@@ -494,3 +504,109 @@ def test_unknown_open_clip_keys_are_named_by_build(tmp_path: Path, quick_model) 
     assert "\n" not in msg and "CLIPTowers" in msg
     assert "1 key missing from the checkpoint (text.ln_final.bias)" in msg
     assert "1 unexpected key in the checkpoint (visual.attn_pool.query)" in msg
+
+
+# ------------------------------------------------------------------ init_from: every file layout
+
+
+def _tiny_clip(path: Path) -> CLIP:
+    vk, tk, embed_dim, _, _ = convert_hf_to_lit(path)
+    return CLIP(VisionTransformer(**vk), TextTransformer(**tk), embed_dim=embed_dim)
+
+
+def _write_layout(layout: str, openai_sd: dict[str, torch.Tensor], folder: Path) -> Path:
+    """One open_clip / OpenAI file as users have it on disk (key names from open_clip's docs)."""
+    if layout == "state_dict.pt":  # torch.save(model.state_dict(), ...)
+        torch.save(openai_sd, folder / layout)
+    elif layout == "open_clip_pytorch_model.bin":  # the same, as published on model hubs
+        torch.save(openai_sd, folder / layout)
+    elif layout == "epoch_3.pt":  # open_clip's training checkpoint (DDP: module. prefixes)
+        optimizer = {"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(2)}},
+                     "param_groups": [{"lr": 1e-3, "params": [0]}]}
+        torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in openai_sd.items()},
+                    "optimizer": optimizer}, folder / layout)
+    elif layout == "model.safetensors":
+        save_file(openai_sd, str(folder / layout))
+    else:  # OpenAI's TorchScript archive
+        _save_torchscript(openai_sd, folder / layout)
+    return folder / layout
+
+
+@pytest.mark.parametrize("layout", ["state_dict.pt", "open_clip_pytorch_model.bin", "epoch_3.pt", "model.safetensors", "ViT-openai.pt"])
+def test_init_from_loads_every_open_clip_layout_exactly(tmp_path: Path, quick_model, layout: str) -> None:
+    """Each file loads through ``init_from`` (the path ``lit-vlm fit`` takes) and gives the reference
+    model's embeddings; the plain state dict shares ``logit_scale`` with lit-vlm's names, which
+    once made it look like lit-vlm's own layout."""
+    model, hf_dir = quick_model
+    file = _write_layout(layout, _openai_layout(model.state_dict()), tmp_path)
+    clip = _tiny_clip(hf_dir)
+    clip.init_from = str(file)
+    loaded = clip.load_initial_weights()
+    assert sorted(loaded) == sorted(clip.state_dict())  # every tensor, strictly
+    images, ids = _inputs()
+    with torch.no_grad():
+        ours = (clip.encode_image(images, normalize=False), clip.encode_text(ids, normalize=False))
+    _assert_same_embeddings(ours, _hf_embeddings(model, images, ids))
+
+
+def _open_clip_vit_b32_shapes() -> dict[str, tuple[int, ...]]:
+    """open_clip ``CLIP`` (ViT-B-32) state-dict keys and shapes, from its documented architecture:
+    image tower width 768, 12 blocks, patch 32 at 224 px (7x7 + 1 positions), text width 512,
+    12 blocks, context 77, vocabulary 49408, joint width 512 (``attn_mask`` is not persistent)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "positional_embedding": (77, 512), "text_projection": (512, 512), "logit_scale": (),
+        "visual.class_embedding": (768,), "visual.positional_embedding": (50, 768), "visual.proj": (768, 512),
+        "visual.conv1.weight": (768, 3, 32, 32), "visual.ln_pre.weight": (768,), "visual.ln_pre.bias": (768,),
+        "visual.ln_post.weight": (768,), "visual.ln_post.bias": (768,),
+        "token_embedding.weight": (49408, 512), "ln_final.weight": (512,), "ln_final.bias": (512,),
+    }
+    for prefix, width in (("visual.transformer.resblocks", 768), ("transformer.resblocks", 512)):
+        for i in range(12):
+            block = {
+                "ln_1.weight": (width,), "ln_1.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
+                "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
+                "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
+                "mlp.c_fc.weight": (4 * width, width), "mlp.c_fc.bias": (4 * width,),
+                "mlp.c_proj.weight": (width, 4 * width), "mlp.c_proj.bias": (width,),
+            }
+            shapes.update({f"{prefix}.{i}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def test_init_from_loads_a_full_open_clip_vit_b32_checkpoint(tmp_path: Path) -> None:
+    """The published ViT-B-32 key layout and shapes (half precision, to keep the file at 300 MB)
+    fill the ``ViT-B-32`` preset's CLIP through ``init_from``, each tensor where open_clip has it."""
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g).mul_(0.02).half() for k, s in _open_clip_vit_b32_shapes().items()}
+    assert sum(v.numel() for v in sd.values()) == pytest.approx(151.28e6, rel=1e-3)  # open_clip: 151,277,313
+    file = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(sd, file)
+    preset = CLIP_PRESETS["ViT-B-32"]
+    clip = CLIP(VisionTransformer(preset["vision"], act_layer=preset["act_layer"]),
+                TextTransformer(preset["text"], act_layer=preset["act_layer"], pool="argmax"),
+                embed_dim=preset["embed_dim"], init_from=str(file))
+    assert len(clip.load_initial_weights()) == len(clip.state_dict())
+    own = clip.state_dict()
+    assert torch.equal(own["vision.transformer.blocks.11.attn.qkv.weight"], sd["visual.transformer.resblocks.11.attn.in_proj_weight"].float())
+    assert torch.equal(own["image_projection.weight"], sd["visual.proj"].float().t())
+    assert torch.equal(own["text.transformer.blocks.0.mlp.fc2.bias"], sd["transformer.resblocks.0.mlp.c_proj.bias"].float())
+    assert torch.equal(own["logit_scale"], sd["logit_scale"].float())
+
+
+def test_init_from_that_does_not_fit_names_layout_keys_and_shapes(tmp_path: Path, quick_model) -> None:
+    model, hf_dir = quick_model
+    sd = _openai_layout(model.state_dict())
+    sd["visual.attn_pool.query"] = torch.zeros(1, 40)  # a tower variant lit-vlm does not build
+    del sd["ln_final.bias"]
+    sd["text_projection"] = torch.zeros(32, 7)  # another joint width
+    file = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, file)
+    clip = _tiny_clip(hf_dir)
+    clip.init_from = str(file)
+    with pytest.raises(ValueError) as err:
+        clip.load_initial_weights()
+    msg = str(err.value)
+    assert "\n" not in msg and "read as an OpenAI / open_clip state dict" in msg and "does not fit CLIP" in msg
+    assert "1 key(s) missing from the checkpoint (text.ln_final.bias)" in msg
+    assert "1 unexpected key(s) in the checkpoint (visual.attn_pool.query)" in msg
+    assert "text_projection.weight: checkpoint [7, 32] vs model [24, 32]" in msg

@@ -18,7 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # FLIP tiny (patch dropout draws from the model's random stream), 6 shards of 16 samples, a
-# shuffle buffer, one loader worker (a separate process), batches of 8: 12 steps per epoch, 2 epochs.
+# shuffle buffer, one loader worker (a separate process), batches of 8: 12 steps per epoch, 2 epochs,
+# validated at each epoch's end.
 COMMON = [
     "--config", str(ROOT / "configs/flip/tiny.yaml"),
     "--data.init_args.synth_config", "{num_train: 96, num_val: 8, num_test: 8, shard_size: 16, image_size: 32}",
@@ -26,11 +27,9 @@ COMMON = [
     "--data.init_args.num_workers", "1",
     "--data.init_args.shuffle_buffer", "20",
     "--trainer.max_epochs", "2",
-    "--trainer.limit_val_batches", "0",
     "--trainer.enable_progress_bar", "false",
-    "--checkpoint.monitor", "null",
     "--checkpoint.every_n_train_steps", "3",
-]
+]  # the shipped monitor (val/retrieval/mean_R@1, validated at each epoch's end) stays on
 
 
 def fit(tmp_path: Path, name: str, out: Path, *extra: str, kill_at: int = -1, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,6 +68,8 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert last["global_step"] == 6 and last["epoch"] == 0
     [loader_state] = last["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state["workers"][0]["batches"] == 6  # the stream's position is in the checkpoint
+    index = json.loads((tmp_path / "runs/killed/version_0/checkpoints/index.json").read_text())
+    assert index["best"] is None and index["last"].endswith("last.ckpt")  # nothing validated yet: no best
 
     # kill it again in epoch 1 (step 17; last checkpoint: step 15), then run it to the end
     again = fit(tmp_path, "killed", tmp_path / "killed.json", "--ckpt_path", "last", kill_at=17)
@@ -85,6 +86,9 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert counts(record) == counts(reference)
     assert [s["samples"] for s in record] == [s["samples"] for s in reference]
     assert [s["loss"] for s in record] == [s["loss"] for s in reference]  # bitwise on CPU
+    index = json.loads((tmp_path / "runs/killed/version_0/checkpoints/index.json").read_text())
+    best = torch.load(index["best"], weights_only=True)
+    assert best["global_step"] in (12, 24) and "val/retrieval/mean_R@1" in str(best["callbacks"])  # validated weights
 
 
 @pytest.mark.slow
@@ -111,6 +115,18 @@ def test_ddp_resume_matches_the_uninterrupted_run(tmp_path):
         assert [s["step"] for s in reference] == list(range(1, 13))
         assert [s["samples"] for s in record] == [s["samples"] for s in reference]
         assert [s["loss"] for s in record] == [s["loss"] for s in reference]
+
+
+@pytest.mark.slow
+def test_last_holds_the_final_step_when_n_does_not_divide_it(tmp_path):
+    """every_n_train_steps 5, stopped by max_steps at 11 (mid-epoch, before any validation): last
+    holds step 11, and there is no best (nothing was validated)."""
+    proc = fit(tmp_path, "odd", tmp_path / "odd.json", "--checkpoint.every_n_train_steps", "5", "--trainer.max_steps", "11")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "runs/odd/version_0/checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 11
+    index = json.loads((ckpts / "index.json").read_text())
+    assert index["best"] is None and sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt"]
 
 
 @pytest.mark.slow
@@ -163,7 +179,7 @@ def test_stream_loader_resumes_every_split_mode(tmp_path, mode, num_workers):
     """The loader alone: stop after k batches, restore its state into a fresh loader (a new
     process would build), and the rest of the epoch equals the uninterrupted one, image for image
     (the augmentation generator is restored too). Each split mode and the weighted mix of sources."""
-    from test_image_text_data import Tokenizer, WORDS, make_dataset, write_shards
+    from test_image_text_data import WORDS, Tokenizer, make_dataset, write_shards
 
     from lit_vlm.datamodules.stream import StreamLoader, make_sources
 

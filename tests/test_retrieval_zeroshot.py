@@ -18,6 +18,7 @@ import lit_vlm.callbacks.base as base
 from lit_vlm.callbacks import RetrievalEvaluation, ZeroShotEvaluation
 from lit_vlm.callbacks.retrieval import image_grid, make_thumbnail, ranked
 from lit_vlm.callbacks.zeroshot import class_embeddings
+from lit_vlm.errors import UserError
 from lit_vlm.metrics import (
     confusion_matrix,
     retrieval_metrics,
@@ -430,7 +431,7 @@ def test_callback_bad_input_names_the_sample():
     short = dict(batches[0], caption_owner=torch.tensor([0, 1, 1, 3, 3, 3]))
     with pytest.raises(ValueError, match=r"caption_owner has 6 entries for 7 caption rows \(batch s000 .. s003\)"):
         retrieval.collect(fake_trainer(dm), module, short)
-    with pytest.raises(KeyError, match="caption_owner"):
+    with pytest.raises(UserError, match="caption_owner"):
         retrieval.collect(fake_trainer(dm), module, {k: v for k, v in batches[0].items() if k != "caption_owner"})
 
 
@@ -590,11 +591,21 @@ def test_a_sample_seen_twice_is_counted_once_and_named(caplog):
 
 
 def test_markdown_escaping_of_user_text():
+    """Escaped user text shows exactly as written in TensorBoard's own Markdown renderer (no stray
+    backslashes, no markup, the table intact); line breaks become spaces."""
+    import html
+    import re
+
+    from tensorboard.plugin_util import markdown_to_safe_html
+
     from lit_vlm.callbacks.base import md_code, md_escape
 
-    text = 'a <script>alert(1)</script> | **bold** _x_ [link](http://e) `c` #h\nnext\u2028line'
-    escaped = md_escape(text)
-    for ch in "<>|*_[]`#":
-        assert ch not in escaped.replace("\\" + ch, "")  # every special character is escaped
-    assert "\n" not in escaped and "\u2028" not in escaped
+    texts = ["a <script>alert(1)</script> | **bold** _x_ [link](http://e) `c` #h", "&amp; 1 < 2 > 0 \\ end", "<b>x</b>"]
+    for text in texts:
+        rendered = markdown_to_safe_html(f"| caption | id |\n|---|---|\n| {md_escape(text)} | z |")
+        cell = re.search(r"<tbody>\s*<tr>\s*<td>(.*?)</td>\s*<td>z</td>", rendered, re.S)
+        assert cell is not None, rendered  # still one row of two cells
+        assert html.unescape(cell.group(1)) == text  # shown as written: no markup, no backslashes
+    escaped = md_escape("next\nline\u2028sep")
+    assert escaped == "next line sep"
     assert md_code("id`1\n2") == "`id'1 2`"

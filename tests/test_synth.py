@@ -33,6 +33,7 @@ from lit_vlm.datamodules.synth import (
     render,
     vocabulary,
 )
+from lit_vlm.errors import UserError
 
 TINY = dict(num_train=40, num_val=20, num_test=20, shard_size=16, image_size=64)
 
@@ -515,7 +516,7 @@ def test_bad_config_raises(tmp_path, overrides, message):
 
 def test_generate_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="not empty and is not a lit-vlm-synth folder"):
         generate(tmp_path, tiny_config(), num_workers=1, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 

@@ -48,18 +48,18 @@ that names ``accum_clip_val``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
+from lit_vlm.weights import load_state_dict, read_weights, resolve_init_from
 
 log = logging.getLogger("lit_vlm")
 
@@ -115,26 +115,26 @@ class VLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if lr <= 0:
-            raise ValueError(f"model lr must be > 0, got {lr}")
+            raise UserError(f"model lr must be > 0, got {lr}")
         if warmup_steps < 0:
-            raise ValueError(f"model warmup_steps must be >= 0, got {warmup_steps}")
+            raise UserError(f"model warmup_steps must be >= 0, got {warmup_steps}")
         if not isinstance(accum_freq, int) or isinstance(accum_freq, bool) or accum_freq < 1:
-            raise ValueError(f"model accum_freq must be an integer >= 1, got {accum_freq!r}")
+            raise UserError(f"model accum_freq must be an integer >= 1, got {accum_freq!r}")
         if accum_freq > 1 and not self.couples_batch:
-            raise ValueError(
+            raise UserError(
                 f"model accum_freq={accum_freq}: {type(self).__name__} has no batch-coupled loss; "
                 "use trainer.accumulate_grad_batches for it"
             )
         if accum_clip_val is not None and not accum_clip_val > 0:
-            raise ValueError(f"model accum_clip_val must be None or > 0, got {accum_clip_val!r}")
+            raise UserError(f"model accum_clip_val must be None or > 0, got {accum_clip_val!r}")
         if accum_clip_algorithm not in ("norm", "value"):
-            raise ValueError(f"model accum_clip_algorithm must be 'norm' or 'value', got {accum_clip_algorithm!r}")
+            raise UserError(f"model accum_clip_algorithm must be 'norm' or 'value', got {accum_clip_algorithm!r}")
         if accum_clip_val is not None and accum_freq == 1:
-            raise ValueError(
+            raise UserError(
                 "model accum_clip_val only acts with accum_freq > 1; with accum_freq=1 clip with trainer.gradient_clip_val"
             )
         if init_from_parts is not None and (not init_from_parts or any(not str(p) for p in init_from_parts)):
-            raise ValueError(f"model init_from_parts must be None or a non-empty list of names, got {init_from_parts!r}")
+            raise UserError(f"model init_from_parts must be None or a non-empty list of names, got {init_from_parts!r}")
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -173,7 +173,7 @@ class VLMModule(pl.LightningModule):
             if trainer.max_steps not in (None, -1):
                 total = min(total, trainer.max_steps)
         if total in (math.inf, -1):
-            raise ValueError("cannot size the learning-rate schedule of an endless fit: set trainer.max_steps")
+            raise UserError("cannot size the learning-rate schedule of an endless fit: set trainer.max_steps")
         return max(1, int(total))
 
     def configure_optimizers(self):
@@ -196,19 +196,19 @@ class VLMModule(pl.LightningModule):
             return []
         if self.couples_batch and trainer.accumulate_grad_batches != 1:
             k = trainer.accumulate_grad_batches
-            raise ValueError(
+            raise UserError(
                 f"trainer.accumulate_grad_batches={k} would sum {k} separate contrastive losses, each "
                 f"seeing only its own micro-batch's negatives; set --model.init_args.accum_freq {k} instead "
                 "(exact: one loss over the whole accumulated batch) and leave accumulate_grad_batches at 1"
             )
         if self.accum_freq > 1 and trainer.gradient_clip_val:
-            raise ValueError(
+            raise UserError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val} cannot act with model accum_freq="
                 f"{self.accum_freq} (manual optimisation): set model accum_clip_val={trainer.gradient_clip_val} "
                 "instead (one clip per accumulated step) and trainer.gradient_clip_val null; lit-vlm fit does this itself"
             )
         if self.accum_clip_val is not None and str(trainer.precision) == "16-mixed":
-            raise ValueError(
+            raise UserError(
                 "model accum_clip_val cannot unscale fp16 gradients before clipping them: "
                 "use trainer.precision bf16-mixed, or model accum_clip_val null"
             )
@@ -308,43 +308,46 @@ class VLMModule(pl.LightningModule):
         """Load ``init_from`` (restricted to ``init_from_parts``) into the module; returns the
         names of the loaded tensors. Called when ``fit`` starts; callable by hand."""
         if self.init_from is None:
-            raise ValueError("model init_from is not set")
-        source = load_state_dict(self.init_from, model=self)
-        loaded = self._load_parts(source)
-        log.info("init_from: loaded %d tensors from %s", len(loaded), self.init_from)
+            raise UserError("model init_from is not set")
+        source, layout = read_weights(self.init_from, model=self)
+        loaded = self._load_parts(source, layout)
+        log.info("init_from: loaded %d tensors from %s", len(loaded), layout)
         return loaded
 
-    def _load_parts(self, source: dict[str, torch.Tensor]) -> list[str]:
+    def _load_parts(self, source: dict[str, torch.Tensor], layout: str) -> list[str]:
+        """Copy ``source`` into the module (all of it, or the ``init_from_parts``), or raise one
+        paragraph naming the layout it was read as and every key and shape that disagrees."""
         own = self.state_dict()
         if self.init_from_parts is None:
             wanted = list(own)
             unexpected = sorted(set(source) - set(own))
-            if unexpected:
-                raise ValueError(
-                    f"model init_from={self.init_from}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}; "
-                    "set init_from_parts to load only some parts"
-                )
         else:
             for part in self.init_from_parts:
                 if not any(k == part or k.startswith(part + ".") for k in own):
-                    raise ValueError(f"model init_from_parts: {type(self).__name__} has no part named {part!r}")
+                    raise UserError(f"model init_from_parts: {type(self).__name__} has no part named {part!r}")
             wanted = [k for k in own if any(k == p or k.startswith(p + ".") for p in self.init_from_parts)]
+            unexpected = []
         missing = [k for k in wanted if k not in source]
-        if missing:
-            raise ValueError(
-                f"model init_from={self.init_from}: {len(missing)} key(s) missing from the checkpoint, e.g. {missing[:5]}"
-            )
-        update = {}
-        for key in wanted:
+        update, mismatched = {}, []
+        for key in (k for k in wanted if k in source):
             value = source[key]
             if value.shape != own[key].shape:
                 value = self._adapt(key, value, own[key])
             if value.shape != own[key].shape:
-                raise ValueError(
-                    f"model init_from={self.init_from}: {key} has shape {list(value.shape)} in the checkpoint "
-                    f"but {list(own[key].shape)} in the model"
-                )
+                mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}")
             update[key] = value
+        problems = [
+            f"{len(items)} {what} ({', '.join(items[:8])}{f' and {len(items) - 8} more' if len(items) > 8 else ''})"
+            for what, items in (("key(s) missing from the checkpoint", missing),
+                                ("unexpected key(s) in the checkpoint", unexpected), ("shape mismatch(es)", mismatched))
+            if items
+        ]
+        if problems:
+            hint = " Set init_from_parts to load only some parts (e.g. [vision])." if unexpected and not missing and not mismatched else ""
+            raise UserError(
+                f"model init_from={self.init_from}: read as {layout}, it does not fit {type(self).__name__}: "
+                + "; ".join(problems) + "." + hint
+            )
         with torch.no_grad():
             for key, value in update.items():
                 own[key].copy_(value)
@@ -448,81 +451,6 @@ def concat_features(parts: list[dict[str, torch.Tensor | None]]) -> dict[str, to
     return out
 
 
-def resolve_init_from(path: str | Path) -> Path:
-    """The checkpoint file ``init_from`` names: the file itself, or for a run directory the
-    ``best`` entry of its ``checkpoints/index.json`` (the newest ``version_*`` when several)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if p.is_dir():
-        candidates = [p / "index.json", p / "checkpoints" / "index.json"]
-        candidates += sorted(p.glob("version_*/checkpoints/index.json"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for index in candidates:
-            if index.is_file():
-                entry = json.loads(index.read_text())
-                best = entry.get("best") or entry.get("last")
-                if best and Path(best).is_file():
-                    return Path(best)
-        raise FileNotFoundError(
-            f"model init_from={path}: no checkpoints/index.json naming an existing checkpoint under this directory "
-            "(train that run first, or give a .ckpt path)"
-        )
-    raise FileNotFoundError(f"model init_from={path}: no such file or directory (train that run first, or fix the path)")
-
-
-def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The state dict ``init_from`` points to (see :class:`VLMModule`), on the CPU.
-
-    A lit-vlm Lightning checkpoint or a file with a plain ``{name: tensor}`` dict is read here
-    (``weights_only`` unpickling: no code runs); anything else is handed to :mod:`lit_vlm.interop`.
-    """
-    text = str(path)
-    file = Path(text)
-    if not file.exists():
-        raise FileNotFoundError(
-            f"model init_from={path}: no such file or directory (a lit-vlm run directory or checkpoint: train that "
-            "run first; foreign weights: fetch them first, lit-vlm never downloads; or fix the path)"
-        )
-    if file.is_dir():
-        if not any(file.glob("**/index.json")) and any(file.glob("*config.json")):
-            return _interop_state_dict(text, model)  # e.g. a Hugging Face model directory
-        file = resolve_init_from(file)
-    elif file.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
-        return _interop_state_dict(text, model)  # a model name, a .safetensors file, ...
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if file.suffix == ".ckpt":
-            raise ValueError(f"model init_from={path}: {file} cannot be read with weights_only=True: {err}") from err
-        return _interop_state_dict(str(file), model)  # e.g. a TorchScript OpenAI archive
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return obj["state_dict"]
-    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
-        if model is not None and not set(obj) & set(model.state_dict()):
-            return _interop_state_dict(str(file), model)  # a foreign state dict (other key names)
-        return obj
-    raise ValueError(f"model init_from={path}: {file} holds neither a Lightning checkpoint nor a state dict")
-
-
-def _interop_state_dict(source: str, model: nn.Module | None) -> dict[str, torch.Tensor]:
-    # ---- HOOK: lit_vlm.interop ------------------------------------------------------------
-    # OpenAI / open_clip / Hugging Face weights (a name, a .safetensors / .bin / TorchScript
-    # file, a directory) become a lit-vlm state dict here. Wire the interop entry point below.
-    try:
-        from lit_vlm import interop
-    except ImportError as err:
-        raise FileNotFoundError(
-            f"model init_from={source}: no lit-vlm checkpoint or run directory there "
-            "(and lit_vlm.interop, which reads foreign weights, is not available)"
-        ) from err
-    convert = getattr(interop, "load_state_dict", None)
-    if convert is None:
-        raise NotImplementedError(
-            f"model init_from={source}: foreign weights need lit_vlm.interop.load_state_dict(source, model)"
-        )
-    return convert(source, model)
-
-
 def _given_hparams() -> dict | None:
     """The config LightningCLI is instantiating this module from, if any."""
     try:
@@ -532,4 +460,4 @@ def _given_hparams() -> dict | None:
     return _given_hyperparameters.get()
 
 
-__all__ = ["VLMModule", "concat_features", "load_state_dict", "resolve_init_from"]
+__all__ = ["VLMModule", "concat_features", "load_state_dict", "resolve_init_from"]  # the last two: lit_vlm.weights

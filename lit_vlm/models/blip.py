@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_vlm.distributed import gather_no_grad, gather_with_grad, rank_and_world
+from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, clip_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.clip import trim_padding
@@ -68,7 +69,7 @@ class MixtureTextModel(nn.Module):
     def __init__(self, decoder: TextDecoder) -> None:
         super().__init__()
         if not all(b.xattn is not None for b in decoder.blocks):
-            raise ValueError("BLIP's decoder must cross-attend in every block: leave cross_attention_layers unset (null)")
+            raise UserError("BLIP's decoder must cross-attend in every block: leave cross_attention_layers unset (null)")
         self.decoder = decoder
         width, heads = decoder.width, decoder.heads
         self.enc_ln = nn.ModuleList(nn.LayerNorm(width, eps=b.ln_1.eps) for b in decoder.blocks)
@@ -168,17 +169,17 @@ class BLIP(GeneratingMixin, VLMModule):
         super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
         self.save_config()
         if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(f"model momentum must be in [0, 1) or null, got {momentum}")
+            raise UserError(f"model momentum must be in [0, 1) or null, got {momentum}")
         if momentum is not None and queue_size < 1:
-            raise ValueError(f"model queue_size must be >= 1 with momentum, got {queue_size}")
+            raise UserError(f"model queue_size must be >= 1 with momentum, got {queue_size}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"model alpha must be in [0, 1], got {alpha}")
+            raise UserError(f"model alpha must be in [0, 1], got {alpha}")
         weights = dict(itc_weight=itc_weight, itm_weight=itm_weight, lm_weight=lm_weight, vqa_weight=vqa_weight)
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
-            raise ValueError(f"model loss weights must be >= 0 and not all 0, got {weights}")
+            raise UserError(f"model loss weights must be >= 0 and not all 0, got {weights}")
         context_dim = decoder.blocks[0].xattn.context_dim if decoder.blocks and decoder.blocks[0].xattn else None
         if context_dim is not None and context_dim != vision.width:
-            raise ValueError(
+            raise UserError(
                 f"model decoder context_dim={context_dim} must equal the image tower's width {vision.width} "
                 "(the text attends to the image tokens directly, as in BLIP)"
             )

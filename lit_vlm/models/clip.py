@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.models.base import VLMModule
 from lit_vlm.modules import TextTransformer, VisionTransformer
 
@@ -148,21 +149,21 @@ class CLIP(VLMModule):
         )
         self.save_config()
         if loss not in LOSSES:
-            raise ValueError(f"model loss must be one of {LOSSES}, got {loss!r}")
+            raise UserError(f"model loss must be one of {LOSSES}, got {loss!r}")
         if init_logit_bias is not None and loss != "siglip":
-            raise ValueError(f"model init_logit_bias is only used by loss='siglip' (loss={loss!r})")
+            raise UserError(f"model init_logit_bias is only used by loss='siglip' (loss={loss!r})")
         if siglip_mode not in ("gather", "ring"):
-            raise ValueError(f"model siglip_mode must be 'gather' or 'ring', got {siglip_mode!r}")
+            raise UserError(f"model siglip_mode must be 'gather' or 'ring', got {siglip_mode!r}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
-            raise ValueError(f"model loss_chunk_size must be >= 1 or None, got {loss_chunk_size}")
+            raise UserError(f"model loss_chunk_size must be >= 1 or None, got {loss_chunk_size}")
         if focal_gamma < 0:
-            raise ValueError(f"model focal_gamma must be >= 0, got {focal_gamma}")
+            raise UserError(f"model focal_gamma must be >= 0, got {focal_gamma}")
         if focal_form not in ("sigmoid", "softmax"):
-            raise ValueError(f"model focal_form must be 'sigmoid' or 'softmax', got {focal_form!r}")
+            raise UserError(f"model focal_form must be 'sigmoid' or 'softmax', got {focal_form!r}")
         if unmasked_tuning_steps < 0:
-            raise ValueError(f"model unmasked_tuning_steps must be >= 0, got {unmasked_tuning_steps}")
+            raise UserError(f"model unmasked_tuning_steps must be >= 0, got {unmasked_tuning_steps}")
         if not lock_image and (lock_image_unlocked_groups or lock_image_unlock_norms):
-            raise ValueError("model lock_image_unlocked_groups / lock_image_unlock_norms need lock_image=True")
+            raise UserError("model lock_image_unlocked_groups / lock_image_unlock_norms need lock_image=True")
         self.vision = vision
         self.text = text
         self.image_projection = nn.Linear(vision.width, embed_dim, bias=False)
@@ -199,7 +200,7 @@ class CLIP(VLMModule):
         one per block but the last, [last block, pooler, ln_post], [image projection]."""
         v = self.vision
         if not isinstance(v, VisionTransformer):
-            raise ValueError(
+            raise UserError(
                 f"model lock_image_unlocked_groups needs a lit_vlm VisionTransformer image tower, got {type(v).__name__}"
             )
         blocks = list(v.transformer.blocks)
@@ -218,7 +219,7 @@ class CLIP(VLMModule):
         if unlocked_groups:
             groups = self.image_groups()
             if not 0 <= unlocked_groups <= len(groups):
-                raise ValueError(
+                raise UserError(
                     f"model lock_image_unlocked_groups must be in [0, {len(groups)}] for this tower, got {unlocked_groups}"
                 )
             for group in groups[len(groups) - unlocked_groups :]:
@@ -247,7 +248,7 @@ class CLIP(VLMModule):
                 getattr(tower, "transformer", None), "set_grad_checkpointing", None
             )
             if setter is None:
-                raise ValueError(f"model grad_checkpointing: the {name} tower {type(tower).__name__} cannot checkpoint")
+                raise UserError(f"model grad_checkpointing: the {name} tower {type(tower).__name__} cannot checkpoint")
             setter(enable)
 
     # ---- capabilities used by the evaluation callbacks ---------------------------------------

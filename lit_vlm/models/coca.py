@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, clip_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.clip import trim_padding
@@ -125,21 +126,21 @@ class CoCa(GeneratingMixin, VLMModule):
         self.save_config()
         n_uni = decoder.num_unimodal_layers
         if not 0 < n_uni < len(decoder.blocks) or not all(b.xattn is not None for b in decoder.blocks[n_uni:]):
-            raise ValueError(
+            raise UserError(
                 f"model decoder: CoCa needs unimodal layers followed by cross-attending ones; set the decoder's "
                 f"cross_attention_layers in [1, layers - 1] (layers={len(decoder.blocks)}, unimodal={n_uni})"
             )
         if caption_queries < 1:
-            raise ValueError(f"model caption_queries must be >= 1, got {caption_queries}")
+            raise UserError(f"model caption_queries must be >= 1, got {caption_queries}")
         if contrastive_weight < 0 or caption_weight < 0 or contrastive_weight + caption_weight == 0:
-            raise ValueError(
+            raise UserError(
                 f"model contrastive_weight and caption_weight must be >= 0 and not both 0, got "
                 f"{contrastive_weight}, {caption_weight}"
             )
         context_dim = decoder.blocks[-1].xattn.context_dim
         for name, width in (("image tower width", vision.width), ("decoder context_dim", context_dim)):
             if width % pooler_heads:
-                raise ValueError(f"model pooler_heads={pooler_heads} must divide the {name} ({width})")
+                raise UserError(f"model pooler_heads={pooler_heads} must divide the {name} ({width})")
         self.vision = vision
         self.decoder = decoder
         self.contrast_pool = AttentionalPooler(vision.width, 1, pooler_heads)
@@ -157,7 +158,7 @@ class CoCa(GeneratingMixin, VLMModule):
         self.caption_weight = float(caption_weight)
         self.label_smoothing = float(label_smoothing)
         if vqa_weight < 0:
-            raise ValueError(f"model vqa_weight must be >= 0, got {vqa_weight}")
+            raise UserError(f"model vqa_weight must be >= 0, got {vqa_weight}")
         self.vqa_weight = float(vqa_weight)
         self.tokenizer_spec = tokenizer
         self.generation_options = check_generation_options(generation)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lit_vlm.errors import UserError
 from lit_vlm.models.clip import CLIP, in_batch_accuracy, trim_padding
 from lit_vlm.modules import TextTransformer, VisionTransformer
 
@@ -59,9 +60,9 @@ class FILIP(CLIP):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("loss", "clip") != "clip":
-            raise ValueError(f"model loss={kwargs['loss']!r}: FILIP trains with its own token-wise loss; leave loss unset")
+            raise UserError(f"model loss={kwargs['loss']!r}: FILIP trains with its own token-wise loss; leave loss unset")
         if getattr(vision, "pool", None) == "attn":
-            raise ValueError("FILIP uses the image tower's patch tokens: pool='attn' would leave its pooler untrained")
+            raise UserError("FILIP uses the image tower's patch tokens: pool='attn' would leave its pooler untrained")
         super().__init__(vision, text, **kwargs)
         self.exclude_first_token = exclude_first_token
 

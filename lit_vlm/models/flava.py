@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.losses import clip_loss
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.clip import trim_padding
@@ -139,11 +140,11 @@ class FLAVA(VLMModule):
         weights = dict(contrastive=contrastive_weight, mim=mim_weight, mlm=mlm_weight, mmm_image=mmm_image_weight,
                        mmm_text=mmm_text_weight, itm=itm_weight)
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
-            raise ValueError(f"model loss weights must be >= 0 and not all 0, got {weights}")
+            raise UserError(f"model loss weights must be >= 0 and not all 0, got {weights}")
         if getattr(text, "causal", False):
-            raise ValueError("model text: FLAVA's text encoder is bidirectional; set the tower's causal: false")
+            raise UserError("model text: FLAVA's text encoder is bidirectional; set the tower's causal: false")
         if not 0 < mlm_probability < 1 or not 0 < mim_ratio < 1:
-            raise ValueError(f"model mlm_probability and mim_ratio must be in (0, 1), got {mlm_probability}, {mim_ratio}")
+            raise UserError(f"model mlm_probability and mim_ratio must be in (0, 1), got {mlm_probability}, {mim_ratio}")
         self.vision = vision
         self.text = text
         self.loss_weights = weights
@@ -203,7 +204,7 @@ class FLAVA(VLMModule):
             return self.mask_id
         tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
         if tok is None or tok.mask_id is None:
-            raise ValueError("model mask_id: FLAVA's MLM needs the [MASK] token id (set mask_id, or use a tokenizer that has one)")
+            raise UserError("model mask_id: FLAVA's MLM needs the [MASK] token id (set mask_id, or use a tokenizer that has one)")
         self.mask_id = int(tok.mask_id)
         return self.mask_id
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lit_vlm import generation
+from lit_vlm.errors import UserError
 
 #: Decoding options a family's ``generation`` dict may set (see :func:`lit_vlm.generation.generate`).
 GENERATION_OPTIONS = tuple(
@@ -40,7 +41,7 @@ def check_generation_options(options: dict[str, Any] | None, owner: str = "model
     reserved = sorted({"eos_id", "pad_id", "generator"} & set(options))
     if unknown or reserved:
         bad = unknown + reserved
-        raise ValueError(
+        raise UserError(
             f"{owner}: unknown or reserved option(s) {bad}; valid: "
             f"{sorted(set(GENERATION_OPTIONS) - {'eos_id', 'pad_id', 'generator'})}"
         )
@@ -77,12 +78,12 @@ class GeneratingMixin:
             try:
                 self._tokenizer_cache = Tokenizer.load(self.tokenizer_spec)
             except (OSError, ValueError) as err:
-                raise ValueError(f"model tokenizer={self.tokenizer_spec!r}: {err}") from err
+                raise UserError(f"model tokenizer={self.tokenizer_spec!r}: {err}") from err
             return self._tokenizer_cache
         trainer = getattr(self, "_trainer", None)
         tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tok is None:
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__}.generate needs a tokenizer: set the model's tokenizer argument "
                 "('synth' or a tokenizer.json path) or attach a DataModule that has one"
             )
@@ -95,11 +96,11 @@ class GeneratingMixin:
         if prompts is None:
             prompts = [""] * n
         if len(prompts) != n:
-            raise ValueError(f"generate: {len(prompts)} prompts for {n} images")
+            raise UserError(f"generate: {len(prompts)} prompts for {n} images")
         start = [] if tok.bos_id is None else [tok.bos_id]
         rows = [start + tok.backend.encode(p, add_special_tokens=False).ids for p in prompts]
         if any(not r for r in rows):
-            raise ValueError("generate: an empty prompt with a tokenizer that has no start token leaves nothing to condition on")
+            raise UserError("generate: an empty prompt with a tokenizer that has no start token leaves nothing to condition on")
         length = max(len(r) for r in rows)
         ids = torch.full((n, length), tok.pad_id, dtype=torch.long)
         mask = torch.zeros((n, length), dtype=torch.bool)
@@ -146,7 +147,7 @@ class GeneratingMixin:
             chunk_size: Candidate rows (prompt x candidate) scored per decoder call.
         """
         if not candidates:
-            raise ValueError("score_answers needs at least one candidate answer")
+            raise UserError("score_answers needs at least one candidate answer")
         tok = self.text_tokenizer
         was_training = self.training
         self.eval()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.models.base import VLMModule
 from lit_vlm.modules import Transformer, VisionTransformer
 
@@ -34,7 +35,7 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, N, p*p*C], patches in raster order, each (row, column, channel)."""
     B, C, H, W = images.shape
     if H % p or W % p:
-        raise ValueError(f"image size {H}x{W} must be divisible by the patch size {p}")
+        raise UserError(f"image size {H}x{W} must be divisible by the patch size {p}")
     x = images.reshape(B, C, H // p, p, W // p, p)  # [B, C, gh, p, gw, p]
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
 
@@ -106,9 +107,9 @@ class MAE(VLMModule):
         super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
         self.save_config()
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"model mask_ratio must be in (0, 1), got {mask_ratio}")
+            raise UserError(f"model mask_ratio must be in (0, 1), got {mask_ratio}")
         if num_reconstructions < 0:
-            raise ValueError(f"model num_reconstructions must be >= 0, got {num_reconstructions}")
+            raise UserError(f"model num_reconstructions must be >= 0, got {num_reconstructions}")
         if vision.stem != "patch":
             log.info("MAE with a convolutional stem: the convolutions see whole images, masking acts on their patch tokens")
         self.vision = vision

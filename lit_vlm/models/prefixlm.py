@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.clip import trim_padding
@@ -45,7 +46,7 @@ class PrefixDecoder(nn.Module):
     def __init__(self, decoder: TextDecoder, image_width: int) -> None:
         super().__init__()
         if decoder.has_cross_attention:
-            raise ValueError("PrefixLM's decoder reads the image tokens in its own sequence: set cross_attention_layers: 0")
+            raise UserError("PrefixLM's decoder reads the image tokens in its own sequence: set cross_attention_layers: 0")
         self.decoder = decoder
         self.image_proj = nn.Linear(image_width, decoder.width)
         self.image_ln = nn.LayerNorm(decoder.width)
@@ -92,7 +93,7 @@ class PrefixDecoder(nn.Module):
         no_cross = [None] * len(dec.blocks)
         if cache is None:  # the prefix: image + prompt, bidirectional
             if context is None:
-                raise ValueError("PrefixLM needs the image tokens as context on its first call")
+                raise UserError("PrefixLM needs the image tokens as context on its first call")
             S = context.shape[1]
             plen = ids.shape[1] if prefix_length is None else prefix_length
             x, full, allowed = self.sequence(ids, mask, context, context_mask, torch.full((ids.shape[0],), plen, device=ids.device))
@@ -162,16 +163,16 @@ class PrefixLM(GeneratingMixin, VLMModule):
         super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
         self.save_config()
         if prefix_sampling not in ("random", "none"):
-            raise ValueError(f"model prefix_sampling must be 'random' or 'none', got {prefix_sampling!r}")
+            raise UserError(f"model prefix_sampling must be 'random' or 'none', got {prefix_sampling!r}")
         if not 0.0 <= text_only_ratio < 1.0:
-            raise ValueError(f"model text_only_ratio must be in [0, 1), got {text_only_ratio}")
+            raise UserError(f"model text_only_ratio must be in [0, 1), got {text_only_ratio}")
         self.vision = vision
         self.lm = PrefixDecoder(decoder, vision.width)
         self.prefix_sampling = prefix_sampling
         self.text_only_ratio = float(text_only_ratio)
         self.label_smoothing = float(label_smoothing)
         if vqa_weight < 0:
-            raise ValueError(f"model vqa_weight must be >= 0, got {vqa_weight}")
+            raise UserError(f"model vqa_weight must be >= 0, got {vqa_weight}")
         self.vqa_weight = float(vqa_weight)
         self.tokenizer_spec = tokenizer
         self.generation_options = check_generation_options(generation)

@@ -3,7 +3,17 @@
 from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .text import TextOutput, TextTransformer
-from .transformer import MLP, Attention, AttentionalPooler, Block, CrossAttention, LayerScale, QuickGELU, Transformer, make_activation
+from .transformer import (
+    MLP,
+    Attention,
+    AttentionalPooler,
+    Block,
+    CrossAttention,
+    LayerScale,
+    QuickGELU,
+    Transformer,
+    make_activation,
+)
 from .vision import VisionOutput, VisionTransformer, interpolate_pos_embed, random_masking
 
 __all__ = [

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_vlm.errors import UserError
 from lit_vlm.modules.transformer import MLP, Attention, CrossAttention
 
 
@@ -167,12 +168,12 @@ class TextDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if vocab_size is None or context_length is None:
-            raise ValueError("TextDecoder: vocab_size and context_length must be given (lit-vlm fills them from the data)")
+            raise UserError("TextDecoder: vocab_size and context_length must be given (lit-vlm fills them from the data)")
         n_cross = layers if cross_attention_layers is None else cross_attention_layers
         if not 0 <= n_cross <= layers:
-            raise ValueError(f"cross_attention_layers must be in [0, layers={layers}], got {cross_attention_layers}")
+            raise UserError(f"cross_attention_layers must be in [0, layers={layers}], got {cross_attention_layers}")
         if width % heads != 0:
-            raise ValueError(f"decoder width {width} must be divisible by heads {heads}")
+            raise UserError(f"decoder width {width} must be divisible by heads {heads}")
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.width = width
@@ -218,7 +219,7 @@ class TextDecoder(nn.Module):
         ``full_mask`` [B, T]; a position counts the real tokens before it: [B, L] -> [B, L, D]."""
         T, L = full_mask.shape[1], ids.shape[1]
         if T > self.context_length:
-            raise ValueError(f"decoder: {T} positions exceed context_length={self.context_length}")
+            raise UserError(f"decoder: {T} positions exceed context_length={self.context_length}")
         positions = (full_mask.long().cumsum(1) - 1).clamp_min(0)[:, T - L :]  # [B, L]
         return self.token_embedding(ids) + self.positional_embedding[positions]  # [B, L, D]
 
@@ -228,7 +229,7 @@ class TextDecoder(nn.Module):
         if not self.has_cross_attention:
             return [None] * len(self.blocks)
         if context is None:
-            raise ValueError("this decoder cross-attends to image tokens: pass context")
+            raise UserError("this decoder cross-attends to image tokens: pass context")
         return [b.context_kv(context) if b.xattn is not None else None for b in self.blocks]
 
     def run_blocks(

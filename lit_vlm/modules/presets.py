@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lit_vlm.errors import UserError
+
 VISION_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: 4x4 grid of 8px patches
     "tiny": dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=4.0),
@@ -30,28 +32,29 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
     "clip-L": dict(vocab_size=49408, context_length=77, width=768, layers=12, heads=12, mlp_ratio=4.0),
 }
 
-# Whole published CLIP models (OpenAI names and their open_clip spellings): the tower presets,
-# the joint embedding width and the MLP activation their released weights were trained with.
-# Shapes as in OpenAI's model card / open_clip's model configs: ViT-B/32 and B/16 pair a
+# Whole published CLIP models: the tower presets, the joint embedding width and the MLP
+# activation. Shapes as in OpenAI's model card / open_clip's model configs: ViT-B/32 and B/16 pair a
 # 768-wide 12-layer image tower with the 512-wide 12-layer, 8-head text tower (embed 512);
 # ViT-L/14 (224 or 336 px) pairs a 1024-wide 24-layer 16-head image tower with the 768-wide
 # 12-layer 12-head text tower (embed 768); heads = width // 64 throughout; context 77,
-# vocabulary 49408. open_clip checkpoints of these shapes trained with GELU (e.g. the LAION-2B
-# ViT-B-32) need act_layer="gelu" instead.
-_OPENAI_CLIP = {
-    "ViT-B/32": dict(vision="B/32", text="clip-B", embed_dim=512, act_layer="quick_gelu"),
-    "ViT-B/16": dict(vision="B/16", text="clip-B", embed_dim=512, act_layer="quick_gelu"),
-    "ViT-L/14": dict(vision="L/14", text="clip-L", embed_dim=768, act_layer="quick_gelu"),
-    "ViT-L/14@336px": dict(vision="L/14-336", text="clip-L", embed_dim=768, act_layer="quick_gelu"),
+# vocabulary 49408. Names follow their owners: OpenAI's spellings ("ViT-B/32") are OpenAI's
+# QuickGELU releases; open_clip's ("ViT-B-32") are open_clip's configs, which use exact GELU
+# (e.g. the LAION-2B ViT-B-32), and its "-quickgelu" names the QuickGELU variants.
+_SHAPES = {
+    "B/32": dict(vision="B/32", text="clip-B", embed_dim=512),
+    "B/16": dict(vision="B/16", text="clip-B", embed_dim=512),
+    "L/14": dict(vision="L/14", text="clip-L", embed_dim=768),
+    "L/14-336": dict(vision="L/14-336", text="clip-L", embed_dim=768),
 }
-CLIP_PRESETS: dict[str, dict[str, Any]] = {
-    **_OPENAI_CLIP,
-    # open_clip spellings of the same shapes
-    "ViT-B-32": _OPENAI_CLIP["ViT-B/32"],
-    "ViT-B-16": _OPENAI_CLIP["ViT-B/16"],
-    "ViT-L-14": _OPENAI_CLIP["ViT-L/14"],
-    "ViT-L-14-336": _OPENAI_CLIP["ViT-L/14@336px"],
+_NAMES = {  # shape: (OpenAI name, open_clip name)
+    "B/32": ("ViT-B/32", "ViT-B-32"), "B/16": ("ViT-B/16", "ViT-B-16"),
+    "L/14": ("ViT-L/14", "ViT-L-14"), "L/14-336": ("ViT-L/14@336px", "ViT-L-14-336"),
 }
+CLIP_PRESETS: dict[str, dict[str, Any]] = {}
+for _shape, (_openai, _open_clip) in _NAMES.items():
+    CLIP_PRESETS[_openai] = {**_SHAPES[_shape], "act_layer": "quick_gelu"}
+    CLIP_PRESETS[_open_clip] = {**_SHAPES[_shape], "act_layer": "gelu"}
+    CLIP_PRESETS[f"{_open_clip}-quickgelu"] = {**_SHAPES[_shape], "act_layer": "quick_gelu"}
 
 
 def resolve_preset(presets: Mapping[str, Mapping[str, Any]], name: str | None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -73,7 +76,7 @@ def resolve_preset(presets: Mapping[str, Mapping[str, Any]], name: str | None, o
         config = dict(presets[name])
     else:
         valid = ", ".join(repr(k) for k in presets)
-        raise ValueError(f"unknown preset {name!r}; valid presets: {valid} (or None to give every size explicitly)")
+        raise UserError(f"unknown preset {name!r}; valid presets: {valid} (or None to give every size explicitly)")
     for key, value in (overrides or {}).items():
         if value is not None:
             config[key] = value
@@ -85,4 +88,4 @@ def require(config: Mapping[str, Any], keys: list[str], preset: str | None, what
     missing = [k for k in keys if config.get(k) is None]
     if missing:
         source = f"preset {preset!r} does not set them" if preset is not None else "no preset was given"
-        raise ValueError(f"{what}: {', '.join(missing)} must be given ({source})")
+        raise UserError(f"{what}: {', '.join(missing)} must be given ({source})")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_vlm.errors import UserError
+
 from .presets import TEXT_PRESETS, require, resolve_preset
 from .transformer import Transformer
 
@@ -104,11 +106,11 @@ class TextTransformer(nn.Module):
         require(cfg, ["vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio"], preset, "TextTransformer")
         width, heads = int(cfg["width"]), int(cfg["heads"])
         if width % heads != 0:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
+            raise UserError(f"width {width} must be divisible by heads {heads}")
         if pool not in POOL_TYPES:
-            raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+            raise UserError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
         if pool == "eos" and eos_id is None:
-            raise ValueError("pool='eos' needs eos_id (the end-of-text token id)")
+            raise UserError("pool='eos' needs eos_id (the end-of-text token id)")
 
         self.vocab_size = int(cfg["vocab_size"])
         self.context_length = int(cfg["context_length"])
@@ -143,7 +145,7 @@ class TextTransformer(nn.Module):
         """
         B, L = ids.shape
         if L > self.context_length:
-            raise ValueError(f"sequence length {L} exceeds context_length {self.context_length}")
+            raise UserError(f"sequence length {L} exceeds context_length {self.context_length}")
         if mask is None:
             mask = ids != self.pad_id  # [B, L]
         mask = mask.bool()  # [B, L]

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_vlm.errors import UserError
+
 
 def _prepare_mask(attn_mask: Tensor | None, is_causal: bool, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
     """Return a mask broadcastable to [B, H, L, S], folding in causality if both are requested.
@@ -85,7 +87,7 @@ def make_activation(name: str) -> nn.Module:
         return QuickGELU()
     if name == "gelu_tanh":
         return nn.GELU(approximate="tanh")
-    raise ValueError(f"act_layer must be one of {ACT_LAYERS}, got {name!r}")
+    raise UserError(f"act_layer must be one of {ACT_LAYERS}, got {name!r}")
 
 
 def mlp_hidden_width(dim: int, mlp_ratio: float) -> int:
@@ -110,7 +112,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         if dim % heads != 0:
-            raise ValueError(f"width {dim} must be divisible by heads {heads}")
+            raise UserError(f"width {dim} must be divisible by heads {heads}")
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
@@ -162,7 +164,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         if dim % heads != 0:
-            raise ValueError(f"width {dim} must be divisible by heads {heads}")
+            raise UserError(f"width {dim} must be divisible by heads {heads}")
         self.dim = dim
         self.heads = heads
         self.head_dim = dim // heads
@@ -322,7 +324,7 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         if width % heads != 0:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
+            raise UserError(f"width {width} must be divisible by heads {heads}")
         self.width = width
         self.layers = layers
         self.heads = heads
@@ -386,7 +388,7 @@ class AttentionalPooler(nn.Module):
     def __init__(self, width: int, n_queries: int = 1, heads: int = 8, context_dim: int | None = None) -> None:
         super().__init__()
         if n_queries < 1:
-            raise ValueError(f"n_queries must be >= 1, got {n_queries}")
+            raise UserError(f"n_queries must be >= 1, got {n_queries}")
         context_dim = context_dim if context_dim is not None else width
         self.n_queries = n_queries
         # open_clip initialises the queries with a unit normal; ln_q makes their scale irrelevant

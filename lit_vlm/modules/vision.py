@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_vlm.errors import UserError
+
 from .presets import VISION_PRESETS, require, resolve_preset
 from .transformer import AttentionalPooler, Transformer
 
@@ -76,12 +78,12 @@ def interpolate_pos_embed(
     if old_grid is None:
         side = int(round(n**0.5))
         if side * side != n:
-            raise ValueError(f"cannot infer a square grid from {n} positions; pass old_grid")
+            raise UserError(f"cannot infer a square grid from {n} positions; pass old_grid")
         old_grid = (side, side)
     oh, ow = _pair(old_grid)
     nh, nw = _pair(new_grid)
     if oh * ow != n:
-        raise ValueError(f"old_grid {oh}x{ow} does not match {n} grid positions")
+        raise UserError(f"old_grid {oh}x{ow} does not match {n} grid positions")
     if (oh, ow) == (nh, nw):
         return pos_embed
     D = grid.shape[-1]
@@ -203,18 +205,18 @@ class VisionTransformer(nn.Module):
         image_size, patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
         width, layers, heads = int(cfg["width"]), int(cfg["layers"]), int(cfg["heads"])
         if image_size % patch_size != 0:
-            raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
+            raise UserError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
         if width % heads != 0:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
+            raise UserError(f"width {width} must be divisible by heads {heads}")
         if pool not in POOL_TYPES:
-            raise ValueError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+            raise UserError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
         if attn_pool_queries < 1:
-            raise ValueError(f"attn_pool_queries must be >= 1, got {attn_pool_queries}")
+            raise UserError(f"attn_pool_queries must be >= 1, got {attn_pool_queries}")
         self._check_patch_dropout(patch_dropout)
         if stem not in ("patch", "conv"):
-            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+            raise UserError(f"stem must be 'patch' or 'conv', got {stem!r}")
         if stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
-            raise ValueError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
+            raise UserError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
 
         self.image_size = image_size
         self.patch_size = patch_size
@@ -248,7 +250,7 @@ class VisionTransformer(nn.Module):
     @staticmethod
     def _check_patch_dropout(p: float) -> None:
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"patch_dropout must be in [0, 1), got {p}")
+            raise UserError(f"patch_dropout must be in [0, 1), got {p}")
 
     def _pos_embed(self, gh: int, gw: int) -> Tensor:
         """Positional embedding for a gh x gw grid: [1 + gh*gw, D]."""
@@ -277,7 +279,7 @@ class VisionTransformer(nn.Module):
         """
         B, _, h, w = images.shape
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} must be divisible by patch_size {self.patch_size}")
+            raise UserError(f"image size {h}x{w} must be divisible by patch_size {self.patch_size}")
         x = self.conv1(images)  # [B, D, gh, gw]
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]
@@ -311,7 +313,7 @@ class VisionTransformer(nn.Module):
         """
         B, _, h, w = images.shape
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {h}x{w} must be divisible by patch_size {self.patch_size}")
+            raise UserError(f"image size {h}x{w} must be divisible by patch_size {self.patch_size}")
         p = self.patch_dropout if patch_dropout is None else float(patch_dropout)
         self._check_patch_dropout(p)
 

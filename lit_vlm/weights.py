@@ -1,0 +1,150 @@
+"""Where a run's weights come from: checkpoint files, run directories and foreign state dicts.
+
+- :func:`check_checkpoint` refuses an empty, truncated or corrupt checkpoint with one paragraph,
+  before Lightning or ``torch.load`` would end in a traceback;
+- :func:`run_checkpoint` finds the ``best`` or ``last`` checkpoint of a run directory through its
+  ``checkpoints/index.json``;
+- :func:`read_weights` reads what ``init_from`` names and says which layout it was read as: a
+  lit-vlm checkpoint here, anything else (OpenAI / open_clip files, Hugging Face directories, state
+  dicts in lit-vlm names) through :func:`lit_vlm.interop.read_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_vlm.errors import MissingFileError, UserError
+
+#: The file :class:`lit_vlm.callbacks.Checkpoint` keeps beside a run's checkpoints.
+INDEX_FILE = "index.json"
+LIGHTNING_LAYOUT = "a lit-vlm (Lightning) checkpoint"
+
+
+def checkpoint_problem(file: str | Path) -> str | None:
+    """Why ``file`` is not a readable ``torch.save`` archive (empty, truncated, corrupt), or None.
+
+    Reads the zip directory and checks every member's CRC, so a copy or save cut short is caught
+    here rather than deep inside ``torch.load``."""
+    file = Path(file)
+    size = file.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if not zipfile.is_zipfile(file):
+        return f"the file ({size} bytes) is not a torch.save archive: truncated (a save or copy cut short) or another format"
+    try:
+        with zipfile.ZipFile(file) as archive:
+            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist()):
+                return "the zip archive holds no data.pkl: not a torch.save checkpoint"
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"the archive is damaged ({err})"
+    return f"member {bad} of the archive is corrupt (CRC mismatch)" if bad else None
+
+
+def check_checkpoint(file: str | Path, option: str) -> Path:
+    """``file`` if it is an existing, readable checkpoint; else one paragraph naming ``option``."""
+    file = Path(file)
+    if not file.is_file():
+        raise MissingFileError(f"{option}: {file} does not exist or is not a file")
+    problem = checkpoint_problem(file)
+    if problem:
+        raise UserError(
+            f"{option}: {file} cannot be read: {problem}. Give another checkpoint (a run's `last` or `best`, "
+            "listed in its checkpoints/index.json) or copy the file again"
+        )
+    return file
+
+
+def _index_entry(index: Path, which: str) -> Path | None:
+    try:
+        entry = json.loads(index.read_text()).get(which)
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{index} is not a readable checkpoint index ({err}); pass a checkpoint file instead") from err
+    return Path(entry) if entry and Path(entry).is_file() else None
+
+
+def run_checkpoint(path: str | Path, which: tuple[str, ...], option: str) -> Path:
+    """The checkpoint a run directory names: the first of ``which`` ("best", "last") found in the
+    ``checkpoints/index.json`` of ``path`` (``runs/<name>``, ``runs/<name>/version_N`` or its
+    ``checkpoints/``; the newest version when several)."""
+    p = Path(path)
+    candidates = [p / INDEX_FILE, p / "checkpoints" / INDEX_FILE]
+    candidates += sorted(p.glob(f"version_*/checkpoints/{INDEX_FILE}"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for index in (c for c in candidates if c.is_file()):
+        for name in which:
+            entry = _index_entry(index, name)
+            if entry is not None:
+                return entry
+    raise MissingFileError(
+        f"{option}={path}: no checkpoints/index.json naming an existing {' or '.join(which)} checkpoint under this "
+        "directory (train that run first, or give a .ckpt path)"
+    )
+
+
+def resolve_init_from(path: str | Path) -> Path:
+    """The checkpoint file ``init_from`` names: the file itself, or a run directory's ``best``
+    (``last`` when it has none)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        return run_checkpoint(p, ("best", "last"), "model init_from")
+    raise MissingFileError(f"model init_from={path}: no such file or directory (train that run first, or fix the path)")
+
+
+def _lightning_state_dict(file: Path) -> dict[str, torch.Tensor] | None:
+    """The ``state_dict`` of a Lightning checkpoint, or None for any other file (read lazily with
+    ``mmap``: a foreign file costs no second full read). TorchScript archives are never handed to
+    ``torch.load``, which would pass them to ``torch.jit.load`` and run their code."""
+    from lit_vlm.interop import is_torchscript_archive
+
+    if file.suffix == ".safetensors" or is_torchscript_archive(file):
+        return None
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a (readable) torch zip archive: interop decides
+        return None
+    if isinstance(obj, dict) and "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    return None
+
+
+def read_weights(path: str | Path, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict ``init_from`` names, on the CPU, in lit-vlm names, and the layout it was read as.
+
+    A lit-vlm checkpoint or run directory is read here (``weights_only``: no code runs); OpenAI /
+    open_clip files (``.pt``, ``.bin``, ``.safetensors``, TorchScript, with or without a
+    ``state_dict`` wrapper or ``module.`` prefix), Hugging Face ``CLIPModel`` directories and
+    plain state dicts go through :func:`lit_vlm.interop.read_state_dict`, which tells them apart
+    by their keys."""
+    from lit_vlm import interop
+
+    file = Path(path)
+    if not file.exists():
+        raise MissingFileError(
+            f"model init_from={path}: no such file or directory (a lit-vlm run directory or checkpoint: train that "
+            "run first; foreign weights: fetch them first, lit-vlm never downloads; or fix the path)"
+        )
+    if file.is_dir():
+        if not any(file.glob(f"**/{INDEX_FILE}")) and (file / "config.json").is_file():
+            return interop.read_state_dict(file, model)  # a Hugging Face model directory
+        file = resolve_init_from(file)
+    if file.suffix == ".ckpt":
+        check_checkpoint(file, f"model init_from={path}")
+    state_dict = _lightning_state_dict(file)
+    if state_dict is not None:
+        return state_dict, f"{LIGHTNING_LAYOUT} ({file})"
+    return interop.read_state_dict(file, model)
+
+
+def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """:func:`read_weights` without the layout."""
+    return read_weights(path, model)[0]
+
+
+__all__ = ["INDEX_FILE", "check_checkpoint", "checkpoint_problem", "load_state_dict", "read_weights", "resolve_init_from", "run_checkpoint"]
