@@ -81,6 +81,7 @@ class LitVLMCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         apply_soft_links(cfg)
+        fill_optim_defaults(cfg)
         move_gradient_clipping(cfg)
         named = self._ckpt_named
         if self.subcommand == "fit" and named is not None and named != cfg.ckpt_path:  # best, last, a run directory
@@ -214,6 +215,18 @@ def move_gradient_clipping(cfg: Namespace) -> None:
             file=sys.stderr,
         )
     trainer.gradient_clip_val = None
+
+
+def fill_optim_defaults(cfg: Namespace) -> None:
+    """Write the family's own optimiser defaults (``optim_defaults``) into the model config where
+    it leaves them unset, so the saved ``config.yaml`` and the checkpoint say what was used."""
+    model = cfg.get("model")
+    if not isinstance(model, Namespace) or not isinstance(model.get("init_args"), Namespace):
+        return
+    defaults = getattr(_import(model.class_path), "optim_defaults", None) or {}
+    for key, value in defaults.items():
+        if key in model.init_args and model.init_args[key] is None:
+            model.init_args[key] = list(value) if isinstance(value, tuple) else value
 
 
 def apply_soft_links(cfg: Namespace) -> None:

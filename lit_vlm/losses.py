@@ -13,6 +13,10 @@ tests/test_ddp_contrastive.py prove it with 2 CPU processes).
 * :func:`filip_similarity`, :func:`filip_loss` — FILIP token-wise late interaction.
 * :func:`token_cross_entropy`, :func:`caption_loss`, :func:`global_token_mean` — the
   captioning (language-modelling) loss as per-sample sums and counts.
+* :func:`momentum_itc_loss`, :func:`itm_hard_negatives` — BLIP's image-text contrastive loss
+  against momentum features and queues, and the hard negatives its matching loss is trained on.
+* :func:`mae_loss` — MAE's reconstruction loss on the masked patches; :func:`bert_mask` — BERT's
+  token masking for masked language modelling (FLAVA).
 * :func:`get_loss` — look a loss up by the name a YAML file gives.
 """
 
@@ -555,6 +559,119 @@ def global_token_mean(sums: torch.Tensor, counts: torch.Tensor, gather: bool = T
 # ----------------------------------------------------------------------------------------------
 
 LOSS_NAMES = ("clip", "siglip", "focal")
+
+
+# --------------------------------------------------------------------------------------------
+# BLIP: momentum-distilled ITC and hard negatives for ITM
+# --------------------------------------------------------------------------------------------
+
+
+def momentum_itc_loss(
+    image_feat: torch.Tensor,  # [B, E] normalised image features (with gradients)
+    text_feat: torch.Tensor,  # [B, E] normalised text features
+    image_all: torch.Tensor,  # [B+Q, E] momentum image features of the batch, then the queue
+    text_all: torch.Tensor,  # [B+Q, E] momentum text features, then the queue
+    target_i2t: torch.Tensor,  # [B, B+Q] soft targets (momentum distillation mixed with the one-hot)
+    target_t2i: torch.Tensor,  # [B, B+Q]
+    temp: torch.Tensor | float,  # temperature
+) -> dict[str, torch.Tensor]:
+    """BLIP / ALBEF's image-text contrastive loss: cross-entropy of each side against the other
+    side's momentum features and queue, with soft targets; plus in-batch top-1 accuracies."""
+    sim_i2t = image_feat @ text_all.T / temp  # [B, B+Q]
+    sim_t2i = text_feat @ image_all.T / temp
+    loss = (-(sim_i2t.log_softmax(1) * target_i2t).sum(1).mean() - (sim_t2i.log_softmax(1) * target_t2i).sum(1).mean()) / 2
+    labels = torch.arange(image_feat.shape[0], device=image_feat.device)  # [B]
+    return {
+        "itc_loss": loss,
+        "acc_i2t": (sim_i2t.argmax(1) == labels).float().mean().detach(),
+        "acc_t2i": (sim_t2i.argmax(1) == labels).float().mean().detach(),
+    }
+
+
+@torch.no_grad()
+def itm_hard_negatives(
+    image_feat: torch.Tensor,  # [B, E] normalised
+    text_feat: torch.Tensor,  # [B, E] normalised
+    ids: torch.Tensor,  # [B, L] the texts
+    mask: torch.Tensor,  # [B, L]
+    temp: torch.Tensor | float,
+    gather: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One hard negative image per text and text per image, drawn over the global batch in
+    proportion to softmax(similarity / temp), never the pair itself nor a caption identical to the
+    positive (BLIP's ITM sampling). Returns (negative image index [B], negative text index [B],
+    ids [W*B, L], mask [W*B, L] of the global batch) with indices into the global batch."""
+    B = ids.shape[0]
+    rank, world = rank_and_world() if gather else (0, 1)
+    image_world = gather_no_grad(image_feat) if world > 1 else image_feat  # [W*B, E]
+    text_world = gather_no_grad(text_feat) if world > 1 else text_feat
+    ids_world = gather_no_grad(ids) if world > 1 else ids  # [W*B, L]
+    mask_world = gather_no_grad(mask) if world > 1 else mask
+    same = (ids[:, None, :] == ids_world[None, :, :]).all(-1) & (mask[:, None, :] == mask_world[None, :, :]).all(-1)
+    own = torch.arange(B, device=ids.device) + rank * B  # [B] own column
+    same[torch.arange(B), own] = True  # [B, W*B]
+    w_t2i = (text_feat @ image_world.T / temp).float().softmax(1) + 1e-4  # [B, W*B]
+    w_i2t = (image_feat @ text_world.T / temp).float().softmax(1) + 1e-4
+    w_t2i = w_t2i.masked_fill(same, 0.0)
+    w_i2t = w_i2t.masked_fill(same, 0.0)
+    # a batch where every caption is the same leaves nothing to draw: fall back to any other row
+    empty = w_t2i.sum(1) == 0
+    if empty.any():
+        other = torch.ones_like(w_t2i)
+        other[torch.arange(B), own] = 0
+        w_t2i[empty] = other[empty]
+        w_i2t[empty] = other[empty]
+    neg_image_idx = torch.multinomial(w_t2i, 1).squeeze(1)  # [B] a negative image per text
+    neg_text_idx = torch.multinomial(w_i2t, 1).squeeze(1)  # [B] a negative text per image
+    return neg_image_idx, neg_text_idx, ids_world, mask_world
+
+
+# --------------------------------------------------------------------------------------------
+# Masked modelling: MAE's reconstruction loss, BERT's masking
+# --------------------------------------------------------------------------------------------
+
+
+def mae_loss(
+    pred: torch.Tensor,  # [B, N, P] predicted patches
+    target: torch.Tensor,  # [B, N, P] true patches
+    mask: torch.Tensor,  # [B, N] 1 = masked (counted), 0 = visible
+    norm_pix_loss: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Mean over masked patches of the per-patch mean squared error; with ``norm_pix_loss`` the
+    target patch is normalised by its own mean and variance (+eps) first, as in the paper."""
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference implementation
+        target = (target - mean) / (var + eps) ** 0.5
+    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, N]
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def bert_mask(
+    ids: torch.Tensor,  # [B, L]
+    mask: torch.Tensor,  # [B, L] bool real tokens
+    mask_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    special_ids: tuple[int, ...] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: every real, non-special token is selected with ``probability``; a selected
+    token becomes ``mask_id`` (80%), a random token (10%) or stays (10%). Returns (masked ids
+    [B, L], selected [B, L] bool). A row with a candidate token always gets at least one selected."""
+    candidates = mask.bool().clone()
+    for s in special_ids:
+        candidates &= ids != s
+    selected = (torch.rand(ids.shape, device=ids.device) < probability) & candidates
+    none = ~selected.any(1) & candidates.any(1)
+    if none.any():  # one forced pick in rows that drew nothing
+        pick = torch.where(candidates, torch.rand(ids.shape, device=ids.device), torch.full(ids.shape, -1.0, device=ids.device)).argmax(1)
+        selected[none, pick[none]] = True
+    roll = torch.rand(ids.shape, device=ids.device)
+    out = torch.where(selected & (roll < 0.8), torch.full_like(ids, mask_id), ids)
+    random_tok = torch.randint(vocab_size, ids.shape, device=ids.device)
+    out = torch.where(selected & (roll >= 0.8) & (roll < 0.9), random_tok, out)
+    return out, selected
 
 
 def get_loss(name: str) -> Callable[..., dict[str, torch.Tensor]]:

@@ -49,6 +49,7 @@ from lit_vlm.errors import UserError
 
 __all__ = [
     "confusion_matrix",
+    "in_batch_accuracy",
     "retrieval_metrics",
     "retrieval_metrics_from_ranks",
     "retrieval_metrics_from_similarity",
@@ -429,3 +430,12 @@ def confusion_matrix(
             raise UserError(f"{name} out of range [0, {num_classes})")
     flat = labels.long() * num_classes + predictions.long()  # [N]
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)  # [C, C]
+
+
+def in_batch_accuracy(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-1 accuracy of the matching pairs on the diagonal of ``logits`` [B, B] (row i = image i)."""
+    labels = torch.arange(logits.shape[0], device=logits.device)  # [B]
+    return {
+        "acc_i2t": (logits.argmax(dim=1) == labels).float().mean(),
+        "acc_t2i": (logits.argmax(dim=0) == labels).float().mean(),
+    }

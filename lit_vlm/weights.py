@@ -6,7 +6,9 @@
   ``checkpoints/index.json``;
 - :func:`read_weights` reads what ``init_from`` names and says which layout it was read as: a
   lit-vlm checkpoint here, anything else (OpenAI / open_clip files, Hugging Face directories, state
-  dicts in lit-vlm names) through :func:`lit_vlm.interop.read_state_dict`.
+  dicts in lit-vlm names) through :func:`lit_vlm.interop.read_state_dict`;
+- :func:`load_init_from` / :func:`load_parts` put those weights into a family (all of it, or some
+  parts), or explain in one paragraph why they do not fit.
 """
 
 from __future__ import annotations
@@ -142,9 +144,74 @@ def read_weights(path: str | Path, model: nn.Module | None = None) -> tuple[dict
     return interop.read_state_dict(file, model)
 
 
+def load_parts(
+    module: nn.Module, source: dict[str, torch.Tensor], layout: str, parts: list[str] | None, option: str
+) -> list[str]:
+    """Copy ``source`` into ``module`` (all of it, or the attributes named in ``parts``, whose every
+    tensor must be there), or raise one paragraph naming the layout it was read as and every key
+    and shape that disagrees. A ViT's learned positions are resized to the module's grid. Returns
+    the names of the loaded tensors."""
+    own = module.state_dict()
+    if parts is None:
+        wanted = list(own)
+        unexpected = sorted(set(source) - set(own))
+    else:
+        for part in parts:
+            if not any(k == part or k.startswith(part + ".") for k in own):
+                raise UserError(f"model init_from_parts: {type(module).__name__} has no part named {part!r}")
+        wanted = [k for k in own if any(k == p or k.startswith(p + ".") for p in parts)]
+        unexpected = []
+    missing = [k for k in wanted if k not in source]
+    update, mismatched = {}, []
+    for key in (k for k in wanted if k in source):
+        value = source[key]
+        if value.shape != own[key].shape:
+            value = _resize_positions(module, key, value, own[key])
+        if value.shape != own[key].shape:
+            mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}")
+        update[key] = value
+    problems = [
+        f"{len(items)} {what} ({', '.join(items[:8])}{f' and {len(items) - 8} more' if len(items) > 8 else ''})"
+        for what, items in (("key(s) missing from the checkpoint", missing),
+                            ("unexpected key(s) in the checkpoint", unexpected), ("shape mismatch(es)", mismatched))
+        if items
+    ]
+    if problems:
+        hint = " Set init_from_parts to load only some parts (e.g. [vision])." if unexpected and not missing and not mismatched else ""
+        raise UserError(f"{option}: read as {layout}, it does not fit {type(module).__name__}: " + "; ".join(problems) + "." + hint)
+    with torch.no_grad():
+        for key, value in update.items():
+            own[key].copy_(value)
+    return list(update)
+
+
+def _resize_positions(module: nn.Module, key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A ViT's learned positions [1 + N, D] resized to ``module``'s grid (another image size)."""
+    from lit_vlm.modules.vision import VisionTransformer, interpolate_pos_embed
+
+    owner_name, _, attr = key.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if isinstance(owner, VisionTransformer) and attr == "positional_embedding" and value.dim() == 2:
+        if value.shape[1] == target.shape[1]:
+            try:
+                return interpolate_pos_embed(value, owner.grid_size)  # [1 + N', D]
+            except ValueError:
+                return value
+    return value
+
+
+def load_init_from(module: nn.Module, init_from: str | Path, parts: list[str] | None = None) -> list[str]:
+    """``init_from`` (restricted to ``parts``) read and loaded into ``module``; the loaded names."""
+    source, layout = read_weights(init_from, model=module)
+    return load_parts(module, source, layout, parts, f"model init_from={init_from}")
+
+
 def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """:func:`read_weights` without the layout."""
     return read_weights(path, model)[0]
 
 
-__all__ = ["INDEX_FILE", "check_checkpoint", "checkpoint_problem", "load_state_dict", "read_weights", "resolve_init_from", "run_checkpoint"]
+__all__ = [
+    "INDEX_FILE", "check_checkpoint", "checkpoint_problem", "load_init_from", "load_parts", "load_state_dict", "read_weights",
+    "resolve_init_from", "run_checkpoint",
+]

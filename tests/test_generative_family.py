@@ -167,8 +167,9 @@ def test_coca_generate_returns_text_with_and_without_cache():
 
 
 def test_cli_fills_the_tokenizer_from_the_data(tmp_path):
-    from lit_vlm.cli import _data_values
     from jsonargparse import Namespace
+
+    from lit_vlm.cli import _data_values
 
     values = _data_values(Namespace(class_path="lit_vlm.datamodules.ImageTextDataModule",
                                     init_args=Namespace(root=str(tmp_path / "w"))))
@@ -423,7 +424,7 @@ def test_patchify_roundtrip_and_masking_by_argsort_of_noise():
 
 
 def test_mae_loss_counts_masked_patches_only():
-    from lit_vlm.models.mae import mae_loss
+    from lit_vlm.losses import mae_loss
 
     target = torch.randn(2, 4, 6)
     pred = target.clone()
@@ -536,7 +537,7 @@ def make_flava(**kwargs):
 
 
 def test_bert_masking_rates_and_specials():
-    from lit_vlm.models.flava import bert_mask
+    from lit_vlm.losses import bert_mask
 
     torch.manual_seed(0)
     ids = torch.randint(5, 100, (400, 50))
@@ -594,9 +595,8 @@ def coca_fit(devices: int, batch_size: int):
     """One CoCa optimiser step over the same 8 samples (the whole data set, whatever order the
     distributed sampler picks); the gradients the optimiser
     receives (after DDP's all-reduce) are kept in ``model.synced_grads``."""
-    from torch.utils.data import DataLoader
-
     from test_contrastive_family import Pairs, trainer
+    from torch.utils.data import DataLoader
 
     model = make_coca(warmup_steps=0)
 

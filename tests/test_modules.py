@@ -433,3 +433,58 @@ def test_towers_take_layer_scale() -> None:
     for m in (vit, txt):
         gammas = [k for k in m.state_dict() if k.endswith("gamma")]
         assert len(gammas) == 4 and all(torch.all(m.state_dict()[k] == 0.5) for k in gammas)
+
+
+# ---- freezing ---------------------------------------------------------------------------------
+def test_lock_freezes_keeps_eval_and_leaves_the_optimiser():
+    """open_clip's lock() as a building block: frozen parameters leave the optimiser, fully frozen
+    submodules stay in eval mode when the owner trains, the last groups and the norms can stay
+    trainable, and a deep copy keeps its own (frozen) behaviour."""
+    import copy
+
+    from torch import nn
+
+    from lit_vlm.modules.freeze import lock, vit_groups
+    from lit_vlm.optim import param_groups
+
+    owner = nn.ModuleDict({"vision": VisionTransformer("tiny"), "head": nn.Linear(32, 8)})
+    groups = vit_groups(owner["vision"])
+    assert len(groups) == 3  # stem, block 0, [block 1, ln_post] for the 2-block tiny tower
+    frozen = lock(owner["vision"], groups, unlocked_groups=1, unlock_norms=True)
+    owner.train()
+    assert all(not m.training for m in frozen) and owner["head"].training
+    assert owner["vision"].transformer.blocks[1].training  # the unlocked last group trains
+    trainable = {id(p) for g in param_groups(owner, 0.1) for p in g["params"]}
+    assert id(owner["vision"].conv1.weight) not in trainable and id(owner["vision"].transformer.blocks[0].mlp.fc1.weight) not in trainable
+    assert id(owner["vision"].transformer.blocks[1].mlp.fc1.weight) in trainable
+    assert id(owner["vision"].ln_pre.weight) in trainable  # unlock_norms
+    twin = copy.deepcopy(owner)
+    twin.train()
+    assert not twin["vision"].transformer.blocks[0].training and owner["vision"].transformer.blocks[0] is not twin["vision"].transformer.blocks[0]
+    with pytest.raises(ValueError, match=r"tower_unlocked_groups must be in \[0, 3\]"):
+        lock(VisionTransformer("tiny"), vit_groups(VisionTransformer("tiny")), unlocked_groups=4, what="tower")
+
+
+def test_lock_works_on_a_hugging_face_model():
+    transformers = pytest.importorskip("transformers")
+    from lit_vlm.modules.freeze import lock
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    lm = transformers.GPT2LMHeadModel(config)
+    groups = [[lm.transformer.wte, lm.transformer.wpe], *[[b] for b in lm.transformer.h], [lm.transformer.ln_f]]
+    lock(lm, groups, unlocked_groups=1)
+    lm.train()
+    assert not lm.transformer.h[0].training and not any(p.requires_grad for p in lm.transformer.h.parameters())
+    assert all(p.requires_grad for p in lm.transformer.ln_f.parameters())
+
+
+def test_a_locked_module_pickles():
+    import pickle
+
+    from lit_vlm.modules.freeze import lock
+
+    tower = VisionTransformer("tiny")
+    lock(tower)
+    again = pickle.loads(pickle.dumps(tower))
+    again.train()
+    assert not again.training and not any(p.requires_grad for p in again.parameters())

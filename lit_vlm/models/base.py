@@ -1,9 +1,11 @@
-"""What every family shares: the optimiser recipe, the logging of named loss terms, starting
-weights from a checkpoint, and exact gradient accumulation for losses that couple the samples of a
-batch.
+"""What every family shares: the optimiser recipe, starting weights, the default steps and the
+logging of named loss terms. Exact gradient accumulation lives in
+:mod:`lit_vlm.models.accumulation`, weight reading and loading in :mod:`lit_vlm.weights`.
 
 A family subclasses :class:`VLMModule`, builds its connector and losses from the towers it is given
-(dependency injection), and implements the capabilities its evaluations need:
+(dependency injection), passes ``**kwargs`` on to it (the arguments below are declared here once)
+and sets ``optim_defaults`` when its paper's recipe differs from the base one. It implements the
+capabilities its evaluations need:
 
 - ``encode_image(images) -> [B, D]`` and ``encode_text(ids, mask) -> [N, D]`` (normalised):
   retrieval and zero-shot classification callbacks;
@@ -16,95 +18,71 @@ A family subclasses :class:`VLMModule`, builds its connector and losses from the
   retrieval; BLIP, FLAVA) and ``generate(images, prompts, max_new_tokens) -> list[str]``
   (captioning, VQA; the families mix in :class:`lit_vlm.models.generating.GeneratingMixin`, which
   also gives ``score_answers`` for VQA by ranking).
-
-Contrastive gradient accumulation (``accum_freq``)
--------------------------------------------------
-A contrastive loss scores every sample against all others of the batch, so Lightning's
-``accumulate_grad_batches`` (k separate losses over k micro-batches) changes the objective: each
-loss only sees the negatives of its own micro-batch. A family whose loss couples the batch
-(``couples_batch = True``) implements ``features(batch) -> dict of tensors`` and
-``loss_from_features(features, gather, detach_scalars) -> terms``; with ``accum_freq = k > 1`` the
-module switches to manual optimisation and does what open_clip's ``--accum-freq`` and GradCache
-(Gao et al., 2021) do: buffer k micro-batches, compute all their features without gradients, then
-for each micro-batch recompute its features with gradients, splice them into the cached set, compute
-the loss of the whole accumulated batch and backpropagate. The summed gradients equal those of one
-batch k times larger (tests/test_contrastive_family.py checks it to 1e-5), at the memory cost of one
-micro-batch plus the cached features. Details that keep it exact:
-
-- random state (patch dropout, dropout) is recorded before each micro-batch's first pass and
-  restored for its replay, so both passes see the same masks;
-- parameters the loss uses directly (logit scale and bias) receive their gradient once, from the
-  last replay (open_clip's loop counts it k times);
-- under DDP only the last replay synchronises gradients (``block_backward_sync``).
-
-One optimiser step, one scheduler step and gradient clipping follow each group of k micro-batches;
-an incomplete group at the end of an epoch is dropped, as in open_clip. Lightning cannot clip under
-manual optimisation, so the clipping is the module's ``accum_clip_val``: ``lit-vlm fit`` moves
-``trainer.gradient_clip_val`` there when ``accum_freq > 1`` (the same clipping, applied once per
-accumulated step); a Python ``Trainer(gradient_clip_val=...)`` with ``accum_freq > 1`` is an error
-that names ``accum_clip_val``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+import typing
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from lit_vlm.errors import UserError
+from lit_vlm.models.accumulation import ExactAccumulation, concat_features
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
-from lit_vlm.weights import load_state_dict, read_weights, resolve_init_from
+from lit_vlm.weights import load_init_from, load_state_dict, resolve_init_from
 
 log = logging.getLogger("lit_vlm")
 
 
-class VLMModule(pl.LightningModule):
+class VLMModule(ExactAccumulation, pl.LightningModule):
     """Base LightningModule of the families.
 
     Args:
-        lr: Peak learning rate of AdamW (reached after warmup).
+        lr: Peak learning rate of AdamW (reached after warmup). None: the family's
+            ``optim_defaults`` (its paper's recipe).
         weight_decay: Decoupled weight decay on weight matrices (none on norms, biases,
-            embeddings, learned queries and the logit scale).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
+            embeddings, learned queries and the logit scale). None: the family's default.
+        betas: AdamW betas. None: the family's default.
+        eps: AdamW epsilon. None: the family's default.
         warmup_steps: Linear warmup length in optimiser steps; a value in (0, 1) is a fraction
             of the total number of steps.
         min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of ``lr``.
-        accum_freq: Exact gradient accumulation over this many micro-batches (families whose loss
-            couples the batch; see the module docstring). 1 disables it.
+        accum_freq: Exact gradient accumulation over this many micro-batches for families whose
+            loss couples the batch (contrastive losses; see :mod:`lit_vlm.models.accumulation`).
+            Use it instead of ``trainer.accumulate_grad_batches``. 1 disables it.
         accum_clip_val: With ``accum_freq > 1``: clip the accumulated gradients to this value once
             per optimiser step (``trainer.gradient_clip_val`` cannot act under manual optimisation;
             ``lit-vlm fit`` moves it here). None: no clipping.
         accum_clip_algorithm: ``"norm"`` (global L2 norm) or ``"value"``, as Lightning's
             ``gradient_clip_algorithm``.
         init_from: Starting weights, loaded when ``fit`` starts (not when resuming from
-            ``--ckpt_path``): a lit-vlm Lightning checkpoint (``.ckpt``), a file holding a plain
-            state dict, or a run directory (``runs/<name>``, ``runs/<name>/version_N`` or its
-            ``checkpoints/``), whose ``checkpoints/index.json`` names the best checkpoint (the
-            newest version when several). Foreign formats (OpenAI, open_clip, Hugging Face) go
-            through :mod:`lit_vlm.interop`.
+            ``--ckpt_path``): a lit-vlm checkpoint (``.ckpt``), a run directory (``runs/<name>``,
+            ``runs/<name>/version_N`` or its ``checkpoints/``: its best checkpoint), or foreign
+            weights (OpenAI / open_clip files, a Hugging Face ``CLIPModel`` directory; see
+            :mod:`lit_vlm.weights`).
         init_from_parts: Load only parameters under these attribute names (e.g. ``["vision",
             "image_projection"]`` for the image tower of a CLIP checkpoint); every such parameter
             must be in the checkpoint with the same shape (a learned positional embedding is
             resized for another image size). None loads the whole model, strictly.
     """
 
+    #: The optimiser values a family's paper uses, for the arguments left at None.
+    optim_defaults: ClassVar[dict[str, Any]] = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
     #: True for families whose loss couples the samples of a batch (contrastive losses): they
     #: implement ``features``/``loss_from_features`` and refuse ``trainer.accumulate_grad_batches``.
     couples_batch: bool = False
 
     def __init__(
         self,
-        lr: float = 5e-4,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         warmup_steps: float = 0.05,
         min_lr_ratio: float = 0.0,
         accum_freq: int = 1,
@@ -114,8 +92,11 @@ class VLMModule(pl.LightningModule):
         accum_clip_algorithm: str = "norm",
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise UserError(f"model lr must be > 0, got {lr}")
+        self._save_config()
+        given = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        optim = {k: self.optim_defaults[k] if v is None else v for k, v in given.items()}
+        if optim["lr"] <= 0:
+            raise UserError(f"model lr must be > 0, got {optim['lr']}")
         if warmup_steps < 0:
             raise UserError(f"model warmup_steps must be >= 0, got {warmup_steps}")
         if not isinstance(accum_freq, int) or isinstance(accum_freq, bool) or accum_freq < 1:
@@ -135,10 +116,10 @@ class VLMModule(pl.LightningModule):
             )
         if init_from_parts is not None and (not init_from_parts or any(not str(p) for p in init_from_parts)):
             raise UserError(f"model init_from_parts must be None or a non-empty list of names, got {init_from_parts!r}")
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
-        self.eps = eps
+        self.lr = optim["lr"]
+        self.weight_decay = optim["weight_decay"]
+        self.betas = tuple(optim["betas"])
+        self.eps = optim["eps"]
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.accum_freq = accum_freq
@@ -149,18 +130,15 @@ class VLMModule(pl.LightningModule):
         self.accum_clip_algorithm = accum_clip_algorithm
         self._accum_buffer: list[dict] = []
 
-    def save_config(self) -> None:
-        """``save_hyperparameters`` for families that receive built towers.
+    def _save_config(self) -> None:
+        """``save_hyperparameters``, so ``load_from_checkpoint`` and ``lit-vlm test`` rebuild the model.
 
         Under the CLI, Lightning hands over the parsed config, in which towers are
-        ``class_path``/``init_args`` dicts: all of it is saved, so ``load_from_checkpoint`` and
-        ``lit-vlm test`` rebuild the model alone. Built in Python, the tower objects themselves are
-        not saved (pass them again to ``load_from_checkpoint``).
-        """
-        frame = inspect.currentframe().f_back
-        given = _given_hparams()
-        modules = [k for k, v in frame.f_locals.items() if isinstance(v, nn.Module) and k != "self"]
-        self.save_hyperparameters(ignore=[] if given else modules, frame=frame)
+        ``class_path``/``init_args`` dicts: all of it is saved. Built in Python, the constructor
+        arguments annotated as modules (towers, decoders) are left out (pass them again to
+        ``load_from_checkpoint``)."""
+        modules = [] if _given_hparams() is not None else _module_arguments(type(self))
+        self.save_hyperparameters(ignore=modules)
 
     # ---- optimisation ------------------------------------------------------------------------
     def num_optimizer_steps(self) -> int:
@@ -183,17 +161,9 @@ class VLMModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_callbacks(self) -> list:
-        """Checks the trainer before a fit (this hook runs before Lightning validates the loops).
-
-        - A family with a batch-coupled loss refuses ``trainer.accumulate_grad_batches > 1`` and
-          points to ``accum_freq``.
-        - With ``accum_freq > 1`` (manual optimisation) ``trainer.gradient_clip_val`` must be
-          unset (Lightning cannot clip manual steps): the clipping is ``accum_clip_val``.
-        """
+    def _check_trainer(self) -> None:
+        """Refuse trainer settings that would silently change a fit's objective or clipping."""
         trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return []
         if self.couples_batch and trainer.accumulate_grad_batches != 1:
             k = trainer.accumulate_grad_batches
             raise UserError(
@@ -201,103 +171,19 @@ class VLMModule(pl.LightningModule):
                 f"seeing only its own micro-batch's negatives; set --model.init_args.accum_freq {k} instead "
                 "(exact: one loss over the whole accumulated batch) and leave accumulate_grad_batches at 1"
             )
-        if self.accum_freq > 1 and trainer.gradient_clip_val:
-            raise UserError(
-                f"trainer.gradient_clip_val={trainer.gradient_clip_val} cannot act with model accum_freq="
-                f"{self.accum_freq} (manual optimisation): set model accum_clip_val={trainer.gradient_clip_val} "
-                "instead (one clip per accumulated step) and trainer.gradient_clip_val null; lit-vlm fit does this itself"
-            )
         if self.accum_clip_val is not None and str(trainer.precision) == "16-mixed":
             raise UserError(
                 "model accum_clip_val cannot unscale fp16 gradients before clipping them: "
                 "use trainer.precision bf16-mixed, or model accum_clip_val null"
             )
-        return []
-
-    # ---- exact accumulation for batch-coupled losses ---------------------------------------
-    def features(self, batch: dict) -> dict[str, torch.Tensor | None]:
-        """Per-sample features the loss needs (tensors with the batch on dim 0)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement features()")
-
-    def loss_from_features(
-        self, features: dict[str, torch.Tensor | None], gather: bool = True, detach_scalars: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """Loss terms of a (possibly accumulated) batch of features; ``detach_scalars`` stops the
-        gradient to parameters the loss uses directly (e.g. the logit scale)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement loss_from_features()")
-
-    def accumulated_backward(
-        self,
-        micro_batches: list[dict],
-        backward: Callable[[torch.Tensor], None] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Backpropagate the loss of the concatenation of ``micro_batches`` one micro-batch at a
-        time (GradCache); gradients accumulate in ``.grad`` exactly as if the whole batch had been
-        one. Returns the loss terms of the whole batch.
-
-        Args:
-            micro_batches: The batches to accumulate (each as ``training_step`` receives it).
-            backward: Called with each replay's loss; default ``manual_backward`` (Lightning), or
-                e.g. ``torch.Tensor.backward`` outside a trainer.
-        """
-        backward = backward or self.manual_backward
-        k = len(micro_batches)
-        states, cached = [], []
-        with torch.no_grad():
-            for batch in micro_batches:
-                states.append(_RngState(self.device))
-                cached.append(self.features(batch))
-        terms: dict[str, torch.Tensor] = {}
-        for j, batch in enumerate(micro_batches):
-            states[j].restore()
-            with self._backward_sync(last=j == k - 1):
-                live = self.features(batch)  # this micro-batch, with gradients
-                feats = concat_features(cached[:j] + [live] + cached[j + 1 :])
-                terms = self.loss_from_features(feats, gather=True, detach_scalars=j < k - 1)
-                backward(terms["loss"])
-        return terms
-
-    @contextmanager
-    def _backward_sync(self, last: bool) -> Iterator[None]:
-        """Under DDP, let only the last replay synchronise gradients."""
-        strategy = getattr(self._trainer, "strategy", None)
-        block = getattr(strategy, "block_backward_sync", None)
-        with nullcontext() if last or block is None else block():
-            yield
-
-    def accumulation_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
-        """``training_step`` under ``accum_freq > 1``: buffer the micro-batch; on the k-th, run
-        :meth:`accumulated_backward`, clip, step the optimiser and the scheduler. Returns the
-        loss terms on an optimiser step, else None."""
-        self._accum_buffer.append(batch)
-        if len(self._accum_buffer) < self.accum_freq:
-            return None
-        micro_batches, self._accum_buffer = self._accum_buffer, []
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        terms = self.accumulated_backward(micro_batches)
-        if self.accum_clip_val is not None:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.accum_clip_val, gradient_clip_algorithm=self.accum_clip_algorithm
-            )
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        return terms
-
-    def on_train_epoch_start(self) -> None:
-        if self._accum_buffer:
-            log.info(
-                "accum_freq=%d: dropped the %d micro-batch(es) left at the end of the epoch (an incomplete group)",
-                self.accum_freq,
-                len(self._accum_buffer),
-            )
-        self._accum_buffer = []
 
     # ---- starting weights ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if stage != "fit" or self.init_from is None:
+        if stage != "fit":
+            return
+        if self._trainer is not None:
+            self._check_trainer()
+        if self.init_from is None:
             return
         if self._trainer is not None and self._trainer.ckpt_path is not None:
             log.info("init_from=%s not loaded: resuming from %s", self.init_from, self._trainer.ckpt_path)
@@ -309,63 +195,9 @@ class VLMModule(pl.LightningModule):
         names of the loaded tensors. Called when ``fit`` starts; callable by hand."""
         if self.init_from is None:
             raise UserError("model init_from is not set")
-        source, layout = read_weights(self.init_from, model=self)
-        loaded = self._load_parts(source, layout)
-        log.info("init_from: loaded %d tensors from %s", len(loaded), layout)
+        loaded = load_init_from(self, self.init_from, self.init_from_parts)
+        log.info("init_from: loaded %d tensors from %s", len(loaded), self.init_from)
         return loaded
-
-    def _load_parts(self, source: dict[str, torch.Tensor], layout: str) -> list[str]:
-        """Copy ``source`` into the module (all of it, or the ``init_from_parts``), or raise one
-        paragraph naming the layout it was read as and every key and shape that disagrees."""
-        own = self.state_dict()
-        if self.init_from_parts is None:
-            wanted = list(own)
-            unexpected = sorted(set(source) - set(own))
-        else:
-            for part in self.init_from_parts:
-                if not any(k == part or k.startswith(part + ".") for k in own):
-                    raise UserError(f"model init_from_parts: {type(self).__name__} has no part named {part!r}")
-            wanted = [k for k in own if any(k == p or k.startswith(p + ".") for p in self.init_from_parts)]
-            unexpected = []
-        missing = [k for k in wanted if k not in source]
-        update, mismatched = {}, []
-        for key in (k for k in wanted if k in source):
-            value = source[key]
-            if value.shape != own[key].shape:
-                value = self._adapt(key, value, own[key])
-            if value.shape != own[key].shape:
-                mismatched.append(f"{key}: checkpoint {list(value.shape)} vs model {list(own[key].shape)}")
-            update[key] = value
-        problems = [
-            f"{len(items)} {what} ({', '.join(items[:8])}{f' and {len(items) - 8} more' if len(items) > 8 else ''})"
-            for what, items in (("key(s) missing from the checkpoint", missing),
-                                ("unexpected key(s) in the checkpoint", unexpected), ("shape mismatch(es)", mismatched))
-            if items
-        ]
-        if problems:
-            hint = " Set init_from_parts to load only some parts (e.g. [vision])." if unexpected and not missing and not mismatched else ""
-            raise UserError(
-                f"model init_from={self.init_from}: read as {layout}, it does not fit {type(self).__name__}: "
-                + "; ".join(problems) + "." + hint
-            )
-        with torch.no_grad():
-            for key, value in update.items():
-                own[key].copy_(value)
-        return list(update)
-
-    def _adapt(self, key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """A ViT's learned positions [1 + N, D] resized to this model's grid (another image size)."""
-        from lit_vlm.modules.vision import VisionTransformer, interpolate_pos_embed
-
-        owner_name, _, attr = key.rpartition(".")
-        owner = self.get_submodule(owner_name) if owner_name else self
-        if isinstance(owner, VisionTransformer) and attr == "positional_embedding" and value.dim() == 2:
-            if value.shape[1] == target.shape[1]:
-                try:
-                    return interpolate_pos_embed(value, owner.grid_size)  # [1 + N', D]
-                except ValueError:
-                    return value
-        return value
 
     # ---- default steps: forward(batch) -> named terms ----------------------------------------
     #: Terms logged on the val/test splits (None: every scalar term of ``forward``).
@@ -415,42 +247,6 @@ class VLMModule(pl.LightningModule):
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-class _RngState:
-    """The CPU (and current CUDA device's) random state, to replay a forward pass exactly."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-def concat_features(parts: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
-    """Concatenate per-micro-batch feature dicts along dim 0.
-
-    Tensors whose dim 1 differs between parts (token features [B, L, E] and masks [B, L] of texts
-    trimmed to each micro-batch's longest caption) are zero-padded (False for masks) on dim 1 first.
-    """
-    out: dict[str, torch.Tensor | None] = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        if values[0] is None:
-            out[key] = None
-            continue
-        if values[0].dim() >= 2:
-            width = max(v.shape[1] for v in values)
-            values = [
-                v if v.shape[1] == width else torch.cat([v, v.new_zeros(v.shape[0], width - v.shape[1], *v.shape[2:])], 1)
-                for v in values
-            ]  # each [b, width, ...]
-        out[key] = torch.cat(values, dim=0)  # [sum b, ...]
-    return out
-
-
 def _given_hparams() -> dict | None:
     """The config LightningCLI is instantiating this module from, if any."""
     try:
@@ -460,4 +256,22 @@ def _given_hparams() -> dict | None:
     return _given_hyperparameters.get()
 
 
-__all__ = ["VLMModule", "concat_features", "load_state_dict", "resolve_init_from"]  # the last two: lit_vlm.weights
+
+
+def _module_arguments(cls: type) -> list[str]:
+    """The constructor arguments of ``cls`` (and of the classes it passes ``**kwargs`` to) annotated
+    as ``nn.Module`` subclasses."""
+    names = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve is not a module
+            continue
+        names += [n for n, h in hints.items() if isinstance(h, type) and issubclass(h, nn.Module)]
+    return sorted(set(names))
+
+
+__all__ = ["VLMModule", "concat_features", "load_state_dict", "resolve_init_from"]  # the last three: re-exported

@@ -49,11 +49,10 @@ from torch import nn
 
 from lit_vlm.distributed import gather_no_grad, gather_with_grad, rank_and_world
 from lit_vlm.errors import UserError
-from lit_vlm.losses import caption_loss, clip_loss, global_token_mean
+from lit_vlm.losses import caption_loss, clip_loss, global_token_mean, itm_hard_negatives, momentum_itc_loss
 from lit_vlm.models.base import VLMModule
-from lit_vlm.models.clip import trim_padding
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
-from lit_vlm.modules import Attention, TextDecoder, VisionTransformer
+from lit_vlm.modules import Attention, TextDecoder, VisionTransformer, trim_padding
 
 EVAL_TERMS = ("loss", "itc_loss", "itm_loss", "lm_loss", "vqa_loss", "itm_acc")
 
@@ -127,16 +126,12 @@ class BLIP(GeneratingMixin, VLMModule):
         tokenizer: Tokenizer of the captions (``"synth"`` or a ``tokenizer.json`` path), for
             ``generate`` / ``score_answers``; filled from the data by ``lit-vlm``.
         generation: Default decoding options of ``generate`` (see :func:`lit_vlm.generation.generate`).
-        lr: Peak learning rate of AdamW.
-        weight_decay: Decoupled weight decay on weight matrices (0.05 in BLIP).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup in optimiser steps, or a fraction of all steps if in (0, 1).
-        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
-        init_from: Starting weights (a lit-vlm checkpoint or run directory) loaded when ``fit``
-            starts; the momentum encoders are then copied from the loaded weights.
-        init_from_parts: Load only these attributes from ``init_from`` (e.g. ``[vision]``).
+
+    Optimiser, schedule, accumulation and ``init_from`` arguments are :class:`VLMModule`'s; this
+    family's optimiser defaults: lr=3e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8.
     """
+
+    optim_defaults = dict(lr=3e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
 
     couples_batch = True
     eval_terms = EVAL_TERMS
@@ -157,17 +152,9 @@ class BLIP(GeneratingMixin, VLMModule):
         init_temperature: float = 0.07,
         tokenizer: str | None = None,
         generation: dict[str, Any] | None = None,
-        lr: float = 3e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_parts: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
-        self.save_config()
+        super().__init__(**kwargs)
         if momentum is not None and not 0.0 <= momentum < 1.0:
             raise UserError(f"model momentum must be in [0, 1) or null, got {momentum}")
         if momentum is not None and queue_size < 1:
@@ -309,45 +296,17 @@ class BLIP(GeneratingMixin, VLMModule):
             target.fill_diagonal_(1.0)  # [B, B+Q]
             t_i2t = alpha * (image_m @ text_all.T / temp).softmax(1) + (1 - alpha) * target
             t_t2i = alpha * (text_m @ image_all.T / temp).softmax(1) + (1 - alpha) * target
-        sim_i2t = image_feat @ text_all.T / temp  # [B, B+Q]
-        sim_t2i = text_feat @ image_all.T / temp
-        loss = (-(sim_i2t.log_softmax(1) * t_i2t).sum(1).mean() - (sim_t2i.log_softmax(1) * t_t2i).sum(1).mean()) / 2
+        terms = momentum_itc_loss(image_feat, text_feat, image_all, text_all, t_i2t, t_t2i, temp)
         if self.training:
             self._enqueue(image_m, text_m)
-        labels = torch.arange(image_feat.shape[0], device=image_feat.device)
-        return {
-            "itc_loss": loss,
-            "acc_i2t": (sim_i2t.argmax(1) == labels).float().mean().detach(),
-            "acc_t2i": (sim_t2i.argmax(1) == labels).float().mean().detach(),
-        }
+        return terms
 
     def _itm(self, image_feat, text_feat, image_tokens, ids, mask, gather: bool) -> dict[str, torch.Tensor]:
         """ITM on the positives and one hard negative image per text and text per image, drawn in
         proportion to softmax(similarity / temperature) over the global batch."""
         B = ids.shape[0]
-        rank, world = rank_and_world() if gather else (0, 1)
-        with torch.no_grad():
-            image_world = gather_no_grad(image_feat) if world > 1 else image_feat  # [W*B, E]
-            text_world = gather_no_grad(text_feat) if world > 1 else text_feat
-            ids_world = gather_no_grad(ids) if world > 1 else ids  # [W*B, L]
-            mask_world = gather_no_grad(mask) if world > 1 else mask
-            # never draw the pair itself, nor a caption identical to the positive one
-            same = (ids[:, None, :] == ids_world[None, :, :]).all(-1) & (mask[:, None, :] == mask_world[None, :, :]).all(-1)
-            own = torch.arange(B, device=ids.device) + rank * B  # [B] own column
-            same[torch.arange(B), own] = True  # [B, W*B]
-            w_t2i = (text_feat @ image_world.T / self.temp).float().softmax(1) + 1e-4  # [B, W*B]
-            w_i2t = (image_feat @ text_world.T / self.temp).float().softmax(1) + 1e-4
-            w_t2i = w_t2i.masked_fill(same, 0.0)
-            w_i2t = w_i2t.masked_fill(same, 0.0)
-            # a batch where every caption is the same leaves nothing to draw: fall back to any other row
-            empty = w_t2i.sum(1) == 0
-            if empty.any():
-                other = torch.ones_like(w_t2i)
-                other[torch.arange(B), own] = 0
-                w_t2i[empty] = other[empty]
-                w_i2t[empty] = other[empty]
-            neg_image_idx = torch.multinomial(w_t2i, 1).squeeze(1)  # [B] a negative image per text
-            neg_text_idx = torch.multinomial(w_i2t, 1).squeeze(1)  # [B] a negative text per image
+        world = rank_and_world()[1] if gather else 1
+        neg_image_idx, neg_text_idx, ids_world, mask_world = itm_hard_negatives(image_feat, text_feat, ids, mask, self.temp, gather)
         image_tokens_world = gather_with_grad(image_tokens) if world > 1 else image_tokens  # [W*B, S, Dv]
         neg_images = image_tokens_world[neg_image_idx]  # [B, S, Dv]
         neg_ids, neg_mask = ids_world[neg_text_idx], mask_world[neg_text_idx]  # [B, L]

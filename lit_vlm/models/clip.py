@@ -34,14 +34,17 @@ capabilities (token features, its own similarity), not just a loss.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lit_vlm.errors import UserError
+from lit_vlm.metrics import in_batch_accuracy
 from lit_vlm.models.base import VLMModule
-from lit_vlm.modules import TextTransformer, VisionTransformer
+from lit_vlm.modules import TextTransformer, VisionTransformer, trim_padding
+from lit_vlm.modules.freeze import lock, vit_groups
 
 #: Loss names accepted by ``CLIP(loss=...)`` (looked up with ``lit_vlm.losses.get_loss``).
 LOSSES = ("clip", "siglip", "focal")
@@ -51,7 +54,6 @@ EVAL_TERMS = ("loss", "acc_i2t", "acc_t2i")
 DEFAULT_INIT_LOGIT_SCALE = {"clip": math.log(1 / 0.07), "focal": math.log(1 / 0.07), "siglip": math.log(10.0)}
 #: Initial logit bias of SigLIP when ``init_logit_bias`` is left unset (the paper's -10).
 DEFAULT_INIT_LOGIT_BIAS = -10.0
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 class CLIP(VLMModule):
@@ -67,12 +69,6 @@ class CLIP(VLMModule):
             exp(t) * cosine similarity). Unset: log(1/0.07) as in CLIP, log(10) for ``loss="siglip"``.
         max_logit_scale: Upper clamp of exp(t), applied after every optimiser step (100 in the paper).
         learn_logit_scale: Train t; False keeps it fixed at ``init_logit_scale``.
-        lr: Peak learning rate of AdamW (reached after warmup).
-        weight_decay: Decoupled weight decay on weight matrices.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup in optimiser steps, or a fraction of all steps if in (0, 1).
-        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
         loss: "clip" (symmetric InfoNCE), "siglip" (pairwise sigmoid loss with a learnable bias) or
             "focal" (focal contrastive loss).
         init_logit_bias: Initial learnable logit bias b of ``loss="siglip"`` (logits are
@@ -97,16 +93,9 @@ class CLIP(VLMModule):
             steps, if in (0, 1)) with the image tower's patch dropout off. 0: patch dropout to the end.
         grad_checkpointing: Recompute the towers' block activations in the backward pass (less
             memory, about a third more compute; gradients are unchanged).
-        accum_freq: Exact contrastive gradient accumulation over this many micro-batches: one
-            optimiser step per group, whose loss sees all of the group's samples (GradCache; see
-            :mod:`lit_vlm.models.base`). Use it instead of ``trainer.accumulate_grad_batches``.
-        accum_clip_val: Gradient clipping per accumulated step when ``accum_freq > 1`` (``lit-vlm
-            fit`` moves ``trainer.gradient_clip_val`` here); ``accum_clip_algorithm``: norm or value.
-        init_from: Starting weights loaded when ``fit`` starts: a lit-vlm ``.ckpt``, a run directory
-            (its best checkpoint, via ``checkpoints/index.json``) or foreign weights through
-            :mod:`lit_vlm.interop`. Not loaded when resuming with ``--ckpt_path``.
-        init_from_parts: Load only these parts from ``init_from`` (e.g. ``[vision,
-            image_projection]``); None: the whole model.
+
+    Optimiser, schedule, accumulation and ``init_from`` arguments are :class:`VLMModule`'s; this
+    family uses their defaults (lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6).
     """
 
     couples_batch = True
@@ -120,12 +109,6 @@ class CLIP(VLMModule):
         init_logit_scale: float | None = None,
         max_logit_scale: float = 100.0,
         learn_logit_scale: bool = True,
-        lr: float = 5e-4,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
         loss: str = "clip",
         init_logit_bias: float | None = None,
         siglip_mode: str = "gather",
@@ -137,17 +120,9 @@ class CLIP(VLMModule):
         lock_image_unlock_norms: bool = False,
         unmasked_tuning_steps: int | float = 0,
         grad_checkpointing: bool = False,
-        accum_freq: int = 1,
-        init_from: str | None = None,
-        init_from_parts: list[str] | None = None,
-        accum_clip_val: float | None = None,
-        accum_clip_algorithm: str = "norm",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, accum_freq, init_from, init_from_parts,
-            accum_clip_val, accum_clip_algorithm,
-        )
-        self.save_config()
+        super().__init__(**kwargs)
         if loss not in LOSSES:
             raise UserError(f"model loss must be one of {LOSSES}, got {loss!r}")
         if init_logit_bias is not None and loss != "siglip":
@@ -187,7 +162,6 @@ class CLIP(VLMModule):
         self.unmasked_tuning_steps = unmasked_tuning_steps
         self._patch_dropout_now: float | None = None  # set per step by the FLIP schedule
         self._unmasked_from: int | None = None
-        self._frozen_modules: list[nn.Module] = []
         self._image_needs_grad = True
         if lock_image:
             self.lock_image_tower(lock_image_unlocked_groups, lock_image_unlock_norms)
@@ -195,51 +169,14 @@ class CLIP(VLMModule):
             self.set_grad_checkpointing(True)
 
     # ---- LiT -----------------------------------------------------------------------------------
-    def image_groups(self) -> list[list[nn.Module | nn.Parameter]]:
-        """The image side's layer groups, input first (open_clip's ``lock`` grouping): [stem],
-        one per block but the last, [last block, pooler, ln_post], [image projection]."""
-        v = self.vision
-        if not isinstance(v, VisionTransformer):
-            raise UserError(
-                f"model lock_image_unlocked_groups needs a lit_vlm VisionTransformer image tower, got {type(v).__name__}"
-            )
-        blocks = list(v.transformer.blocks)
-        stem = [v.conv1, v.class_embedding, v.positional_embedding, v.ln_pre]
-        head = [*blocks[-1:], *([v.attn_pool] if v.attn_pool is not None else []), v.ln_post]
-        return [stem, *[[b] for b in blocks[:-1]], head, [self.image_projection]]
-
     def lock_image_tower(self, unlocked_groups: int = 0, unlock_norms: bool = False) -> None:
-        """Freeze the image tower and projection except the last ``unlocked_groups`` groups (and
-        the normalisation layers with ``unlock_norms``). Frozen parameters get requires_grad=False
-        (so the optimiser never sees them); fully frozen modules stay in eval mode."""
+        """LiT: freeze the image tower and projection (:func:`lit_vlm.modules.freeze.lock`) except
+        the last ``unlocked_groups`` of its groups (:func:`~lit_vlm.modules.freeze.vit_groups` +
+        [image projection]) and, with ``unlock_norms``, its normalisation layers."""
         image_side = [self.vision, self.image_projection]
-        for module in image_side:
-            module.requires_grad_(False)
-        frozen: list[nn.Module] = image_side
-        if unlocked_groups:
-            groups = self.image_groups()
-            if not 0 <= unlocked_groups <= len(groups):
-                raise UserError(
-                    f"model lock_image_unlocked_groups must be in [0, {len(groups)}] for this tower, got {unlocked_groups}"
-                )
-            for group in groups[len(groups) - unlocked_groups :]:
-                for item in group:
-                    item.requires_grad_(True)
-            frozen = [m for g in groups[: len(groups) - unlocked_groups] for m in g if isinstance(m, nn.Module)]
-        if unlock_norms:
-            for module in self.vision.modules():
-                if isinstance(module, _NORMS):
-                    module.requires_grad_(True)
-        self._frozen_modules = frozen
+        groups = [*vit_groups(self.vision), [self.image_projection]] if unlocked_groups else None
+        lock(image_side, groups, unlocked_groups, unlock_norms, what="model lock_image")
         self._image_needs_grad = any(p.requires_grad for m in image_side for p in m.parameters())
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> CLIP:
-        """Set train/eval mode; locked image modules stay in eval mode."""
-        super().train(mode)
-        for module in self._frozen_modules:
-            module.eval()
-        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of both towers' transformer blocks on or off."""
@@ -355,20 +292,3 @@ class CLIP(VLMModule):
             "image_emb": self.encode_image(batch["image"]),
             "text_emb": self.encode_text(batch["text_ids"], batch["text_mask"]),
         }
-
-
-def trim_padding(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Drop the columns after the last real token of any row: ids, mask [N, L] -> [N, l]."""
-    if mask is not None and mask.shape[1] > 1:
-        length = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
-        ids, mask = ids[:, :length], mask[:, :length]  # [N, l]
-    return ids, mask
-
-
-def in_batch_accuracy(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Top-1 accuracy of the matching pairs on the diagonal of ``logits`` [B, B] (row i = image i)."""
-    labels = torch.arange(logits.shape[0], device=logits.device)  # [B]
-    return {
-        "acc_i2t": (logits.argmax(dim=1) == labels).float().mean(),
-        "acc_t2i": (logits.argmax(dim=0) == labels).float().mean(),
-    }

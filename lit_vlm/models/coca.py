@@ -38,9 +38,8 @@ from torch import nn
 from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, clip_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
-from lit_vlm.models.clip import trim_padding
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
-from lit_vlm.modules import AttentionalPooler, TextDecoder, VisionTransformer
+from lit_vlm.modules import AttentionalPooler, TextDecoder, VisionTransformer, trim_padding
 
 EVAL_TERMS = ("loss", "contrastive_loss", "caption_loss", "vqa_loss", "acc_i2t", "acc_t2i")
 
@@ -74,20 +73,12 @@ class CoCa(GeneratingMixin, VLMModule):
             ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``do_sample``,
             ``top_k``, ``top_p``, ``temperature``, ``max_new_tokens``, ``use_cache``; see
             :func:`lit_vlm.generation.generate`). Evaluation callbacks set ``max_new_tokens``.
-        lr: Peak learning rate of AdamW.
-        weight_decay: Decoupled weight decay on weight matrices.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup in optimiser steps, or a fraction of all steps if in (0, 1).
-        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
-        accum_freq: Exact gradient accumulation over this many micro-batches (the contrastive
-            term sees the whole group); use it instead of ``trainer.accumulate_grad_batches``.
-        accum_clip_val: Gradient clipping per accumulated step when ``accum_freq > 1``.
-        accum_clip_algorithm: "norm" or "value".
-        init_from: Starting weights (a lit-vlm checkpoint or run directory) loaded when ``fit``
-            starts; e.g. an MAE- or CLIP-trained image tower with ``init_from_parts: [vision]``.
-        init_from_parts: Load only these attributes from ``init_from``; None: the whole model.
+
+    Optimiser, schedule, accumulation and ``init_from`` arguments are :class:`VLMModule`'s; this
+    family's optimiser defaults: lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6.
     """
+
+    optim_defaults = dict(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
     couples_batch = True
     eval_terms = EVAL_TERMS
@@ -107,23 +98,9 @@ class CoCa(GeneratingMixin, VLMModule):
         max_logit_scale: float = 100.0,
         tokenizer: str | None = None,
         generation: dict[str, Any] | None = None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
-        accum_freq: int = 1,
-        accum_clip_val: float | None = None,
-        accum_clip_algorithm: str = "norm",
-        init_from: str | None = None,
-        init_from_parts: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, accum_freq, init_from, init_from_parts,
-            accum_clip_val, accum_clip_algorithm,
-        )
-        self.save_config()
+        super().__init__(**kwargs)
         n_uni = decoder.num_unimodal_layers
         if not 0 < n_uni < len(decoder.blocks) or not all(b.xattn is not None for b in decoder.blocks[n_uni:]):
             raise UserError(

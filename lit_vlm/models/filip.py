@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from lit_vlm.errors import UserError
-from lit_vlm.models.clip import CLIP, in_batch_accuracy, trim_padding
-from lit_vlm.modules import TextTransformer, VisionTransformer
+from lit_vlm.metrics import in_batch_accuracy
+from lit_vlm.models.clip import CLIP
+from lit_vlm.modules import TextTransformer, VisionTransformer, trim_padding
 
 
 class FILIP(CLIP):

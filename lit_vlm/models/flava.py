@@ -33,45 +33,19 @@ Capabilities: ``encode_image`` / ``encode_text`` (retrieval, zero-shot) and ``pa
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_vlm.errors import UserError
-from lit_vlm.losses import clip_loss
+from lit_vlm.losses import bert_mask, clip_loss, mae_loss
 from lit_vlm.models.base import VLMModule
-from lit_vlm.models.clip import trim_padding
-from lit_vlm.models.mae import mae_loss, patchify
-from lit_vlm.modules import TextTransformer, Transformer, VisionTransformer
+from lit_vlm.models.mae import patchify
+from lit_vlm.modules import TextTransformer, Transformer, VisionTransformer, trim_padding
 
 LOSSES = ("contrastive", "mim", "mlm", "mmm_image", "mmm_text", "itm")
-
-
-def bert_mask(
-    ids: Tensor,  # [B, L]
-    mask: Tensor,  # [B, L] bool real tokens
-    mask_id: int,
-    vocab_size: int,
-    probability: float = 0.15,
-    special_ids: tuple[int, ...] = (),
-) -> tuple[Tensor, Tensor]:
-    """BERT's masking: every real, non-special token is selected with ``probability``; a selected
-    token becomes ``mask_id`` (80%), a random token (10%) or stays (10%). Returns (masked ids
-    [B, L], selected [B, L] bool). A row with a candidate token always gets at least one selected."""
-    candidates = mask.bool().clone()
-    for s in special_ids:
-        candidates &= ids != s
-    selected = (torch.rand(ids.shape, device=ids.device) < probability) & candidates
-    none = ~selected.any(1) & candidates.any(1)
-    if none.any():  # one forced pick in rows that drew nothing
-        pick = torch.where(candidates, torch.rand(ids.shape, device=ids.device), torch.full(ids.shape, -1.0, device=ids.device)).argmax(1)
-        selected[none, pick[none]] = True
-    roll = torch.rand(ids.shape, device=ids.device)
-    out = torch.where(selected & (roll < 0.8), torch.full_like(ids, mask_id), ids)
-    random_tok = torch.randint(vocab_size, ids.shape, device=ids.device)
-    out = torch.where(selected & (roll >= 0.8) & (roll < 0.9), random_tok, out)
-    return out, selected
 
 
 class FLAVA(VLMModule):
@@ -96,15 +70,12 @@ class FLAVA(VLMModule):
         mmm_text_weight: Weight of MMM's text part.
         itm_weight: Weight of ITM.
         init_logit_scale: Initial log temperature of the contrastive loss (log(1/0.07)).
-        lr: Peak learning rate of AdamW.
-        weight_decay: Decoupled weight decay on weight matrices.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup in optimiser steps, or a fraction of all steps if in (0, 1).
-        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
-        init_from: Starting weights loaded when ``fit`` starts (e.g. an MAE-trained tower).
-        init_from_parts: Load only these attributes from ``init_from`` (e.g. ``[vision]``).
+
+    Optimiser, schedule, accumulation and ``init_from`` arguments are :class:`VLMModule`'s; this
+    family's optimiser defaults: lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8.
     """
+
+    optim_defaults = dict(lr=5e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
 
     eval_terms = ("loss", *(f"{name}_loss" for name in LOSSES), "itm_acc")
 
@@ -126,17 +97,9 @@ class FLAVA(VLMModule):
         mmm_text_weight: float = 1.0,
         itm_weight: float = 1.0,
         init_logit_scale: float = math.log(1 / 0.07),
-        lr: float = 5e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_parts: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
-        self.save_config()
+        super().__init__(**kwargs)
         weights = dict(contrastive=contrastive_weight, mim=mim_weight, mlm=mlm_weight, mmm_image=mmm_image_weight,
                        mmm_text=mmm_text_weight, itm=itm_weight)
         if any(w < 0 for w in weights.values()) or not any(weights.values()):

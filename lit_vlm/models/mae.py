@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lit_vlm.errors import UserError
+from lit_vlm.losses import mae_loss
 from lit_vlm.models.base import VLMModule
 from lit_vlm.modules import Transformer, VisionTransformer
 
@@ -48,23 +50,6 @@ def unpatchify(patches: torch.Tensor, p: int, grid: tuple[int, int], channels: i
     return x.reshape(B, channels, gh * p, gw * p)
 
 
-def mae_loss(
-    pred: torch.Tensor,  # [B, N, P] predicted patches
-    target: torch.Tensor,  # [B, N, P] true patches
-    mask: torch.Tensor,  # [B, N] 1 = masked (counted), 0 = visible
-    norm_pix_loss: bool = True,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """Mean over masked patches of the per-patch mean squared error; with ``norm_pix_loss`` the
-    target patch is normalised by its own mean and variance (+eps) first, as in the paper."""
-    if norm_pix_loss:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference implementation
-        target = (target - mean) / (var + eps) ** 0.5
-    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [B, N]
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 class MAE(VLMModule):
     """Masked autoencoder pre-training of a ViT image tower (images only; captions are ignored).
 
@@ -76,15 +61,12 @@ class MAE(VLMModule):
         decoder_heads: Decoder attention heads.
         norm_pix_loss: Normalise every target patch by its mean and variance.
         num_reconstructions: Validation images whose reconstructions are logged (0: none).
-        lr: Peak learning rate of AdamW (the paper: 1.5e-4 x batch / 256).
-        weight_decay: Decoupled weight decay (0.05).
-        betas: AdamW betas ((0.9, 0.95) in the paper).
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup in optimiser steps, or a fraction of all steps if in (0, 1).
-        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
-        init_from: Starting weights loaded when ``fit`` starts.
-        init_from_parts: Load only these attributes from ``init_from``.
+
+    Optimiser, schedule, accumulation and ``init_from`` arguments are :class:`VLMModule`'s; this
+    family's optimiser defaults: lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8.
     """
+
+    optim_defaults = dict(lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8)
 
     def __init__(
         self,
@@ -95,17 +77,9 @@ class MAE(VLMModule):
         decoder_heads: int = 16,
         norm_pix_loss: bool = True,
         num_reconstructions: int = 8,
-        lr: float = 1.5e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_parts: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
-        self.save_config()
+        super().__init__(**kwargs)
         if not 0.0 < mask_ratio < 1.0:
             raise UserError(f"model mask_ratio must be in (0, 1), got {mask_ratio}")
         if num_reconstructions < 0:

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
-from lit_vlm.models.clip import trim_padding
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
-from lit_vlm.modules import TextDecoder, VisionTransformer
+from lit_vlm.modules import TextDecoder, VisionTransformer, trim_padding
 from lit_vlm.modules.decoder import DecoderCache, DecoderOutput
 
 
@@ -129,15 +128,12 @@ class PrefixLM(GeneratingMixin, VLMModule):
             suffix, as prefix LM does VQA.
         tokenizer: Tokenizer of the captions, for ``generate``; filled from the data by ``lit-vlm``.
         generation: Default decoding options of ``generate`` (see :func:`lit_vlm.generation.generate`).
-        lr: Peak learning rate of AdamW.
-        weight_decay: Decoupled weight decay on weight matrices.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Linear warmup in optimiser steps, or a fraction of all steps if in (0, 1).
-        min_lr_ratio: Final learning rate of the cosine decay as a fraction of ``lr``.
-        init_from: Starting weights loaded when ``fit`` starts (e.g. an MAE-trained tower).
-        init_from_parts: Load only these attributes from ``init_from`` (e.g. ``[vision]``).
+
+    Optimiser, schedule, accumulation and ``init_from`` arguments are :class:`VLMModule`'s; this
+    family's optimiser defaults: lr=5e-4, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6.
     """
+
+    optim_defaults = dict(lr=5e-4, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6)
 
     eval_terms = ("loss", "caption_loss", "vqa_loss")
 
@@ -151,17 +147,9 @@ class PrefixLM(GeneratingMixin, VLMModule):
         vqa_weight: float = 1.0,
         tokenizer: str | None = None,
         generation: dict[str, Any] | None = None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: float = 0.05,
-        min_lr_ratio: float = 0.0,
-        init_from: str | None = None,
-        init_from_parts: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio, 1, init_from, init_from_parts)
-        self.save_config()
+        super().__init__(**kwargs)
         if prefix_sampling not in ("random", "none"):
             raise UserError(f"model prefix_sampling must be 'random' or 'none', got {prefix_sampling!r}")
         if not 0.0 <= text_only_ratio < 1.0:
@@ -200,7 +188,6 @@ class PrefixLM(GeneratingMixin, VLMModule):
         mask = mask.bool()
         B, L = ids.shape
         tokens = self.vision(batch["image"]).tokens  # [B, S, Dv]
-        S = tokens.shape[1]
         has_image = batch.get("has_image")
         has_image = torch.ones(B, dtype=torch.bool, device=ids.device) if has_image is None else has_image.bool()
         if self.training and self.text_only_ratio > 0:

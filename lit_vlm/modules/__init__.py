@@ -2,7 +2,7 @@
 
 from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
-from .text import TextOutput, TextTransformer
+from .text import TextOutput, TextTransformer, trim_padding
 from .transformer import (
     MLP,
     Attention,
@@ -40,4 +40,5 @@ __all__ = [
     "random_masking",
     "make_activation",
     "resolve_preset",
+    "trim_padding",
 ]

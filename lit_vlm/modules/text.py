@@ -178,3 +178,11 @@ class TextTransformer(nn.Module):
             m = mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
             pooled = (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [B, D]
         return TextOutput(pooled=pooled, tokens=tokens, hidden_states=hidden_states)
+
+
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the columns after the last real token of any row: ids, mask [N, L] -> [N, l]."""
+    if mask is not None and mask.shape[1] > 1:
+        length = int(mask.any(dim=0).nonzero().max()) + 1 if bool(mask.any()) else 1
+        ids, mask = ids[:, :length], mask[:, :length]  # [N, l]
+    return ids, mask
