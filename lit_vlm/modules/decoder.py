@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_vlm.errors import UserError
@@ -71,11 +70,6 @@ class DecoderOutput:
     cache: DecoderCache | None = None
 
 
-def _heads(x: Tensor, heads: int) -> Tensor:
-    B, L, D = x.shape
-    return x.view(B, L, heads, D // heads).transpose(1, 2)  # [B, H, L, Dh]
-
-
 class DecoderBlock(nn.Module):
     """Pre-LN causal block with optional cross-attention (see the module docstring)."""
 
@@ -102,9 +96,7 @@ class DecoderBlock(nn.Module):
     def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the context [B, S, Dc] for this block's cross-attention."""
         assert self.xattn is not None
-        B, S, _ = context.shape
-        kv = self.xattn.kv(context).view(B, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # [2, B, H, S, Dh]
-        return kv[0], kv[1]
+        return self.xattn.context_kv(context)  # 2 x [B, H, S, Dh]
 
     def forward(
         self,
@@ -114,22 +106,13 @@ class DecoderBlock(nn.Module):
         cross_kv: tuple[Tensor, Tensor] | None,  # [B, H, S, Dh]
         cross_mask: Tensor | None,  # [B, 1, 1, S] bool or None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        B, L, D = x.shape
-        drop = self.attn.dropout if self.training else 0.0
-        qkv = self.attn.qkv(self.ln_1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # 3 x [B, H, L, Dh]
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # [B, H, T, Dh]
-            v = torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, dropout_p=drop)  # [B, H, L, Dh]
-        x = x + self.attn.proj_drop(self.attn.proj(y.transpose(1, 2).reshape(B, L, D)))
+        y, kv = self.attn(self.ln_1(x), attn_mask=self_mask, past=past, return_kv=True)
+        x = x + y  # [B, L, D]
         if self.xattn is not None:
             assert cross_kv is not None, "this block cross-attends: pass a context"
-            xq = _heads(self.xattn.q(self.ln_x(x)), self.heads)  # [B, H, L, Dh]
-            y = F.scaled_dot_product_attention(xq, cross_kv[0], cross_kv[1], attn_mask=cross_mask, dropout_p=drop)
-            x = x + self.xattn.proj_drop(self.xattn.proj(y.transpose(1, 2).reshape(B, L, D)))
+            x = x + self.xattn(self.ln_x(x), attn_mask=cross_mask, kv=cross_kv)
         x = x + self.mlp(self.ln_2(x))
-        return x, (k, v)
+        return x, kv
 
 
 class TextDecoder(nn.Module):

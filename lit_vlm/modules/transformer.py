@@ -99,8 +99,22 @@ def mlp_hidden_width(dim: int, mlp_ratio: float) -> int:
     return int(nearest) if abs(product - nearest) < 1e-6 else int(product)
 
 
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """[B, L, D] -> [B, H, L, D / H]."""
+    B, L, D = x.shape
+    return x.view(B, L, heads, D // heads).transpose(1, 2)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, is_causal: bool = False) -> Tensor:
+    """The one attention computation every block uses: q [B, H, L, Dh] against k, v [B, H, T, Dh]
+    with a mask broadcastable to [B, H, L, T] (bool: True may attend); returns [B, L, H * Dh]."""
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal and mask is None)
+    B, H, L, Dh = y.shape
+    return y.transpose(1, 2).reshape(B, L, H * Dh)  # [B, L, D]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection.
+    """Multi-head self-attention with a fused qkv projection, optionally continuing a key/value cache.
 
     Args:
         dim: Model width D (input and output feature size).
@@ -130,25 +144,31 @@ class Attention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """Attend ``x`` [B, L, D] to itself; returns [B, L, D]."""
+    def forward(
+        self,
+        x: Tensor,  # [B, L, D] (the new tokens when continuing a cache)
+        attn_mask: Tensor | None = None,  # broadcastable to [B, H, L, T], or [B, L, T]
+        is_causal: bool = False,
+        past: tuple[Tensor, Tensor] | None = None,  # cached keys, values [B, H, T - L, Dh]
+        return_kv: bool = False,
+    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend ``x`` to itself (after ``past``); returns [B, L, D], and with ``return_kv`` the
+        keys and values [B, H, T, Dh] to cache."""
         B, L, D = x.shape
-        qkv = self.qkv(x)  # [B, L, 3D]
-        qkv = qkv.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
         q, k, v = qkv.unbind(0)  # 3 x [B, H, L, Dh]
-        mask = _prepare_mask(attn_mask, is_causal, L, L, x.device)  # broadcastable to [B, H, L, L]
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None,
-        )  # [B, H, L, Dh]
-        y = y.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
-        return self.proj_drop(self.proj(y))  # [B, L, D]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # [B, H, T, Dh]
+            v = torch.cat([past[1], v], dim=2)
+        mask = _prepare_mask(attn_mask, is_causal, L, k.shape[2], x.device)  # broadcastable to [B, H, L, T]
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0, is_causal)  # [B, L, D]
+        out = self.proj_drop(self.proj(y))  # [B, L, D]
+        return (out, (k, v)) if return_kv else out
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries from ``x``, keys/values from ``context``.
+    """Multi-head cross-attention: queries from ``x``, keys/values from ``context`` (or given, as
+    a decoder caches them once per context).
 
     Reused by the attentional pooler and by families that attend from text to image features
     (BLIP, CoCa, Flamingo). The context may have a different width than the queries.
@@ -185,23 +205,25 @@ class CrossAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, x: Tensor, context: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        """Attend queries ``x`` [B, L, D] to ``context`` [B, S, Dc]; returns [B, L, D].
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``context`` [B, S, Dc]: 2 x [B, H, S, Dh]."""
+        B, S, _ = context.shape
+        kv = self.kv(context).view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, S, Dh]
+        return kv[0], kv[1]
 
-        ``attn_mask`` must broadcast to [B, H, L, S] (or be [B, L, S]); for a key-padding mask
-        ``m`` [B, S] pass ``m[:, None, None, :]``.
-        """
-        B, L, D = x.shape
-        S = context.shape[1]
-        q = self.q(x).view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
-        kv = self.kv(context)  # [B, S, 2D]
-        kv = kv.view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, B, H, S, Dh]
-        k, v = kv.unbind(0)  # 2 x [B, H, S, Dh]
-        mask = _prepare_mask(attn_mask, False, L, S, x.device)  # broadcastable to [B, H, L, S]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # [B, H, L, Dh]
-        y = y.transpose(1, 2).reshape(B, L, D)  # [B, L, D]
+    def forward(
+        self,
+        x: Tensor,  # [B, L, D] queries
+        context: Tensor | None = None,  # [B, S, Dc]
+        attn_mask: Tensor | None = None,  # broadcastable to [B, H, L, S], or [B, L, S]
+        kv: tuple[Tensor, Tensor] | None = None,  # precomputed context_kv(context)
+    ) -> Tensor:
+        """Attend queries ``x`` to ``context`` (or its cached ``kv``); returns [B, L, D]. For a
+        key-padding mask ``m`` [B, S] pass ``m[:, None, None, :]``."""
+        k, v = kv if kv is not None else self.context_kv(context)  # [B, H, S, Dh]
+        q = _heads(self.q(x), self.heads)  # [B, H, L, Dh]
+        mask = _prepare_mask(attn_mask, False, x.shape[1], k.shape[2], x.device)  # broadcastable to [B, H, L, S]
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # [B, L, D]
         return self.proj_drop(self.proj(y))  # [B, L, D]
 
 
