@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lit_vlm.capabilities import require
 from lit_vlm.distributed import all_gather_objects
 from lit_vlm.errors import UserError
 
@@ -169,8 +170,7 @@ def _tensorboard_writer(trainer: pl.Trainer) -> Any:
     return None
 
 
-def require_capability(pl_module: pl.LightningModule, *names: str) -> None:
-    """Raise a clear error if the family lacks a capability an evaluation needs."""
-    missing = [n for n in names if not callable(getattr(pl_module, n, None))]
-    if missing:
-        raise UserError(f"{type(pl_module).__name__} does not implement {', '.join(missing)}, needed by this evaluation")
+def require_capability(pl_module: pl.LightningModule, *names: str, by: str = "this evaluation") -> None:
+    """Raise one paragraph if the family lacks a capability an evaluation needs
+    (:func:`lit_vlm.capabilities.require`)."""
+    require(pl_module, *names, by=by)

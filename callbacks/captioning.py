@@ -136,7 +136,7 @@ class CaptionEvaluation(EvalCallback):
         return None
 
     def setup_epoch(self, trainer, pl_module, stage):
-        require_capability(pl_module, "generate")
+        require_capability(pl_module, "generate", by="CaptionEvaluation")
         require_java()  # fail before generating a whole split, not after
         path = self._reference_file(trainer, stage)
         self._file_refs_path = str(path) if path else None
@@ -144,7 +144,7 @@ class CaptionEvaluation(EvalCallback):
         self._results = None
         if self.baseline is not None:
             if self.baseline_features == "model":
-                require_capability(pl_module, "encode_image")
+                require_capability(pl_module, "encode_image", by="CaptionEvaluation")
             self._build_bank(trainer, pl_module)
         return True
 

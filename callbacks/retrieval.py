@@ -3,18 +3,15 @@
 Besides the metrics, the callback writes qualitative TensorBoard logs (rank zero, after the
 metrics): for a few images, their first caption as a text query with the top-5 retrieved images
 (an image grid, the ground truth framed in green) and the image as a query with its top-5
-captions.  Small thumbnails are kept only for the first few images per rank and epoch, so the
-memory stays bounded; retrieved images without a thumbnail show as a dark tile (their ids and
-scores are always in the text log).
-
-The small image helpers (:func:`make_thumbnail`, :func:`image_grid`, :func:`ranked`) are shared
-with the zero-shot callback.
+captions. A small thumbnail of every evaluated image is kept (48 px by default: about 7 KB an
+image, 35 MB for COCO's 5k test images), so every retrieved image shows; ``thumbnails: N`` keeps
+only the first N per rank and epoch, and the others show as a dark tile (their ids and scores are
+always in the text log). The drawing helpers live in :mod:`lit_vlm.callbacks.visuals`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, md_code, md_escape, require_capability
+from lit_vlm.callbacks.visuals import GREEN, GREY, image_grid, make_thumbnail, normalisation, ranked
+from lit_vlm.capabilities import encoder_name
 from lit_vlm.errors import UserError
 from lit_vlm.metrics import (
     retrieval_metrics,
@@ -30,116 +29,12 @@ from lit_vlm.metrics import (
     retrieval_ranks_from_similarity,
 )
 
-__all__ = ["RetrievalEvaluation", "image_grid", "make_thumbnail", "md_code", "md_escape", "normalisation", "ranked"]
+__all__ = ["RetrievalEvaluation"]
 
 log = logging.getLogger("lit_vlm.eval")
 
 TOP = 5  # retrieved items shown per query
 
-_GREEN = (40, 200, 40)
-_RED = (220, 40, 40)
-_GREY = (150, 150, 150)
-_MISSING = 60  # fill of a tile without thumbnail
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers for qualitative logs
-# --------------------------------------------------------------------------------------------
-
-
-def normalisation(trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mean [3], std [3])`` of the trainer's DataModule (``mean``/``std`` attributes), else None."""
-    dm = getattr(trainer, "datamodule", None)
-    mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
-    try:
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()  # [3]
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()  # [3]
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if mean_t.numel() != 3 or std_t.numel() != 3:
-        return None
-    return mean_t, std_t
-
-
-def make_thumbnail(
-    image: torch.Tensor,  # [C, H, W] float, normalised
-    norm: tuple[torch.Tensor, torch.Tensor] | None,
-    size: int = 64,
-) -> torch.Tensor:
-    """A small uint8 RGB copy ``[3, h, w]`` (``max(h, w) <= size``) of a model-input image.
-
-    Args:
-        image: The normalised image tensor ``[C, H, W]`` (C = 1 or 3).
-        norm: ``(mean, std)`` used for the normalisation, undone here; None: min-max scaling.
-        size: Longest side of the thumbnail in pixels.
-    """
-    x = image.detach().float().cpu()  # [C, H, W]
-    if x.dim() != 3:
-        raise UserError(f"make_thumbnail expects [C, H, W], got {list(x.shape)}")
-    if norm is not None and x.shape[0] == 3:
-        mean, std = norm
-        x = x * std.view(3, 1, 1) + mean.view(3, 1, 1)  # [3, H, W] in [0, 1]
-    else:
-        lo, hi = x.min(), x.max()
-        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-    if x.shape[0] == 1:
-        x = x.expand(3, -1, -1)  # [3, H, W]
-    x = x[:3].clamp(0, 1)
-    h, w = x.shape[-2:]
-    scale = size / max(h, w)
-    if scale < 1:
-        new = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = F.interpolate(x.unsqueeze(0), size=new, mode="bilinear", antialias=True)[0]  # [3, h, w]
-    return (x * 255).round().to(torch.uint8)  # [3, h, w]
-
-
-def image_grid(
-    tiles: Sequence[torch.Tensor | None],
-    colours: Sequence[tuple[int, int, int]],
-    size: int = 64,
-    border: int = 3,
-) -> torch.Tensor:
-    """One row of framed tiles as a uint8 image ``[3, size + 2 border, n (size + 2 border)]``.
-
-    Args:
-        tiles: uint8 thumbnails ``[3, h, w]``, or None for a missing one (dark tile); larger ones are
-            cropped to ``size``, much smaller ones enlarged by an integer factor.
-        colours: RGB frame colour of every tile.
-        size: Inner tile size in pixels.
-        border: Frame width in pixels.
-    """
-    cell = size + 2 * border
-    grid = torch.full((3, cell, max(1, len(tiles)) * cell), 255, dtype=torch.uint8)  # [3, cell, n * cell]
-    for n, (tile, colour) in enumerate(zip(tiles, colours, strict=True)):
-        x0 = n * cell
-        grid[:, :, x0 : x0 + cell] = torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)
-        grid[:, border : border + size, x0 + border : x0 + border + size] = _MISSING
-        if tile is not None:
-            factor = size // max(tile.shape[1], tile.shape[2])
-            if factor > 1:  # small images: enlarge by an integer factor (nearest) for viewing
-                tile = tile.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # [3, f h, f w]
-            h, w = min(tile.shape[1], size), min(tile.shape[2], size)
-            top, left = border + (size - h) // 2, x0 + border + (size - w) // 2
-            grid[:, top : top + h, left : left + w] = tile[:3, :h, :w]
-    return grid
-
-
-def ranked(
-    scores: torch.Tensor,  # [N]
-    correct: torch.Tensor,  # [N] bool
-) -> torch.Tensor:
-    """Candidate order ``[N]``, best first, with the metrics' pessimistic ties.
-
-    Among equal scores wrong candidates come before correct ones, then lower index first, so the
-    position of the first correct candidate is exactly the rank used by :mod:`lit_vlm.metrics`.
-
-    Args:
-        scores: Score of every candidate ``[N]``.
-        correct: Whether each candidate is a ground-truth match ``[N]``.
-    """
-    by_truth = torch.sort(correct.to(torch.uint8), stable=True).indices  # [N] wrong first
-    by_score = torch.sort(scores[by_truth], descending=True, stable=True).indices  # [N]
-    return by_truth[by_score]  # [N]
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +43,8 @@ def ranked(
 
 
 class RetrievalEvaluation(EvalCallback):
-    """Recall@k in both directions, their mean and sum, and median/mean rank on the val/test split.
+    """Recall@k in both directions, their mean and sum, and median/mean rank on the val/test split,
+    between two modalities (image and text by default; audio->text, video->text, ... by name).
 
     Reads the batch keys ``image``, ``caption_ids``, ``caption_mask``, ``caption_owner``,
     ``sample_id`` and, for the qualitative logs only, ``captions`` (raw strings, optional); calls
@@ -164,12 +60,22 @@ class RetrievalEvaluation(EvalCallback):
     ``{stage}/retrieval/t2i_example_{n}`` and ``i2t_example_images``, texts ``t2i_examples`` and
     ``i2t_examples``).
 
+    Other modality pairs (``modalities: [audio, text]``): the first modality is one item per
+    sample, read from the batch key of its name (plus ``<name>_mask`` when the batch has it) and
+    embedded by the family's ``encode_<name>``; the second is ``text`` (the batch's captions, as
+    above) or another one-per-sample modality. Metrics are named by the modalities' initials
+    (``a2t_R@1``, ``t2a_R@1``; full names when the initials clash); ``rmean``, ``rsum`` and
+    ``mean_R@1`` keep their names. Re-ranking, token similarity and the example logs are
+    image-text only.
+
     Args:
         splits: Stages to evaluate on, among "val" and "test".
+        modalities: (query, gallery): the per-sample modality and the one it is matched with.
         ks: The k of recall@k.
         chunk_size: Rows of the similarity matrix processed at a time (bounds memory).
         num_examples: Example queries in each direction for the TensorBoard logs (0: none).
-        thumbnails: Images per rank and epoch that keep a small thumbnail for the example logs.
+        thumbnails: Images per rank and epoch that keep a small thumbnail for the example logs
+            (-1: every image, so every retrieved image shows).
         thumbnail_size: Longest side of a thumbnail in pixels.
         prefix: Metric namespace.
         token_chunk_size: Images and captions per block when the family scores with its own
@@ -188,25 +94,33 @@ class RetrievalEvaluation(EvalCallback):
     def __init__(
         self,
         splits: tuple[str, ...] | list[str] = ("val", "test"),
+        modalities: tuple[str, str] | list[str] = ("image", "text"),
         ks: tuple[int, ...] | list[int] = (1, 5, 10),
         chunk_size: int = 1024,
         num_examples: int = 4,
-        thumbnails: int = 16,
-        thumbnail_size: int = 64,
+        thumbnails: int = -1,
+        thumbnail_size: int = 48,
         prefix: str = "retrieval",
         token_chunk_size: int = 32,
         rerank_k: int = 0,
         rerank_batch_size: int = 128,
     ) -> None:
         super().__init__(splits, prefix)
+        modalities = tuple(modalities)
+        if len(modalities) != 2 or len(set(modalities)) != 2 or not all(isinstance(m, str) and m.isidentifier() for m in modalities):
+            raise UserError(f"RetrievalEvaluation modalities must be two different names, e.g. [image, text], got {list(modalities)}")
+        self.modalities = modalities
+        self._image_text = modalities == ("image", "text")
+        if rerank_k and not self._image_text:
+            raise UserError(f"RetrievalEvaluation rerank_k re-ranks image-text pairs only; modalities are {list(modalities)}")
         if rerank_k < 0 or rerank_batch_size < 1:
             raise UserError(f"RetrievalEvaluation needs rerank_k >= 0 and rerank_batch_size >= 1, got {rerank_k}, {rerank_batch_size}")
         self.rerank_k = rerank_k
         self.rerank_batch_size = rerank_batch_size
         self._module: Any = None
-        if num_examples < 0 or thumbnails < 0 or thumbnail_size < 1 or chunk_size < 1 or token_chunk_size < 1:
+        if num_examples < 0 or thumbnails < -1 or thumbnail_size < 1 or chunk_size < 1 or token_chunk_size < 1:
             raise UserError(
-                "RetrievalEvaluation needs num_examples >= 0, thumbnails >= 0, thumbnail_size >= 1, chunk_size >= 1 "
+                "RetrievalEvaluation needs num_examples >= 0, thumbnails >= -1, thumbnail_size >= 1, chunk_size >= 1 "
                 "and token_chunk_size >= 1"
             )
         self.ks = tuple(ks)
@@ -225,28 +139,48 @@ class RetrievalEvaluation(EvalCallback):
         self._sims: tuple[torch.Tensor, torch.Tensor] | None = None  # (i2t, t2i) [I, T] of the last compute
 
     def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
+        if not self._image_text:
+            require_capability(pl_module, *(encoder_name(m) for m in self.modalities), by="RetrievalEvaluation")
+            self._similarity = self._module = None
+            self._examples, self._thumbs_left = False, 0
+            return True
         if callable(getattr(pl_module, "similarity", None)):
-            require_capability(pl_module, "encode_image_tokens", "encode_text_tokens")
+            require_capability(pl_module, "encode_image_tokens", "encode_text_tokens", by="RetrievalEvaluation")
             self._similarity = pl_module.similarity
         else:
-            require_capability(pl_module, "encode_image", "encode_text")
+            require_capability(pl_module, "encode_image", "encode_text", by="RetrievalEvaluation")
             self._similarity = None
         if self.rerank_k:
-            require_capability(pl_module, "pair_features", "score_pairs")
+            require_capability(pl_module, "pair_features", "score_pairs", by="RetrievalEvaluation")
         self._module = pl_module if self.rerank_k else None
         self._examples = self.num_examples > 0 and _tensorboard_writer(trainer) is not None
-        self._thumbs_left = self.thumbnails if self._examples else 0
+        self._thumbs_left = (self.thumbnails if self.thumbnails >= 0 else float("inf")) if self._examples else 0
         self._norm = normalisation(trainer)
         return True
 
+    def _encode(self, pl_module: pl.LightningModule, modality: str, batch: dict) -> torch.Tensor:
+        """``encode_<modality>`` of the batch's items of that modality (with ``<modality>_mask``
+        when the batch has it): [B, E] on the CPU."""
+        encode = getattr(pl_module, encoder_name(modality))
+        mask = batch.get(f"{modality}_mask")
+        return (encode(batch[modality]) if mask is None else encode(batch[modality], mask)).float().cpu()
+
+    def _gallery_keys(self) -> tuple[str, ...]:
+        gallery = self.modalities[1]
+        return ("caption_ids", "caption_mask", "caption_owner") if gallery == "text" else (gallery,)
+
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
-        for key in ("image", "sample_id", "caption_ids", "caption_mask", "caption_owner"):
+        query = self.modalities[0]
+        for key in (query, "sample_id", *self._gallery_keys()):
             if key not in batch:
-                raise UserError(f"RetrievalEvaluation needs batch key '{key}' (an evaluation split with captions)")
+                raise UserError(
+                f"RetrievalEvaluation ({' -> '.join(self.modalities)}) needs batch key '{key}' "
+                "(an evaluation split that has both modalities)"
+            )
         ids = list(batch["sample_id"])
-        if len(ids) != batch["image"].shape[0]:
+        if len(ids) != batch[query].shape[0]:
             raise UserError(
-                f"RetrievalEvaluation: {len(ids)} sample ids for {batch['image'].shape[0]} images in a batch"
+                f"RetrievalEvaluation: {len(ids)} sample ids for {batch[query].shape[0]} {query} items in a batch"
             )
         image_mask = caption_mask = None
         if self._similarity is not None:  # token features, scored by the family
@@ -254,10 +188,13 @@ class RetrievalEvaluation(EvalCallback):
             caption_emb, caption_mask = pl_module.encode_text_tokens(batch["caption_ids"], batch["caption_mask"])  # [N, L, E], [N, L]
             image_emb, caption_emb, caption_mask = image_emb.float().cpu(), caption_emb.float().cpu(), caption_mask.cpu()
             image_mask = image_mask.cpu() if image_mask is not None else None
-        else:
-            image_emb = pl_module.encode_image(batch["image"]).float().cpu()  # [B, E]
+        elif self.modalities[1] == "text":
+            image_emb = self._encode(pl_module, query, batch)  # [B, E] (the query modality)
             caption_emb = pl_module.encode_text(batch["caption_ids"], batch["caption_mask"]).float().cpu()  # [N, E]
-        owner = batch["caption_owner"].cpu()  # [N]
+        else:  # one gallery item per sample
+            image_emb = self._encode(pl_module, query, batch)  # [B, E]
+            caption_emb = self._encode(pl_module, self.modalities[1], batch)  # [B, E]
+        owner = batch["caption_owner"].cpu() if "caption_owner" in self._gallery_keys() else torch.arange(len(ids))  # [N]
         bad_owner = owner.shape != (caption_emb.shape[0],) or (
             owner.numel() > 0 and (int(owner.min()) < 0 or int(owner.max()) >= len(ids))
         )
@@ -327,7 +264,21 @@ class RetrievalEvaluation(EvalCallback):
         metrics = self._compute(records)
         if self.rerank_k:
             metrics.update({f"rerank/{k}": v for k, v in self.reranked_metrics(records).items()})
-        return metrics
+        return metrics if self._image_text else self._named(metrics)
+
+    def _named(self, metrics: dict[str, float]) -> dict[str, float]:
+        """i2t / t2i metric names for this modality pair (initials, or full names if they clash)."""
+        q, g = self.modalities
+        if q[0] != g[0]:
+            q, g = q[0], g[0]
+        out = {}
+        for key, value in metrics.items():
+            if key.startswith("i2t_"):
+                key = f"{q}2{g}_" + key[4:]
+            elif key.startswith("t2i_"):
+                key = f"{g}2{q}_" + key[4:]
+            out[key] = value
+        return out
 
     def reranked_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Metrics after re-ranking every query's top ``rerank_k`` candidates with ``score_pairs``
@@ -479,7 +430,7 @@ class RetrievalEvaluation(EvalCallback):
             top = order[:TOP].tolist()
             grid = image_grid(
                 [records[j].get("thumb") for j in top],
-                [_GREEN if j == i else _GREY for j in top],
+                [GREEN if j == i else GREY for j in top],
                 self.thumbnail_size,
             )
             writer.add_image(f"{tag}/t2i_example_{n}", grid, step, dataformats="CHW")
@@ -508,5 +459,5 @@ class RetrievalEvaluation(EvalCallback):
             i2t_lines.append("")
         writer.add_text(f"{tag}/i2t_examples", "\n".join(i2t_lines), step)
         if any(records[i].get("thumb") is not None for i in picks):
-            grid = image_grid([records[i].get("thumb") for i in picks], [_GREY] * len(picks), self.thumbnail_size)
+            grid = image_grid([records[i].get("thumb") for i in picks], [GREY] * len(picks), self.thumbnail_size)
             writer.add_image(f"{tag}/i2t_example_images", grid, step, dataformats="CHW")

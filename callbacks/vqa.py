@@ -199,7 +199,7 @@ class VQAEvaluation(EvalCallback):
         self._loaded_key = key
 
     def setup_epoch(self, trainer, pl_module, stage):
-        require_capability(pl_module, "score_answers" if self.mode == "rank" else "generate")
+        require_capability(pl_module, "score_answers" if self.mode == "rank" else "generate", by="VQAEvaluation")
         self._load(*self._paths(trainer, stage))
         if self.mode == "rank":
             self._candidates = self._answer_candidates()

@@ -10,17 +10,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, require_capability
-from lit_vlm.callbacks.retrieval import (
-    _GREEN,
-    _RED,
-    image_grid,
-    make_thumbnail,
-    md_code,
-    md_escape,
-    normalisation,
-    ranked,
-)
+from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, md_code, md_escape, require_capability
+from lit_vlm.callbacks.visuals import GREEN, RED, confusion_image, image_grid, make_thumbnail, normalisation, ranked
+from lit_vlm.capabilities import encoder_name
 from lit_vlm.errors import UserError
 from lit_vlm.metrics import confusion_matrix, zeroshot_metrics, zeroshot_predictions
 
@@ -77,6 +69,9 @@ class ZeroShotEvaluation(EvalCallback):
     matrix (text ``{stage}/zeroshot/confusion_matrix`` and an image of the row-normalised matrix)
     and a few images with their top-3 classes (image ``examples``, text ``examples``).
 
+    ``modality`` classifies another modality by the same recipe: the batch key of its name (plus
+    ``<name>_mask`` when present), embedded by the family's ``encode_<name>`` (e.g. ``audio``).
+
     Args:
         splits: Stages to evaluate on, among "val" and "test".
         classnames: Class names, index = label; default: the DataModule's.
@@ -84,6 +79,7 @@ class ZeroShotEvaluation(EvalCallback):
         num_examples: Example images (per rank, the first ones seen) in the TensorBoard logs; 0: none.
         thumbnail_size: Longest side of an example thumbnail in pixels.
         prefix: Metric namespace.
+        modality: The modality that is classified (``image``: the batch's images).
     """
 
     def __init__(
@@ -94,8 +90,12 @@ class ZeroShotEvaluation(EvalCallback):
         num_examples: int = 4,
         thumbnail_size: int = 64,
         prefix: str = "zeroshot",
+        modality: str = "image",
     ) -> None:
         super().__init__(splits, prefix)
+        if not isinstance(modality, str) or not modality.isidentifier():
+            raise UserError(f"ZeroShotEvaluation modality must be a name such as image or audio, got {modality!r}")
+        self.modality = modality
         if num_examples < 0 or thumbnail_size < 1:
             raise UserError("ZeroShotEvaluation needs num_examples >= 0 and thumbnail_size >= 1")
         self.classnames = classnames
@@ -109,7 +109,7 @@ class ZeroShotEvaluation(EvalCallback):
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
-        require_capability(pl_module, "encode_image", "encode_text")
+        require_capability(pl_module, encoder_name(self.modality), "encode_text", by="ZeroShotEvaluation")
         dm = trainer.datamodule
         classnames = self.classnames or getattr(dm, "classnames", None)
         templates = self.templates or getattr(dm, "templates", None) or ["a photo of a {}."]
@@ -121,16 +121,18 @@ class ZeroShotEvaluation(EvalCallback):
                 raise AttributeError(f"ZeroShotEvaluation needs the DataModule's '{attr}' to encode the class prompts")
         self._names = [str(c) for c in classnames]
         self._class_emb = class_embeddings(pl_module, dm.tokenizer, dm.context_length, self._names, list(templates))
-        self._examples = self.num_examples > 0 and _tensorboard_writer(trainer) is not None
+        self._examples = self.modality == "image" and self.num_examples > 0 and _tensorboard_writer(trainer) is not None
         self._thumbs_left = self.num_examples if self._examples else 0
         self._norm = normalisation(trainer)
         return True
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
-        for key in ("image", "label", "sample_id"):
+        for key in (self.modality, "label", "sample_id"):
             if key not in batch:
                 raise UserError(f"ZeroShotEvaluation needs batch key '{key}'")
-        image_emb = pl_module.encode_image(batch["image"]).float()  # [B, E]
+        encode = getattr(pl_module, encoder_name(self.modality))
+        mask = batch.get(f"{self.modality}_mask")
+        image_emb = (encode(batch[self.modality]) if mask is None else encode(batch[self.modality], mask)).float()  # [B, E]
         logits = (image_emb @ self._class_emb.to(image_emb.device).T).cpu()  # [B, C]
         labels = batch["label"].cpu()  # [B]
         records: dict[str, Any] = {}
@@ -165,7 +167,7 @@ class ZeroShotEvaluation(EvalCallback):
         preds = zeroshot_predictions(logits, labels)  # [N]
         cm = confusion_matrix(labels, preds, num_classes)  # [C, C]
         writer.add_text(f"{tag}/confusion_matrix", _confusion_markdown(cm, names), step)
-        writer.add_image(f"{tag}/confusion_matrix", _confusion_image(cm), step, dataformats="CHW")
+        writer.add_image(f"{tag}/confusion_matrix", confusion_image(cm, names), step, dataformats="CHW")
 
         picks = [i for i, r in enumerate(records) if r.get("thumb") is not None][: self.num_examples]
         if not picks:
@@ -180,7 +182,7 @@ class ZeroShotEvaluation(EvalCallback):
                 f"{' - correct' if int(preds[i]) == truth else ''}"
             )
         writer.add_text(f"{tag}/examples", "\n".join(lines), step)
-        colours = [_GREEN if int(preds[i]) == records[i]["label"] else _RED for i in picks]
+        colours = [GREEN if int(preds[i]) == records[i]["label"] else RED for i in picks]
         grid = image_grid([records[i]["thumb"] for i in picks], colours, self.thumbnail_size)
         writer.add_image(f"{tag}/examples", grid, step, dataformats="CHW")
 
@@ -208,14 +210,3 @@ def _confusion_markdown(cm: torch.Tensor, names: list[str]) -> str:
     else:
         lines.append("No confusions.")
     return "\n".join(lines)
-
-
-def _confusion_image(cm: torch.Tensor) -> torch.Tensor:
-    """Row-normalised confusion matrix as a uint8 image ``[3, H, W]`` (white = 0, dark blue = 1)."""
-    num_classes = cm.shape[0]
-    rows = cm.sum(dim=1, keepdim=True).clamp(min=1)  # [C, 1]
-    v = cm.double() / rows  # [C, C] in [0, 1]
-    img = torch.stack([1 - v, 1 - v, 1 - 0.5 * v])  # [3, C, C]
-    cell = max(1, min(16, 256 // max(1, num_classes)))
-    img = img.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)  # [3, C * cell, C * cell]
-    return (img * 255).round().to(torch.uint8)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 import lit_vlm.callbacks.base as base
 from lit_vlm.callbacks import RetrievalEvaluation, ZeroShotEvaluation
-from lit_vlm.callbacks.retrieval import image_grid, make_thumbnail, ranked
+from lit_vlm.callbacks.visuals import image_grid, make_thumbnail, ranked
 from lit_vlm.callbacks.zeroshot import class_embeddings
 from lit_vlm.errors import UserError
 from lit_vlm.metrics import (
@@ -516,7 +516,7 @@ def test_trainer_validate_writes_metrics_and_examples(tmp_path, caplog):
     assert {f"val/retrieval/t2i_example_{n}" for n in range(4)} | {"val/retrieval/i2t_example_images"} <= images
     assert {"val/zeroshot/confusion_matrix", "val/zeroshot/examples"} <= images
     grid = acc.Images("val/retrieval/t2i_example_0")[-1]
-    assert (grid.width, grid.height) == (5 * 70, 70)  # five 64-px tiles with 3-px frames
+    assert (grid.width, grid.height) == (5 * 54, 54)  # five 48-px tiles with 3-px frames
     t2i = text_of(acc, "val/retrieval/t2i_examples")
     assert '"caption 0 of image 0"' in t2i and "ground truth" in t2i and "`s000`" in t2i
     i2t = text_of(acc, "val/retrieval/i2t_examples")
@@ -609,3 +609,93 @@ def test_markdown_escaping_of_user_text():
     escaped = md_escape("next\nline\u2028sep")
     assert escaped == "next line sep"
     assert md_code("id`1\n2") == "`id'1 2`"
+
+
+class AudioFamily(pl.LightningModule):
+    """A test double with a third modality: ``encode_audio`` of a clip [B, 6] (with a mask) and
+    ``encode_text``; audio clip i and caption i share a direction, so retrieval is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_mask = False
+
+    def encode_audio(self, clips, mask):
+        self.seen_mask = True
+        return F.normalize(clips * mask, dim=-1)  # [B, 6]
+
+    def encode_text(self, ids, mask):
+        return F.normalize(torch.nn.functional.one_hot(ids[:, 1] % 6, 6).float() + 0.1, dim=-1)  # [N, 6]
+
+    def encode_image(self, images):  # not used by an audio evaluation
+        raise AssertionError("the audio evaluation must not encode images")
+
+
+def audio_batches() -> list[dict]:
+    batches = []
+    for start in (0, 3):
+        rows = list(range(start, start + 3))
+        clips = torch.stack([F.one_hot(torch.tensor(i % 6), 6).float() for i in rows])  # [3, 6]
+        ids = torch.zeros(3, 4, dtype=torch.long)
+        ids[:, 1] = torch.tensor(rows)
+        batches.append({
+            "audio": clips, "audio_mask": torch.ones(3, 6), "sample_id": [f"a{i}" for i in rows],
+            "caption_ids": ids, "caption_mask": torch.ones(3, 4, dtype=torch.bool), "caption_owner": torch.arange(3),
+            "label": torch.tensor(rows) % 3,
+        })
+    return batches
+
+
+def test_retrieval_and_zeroshot_of_a_third_modality_need_no_callback_change():
+    """audio -> text retrieval and audio zero-shot through the unchanged callbacks, named a2t/t2a."""
+    module, batches = AudioFamily(), audio_batches()
+    dm = FakeData(batches)
+    dm.classnames = ["c0", "c1", "c2"]
+    cb = RetrievalEvaluation(splits=["val"], modalities=["audio", "text"], ks=[1, 5])
+    rec = Recorder()
+    module.log = rec
+    run_epoch(cb, fake_trainer(dm), module, batches)
+    assert module.seen_mask
+    assert rec.logged["val/retrieval/a2t_R@1"] == 1.0 and rec.logged["val/retrieval/t2a_R@1"] == 1.0
+    assert "val/retrieval/i2t_R@1" not in rec.logged and rec.logged["val/retrieval/mean_R@1"] == 1.0
+    zs = ZeroShotEvaluation(splits=["val"], modality="audio")
+    run_epoch(zs, fake_trainer(dm), module, batches)
+    assert "val/zeroshot/top1" in rec.logged
+    with pytest.raises(UserError, match=r"needs AudioFamily to implement encode_video"):
+        RetrievalEvaluation(modalities=["video", "text"]).setup_epoch(fake_trainer(dm), module, "val")
+    with pytest.raises(UserError, match="re-ranks image-text pairs only"):
+        RetrievalEvaluation(modalities=["audio", "text"], rerank_k=4)
+
+
+def test_missing_capability_names_the_protocol():
+    from lit_vlm.capabilities import require
+
+    with pytest.raises(UserError) as err:
+        require(FakeFamily(), "pair_features", "score_pairs", by="RetrievalEvaluation")
+    msg = str(err.value)
+    assert "RetrievalEvaluation needs FakeFamily to implement pair_features, score_pairs" in msg
+    assert "lit_vlm.capabilities.ScoresPairs" in msg and "\n" not in msg
+
+
+def test_every_retrieved_image_shows_and_the_confusion_matrix_names_classes(tmp_path):
+    """By default every evaluated image keeps a thumbnail, so no example tile is dark; the
+    confusion-matrix image has a label column for the class names."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    dm = FakeData(make_batches(n_images=13))
+    logger = TensorBoardLogger(str(tmp_path), name="run", default_hp_metric=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=logger, callbacks=[RetrievalEvaluation(splits=["val"]), ZeroShotEvaluation(splits=["val"])],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.validate(FakeFamily(), datamodule=dm)
+    acc = read_events(logger.log_dir)
+    for n in range(4):
+        grid = np.asarray(Image.open(io.BytesIO(acc.Images(f"val/retrieval/t2i_example_{n}")[-1].encoded_image_string)))
+        for tile in range(5):
+            inner = grid[3:51, tile * 54 + 3 : tile * 54 + 51]  # [48, 48, 3] inside the frame
+            assert not (inner == 60).all(), (n, tile)  # a thumbnail, not the dark placeholder
+    cm = np.asarray(Image.open(io.BytesIO(acc.Images("val/zeroshot/confusion_matrix")[-1].encoded_image_string)))
+    assert cm.shape[1] > cm.shape[0]  # the class-name column left of the square matrix
