@@ -3,6 +3,7 @@
 from lit_vlm.callbacks.base import EvalCallback
 from lit_vlm.callbacks.captioning import CaptionEvaluation
 from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
+from lit_vlm.callbacks.predictions import PredictionWriter
 from lit_vlm.callbacks.results import Checkpoint, ResultsWriter
 from lit_vlm.callbacks.retrieval import RetrievalEvaluation
 from lit_vlm.callbacks.training import NonFiniteLoss, NonFiniteLossError, RandomState
@@ -16,6 +17,7 @@ __all__ = [
     "EvalCallback",
     "NonFiniteLoss",
     "NonFiniteLossError",
+    "PredictionWriter",
     "RandomState",
     "ResultsWriter",
     "RetrievalEvaluation",

@@ -24,8 +24,10 @@ def _batch_size(batch) -> int:
 
 class SamplesPerSecond(pl.Callback):
     """Logs ``train/samples_per_sec`` (global: this rank's rate x world size, averaged over the last
-    ``window`` steps) on the progress bar and to the logger. Keeps the mean rate of each test run
-    in ``test_samples_per_sec`` for the results JSON.
+    ``window`` steps) on the progress bar and to the logger. Counts the training samples seen
+    (``train_samples_seen``: this rank's x world size; kept in checkpoints, so a resumed run goes
+    on counting and a test reports what its checkpoint was trained on) and keeps the mean rate of
+    each test run in ``test_samples_per_sec`` for the results JSON.
 
     Args:
         window: Number of recent steps the rate is averaged over.
@@ -35,11 +37,19 @@ class SamplesPerSecond(pl.Callback):
         self.window = window
         self._times: list[tuple[float, int]] = []
         self.test_samples_per_sec: float | None = None
+        self.train_samples_seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_samples_seen": self.train_samples_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_samples_seen = int(state_dict.get("train_samples_seen", 0))
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._times = [(time.perf_counter(), 0)]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train_samples_seen += _batch_size(batch) * trainer.world_size
         self._times.append((time.perf_counter(), _batch_size(batch)))
         self._times = self._times[-(self.window + 1) :]
         if len(self._times) < 2:

@@ -5,6 +5,8 @@ test run writes (the leaderboard's only input)."""
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -24,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import lit_vlm
 from lit_vlm.io import atomic_output
 from lit_vlm.io import write_json_atomic as _write_json_atomic
+from lit_vlm.metrics import describe_metric
 from lit_vlm.weights import INDEX_FILE
 
 
@@ -190,6 +193,74 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+#: Version of the results.json / fit.json layout; raised when a key changes meaning or is removed.
+SCHEMA_VERSION = 1
+
+
+def _sha256(path: str | os.PathLike) -> str | None:
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def dataset_identity(dm: Any, stage: str = "test") -> dict[str, Any] | None:
+    """Which data a result was measured on: the dataset's name (from its manifest: the converted
+    dataset, or the synthetic world with a hash of its generation config), root or shards, split,
+    and every evaluation annotation file with its SHA-256."""
+    if dm is None:
+        return None
+    root = getattr(dm, "root", None)
+    split = "test" if stage in ("test", "predict") else "val"
+    info: dict[str, Any] = {"class": type(dm).__name__, "split": split, "root": str(Path(root).resolve()) if root else None}
+    specs = getattr(dm, "shard_specs", None)
+    info["shards"] = specs.get(split) if isinstance(specs, dict) else None
+    name = None
+    manifest_file = Path(root) / "manifest.json" if root else None
+    if manifest_file is not None and manifest_file.is_file():
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        entry = (manifest.get("splits") or {}).get(split) if isinstance(manifest.get("splits"), dict) else None
+        name = entry.get("dataset") if isinstance(entry, dict) else None
+        if manifest.get("format") == "lit-vlm-synth":
+            name = "lit-vlm synthetic world"
+            info["config_sha256"] = hashlib.sha256(json.dumps(manifest.get("config"), sort_keys=True).encode()).hexdigest()
+        name = name or manifest.get("format")
+    info["name"] = name or (Path(root).name if root else "shards")
+    annotations = {}
+    if callable(getattr(dm, "eval_annotations", None)):
+        try:
+            annotations = dm.eval_annotations(stage)
+        except (ValueError, OSError):
+            annotations = {}
+    info["annotations"] = {kind: {"path": str(path), "sha256": _sha256(path)} for kind, path in sorted(annotations.items())}
+    return info
+
+
+def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
+    """Total and trainable parameters (shared tensors counted once)."""
+    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in module.parameters()}
+    return {"total": sum(p.numel() for p in seen.values()), "trainable": sum(p.numel() for p in seen.values() if p.requires_grad)}
+
+
+def _training_of(ckpt_path: str | None) -> dict[str, Any] | None:
+    """Steps, epochs and training samples seen of the checkpoint a test ran on (read lazily)."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the test itself loaded it; a bookkeeping read must not fail the run
+        return None
+    samples = (ckpt.get("callbacks") or {}).get("SamplesPerSecond", {}).get("train_samples_seen")
+    return {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "samples_seen": samples}
+
+
 class ResultsWriter(pl.Callback):
     """Writes ``results.json`` into the run directory at the end of every ``test``: family, config,
     checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit. At the end
@@ -241,11 +312,15 @@ class ResultsWriter(pl.Callback):
         def counts(by_reason: dict[str, int] | None) -> dict[str, Any] | None:
             return None if by_reason is None else {"skipped": sum(by_reason.values()), "skipped_by_reason": dict(by_reason)}
 
+        speed = next((c for c in trainer.callbacks if hasattr(c, "train_samples_seen")), None)
         summary = {
+            "schema_version": SCHEMA_VERSION,
             "family": type(pl_module).__name__,
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
             "resumed_from": trainer.ckpt_path,
+            "samples_seen": None if speed is None else speed.train_samples_seen,
+            "parameters": parameter_counts(pl_module),
             "data": {
                 "train": counts(stats.fit_totals) if stats is not None else None,  # every epoch of the fit
                 "val": counts(stats.totals.get("val")) if stats is not None else None,  # the latest validation
@@ -276,6 +351,7 @@ class ResultsWriter(pl.Callback):
         skipped = next((c.totals.get("test") for c in trainer.callbacks if hasattr(c, "totals")), None)
         dm = trainer.datamodule
         results = {
+            "schema_version": SCHEMA_VERSION,
             "family": type(pl_module).__name__,
             "family_class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "config_file": str(config_file) if config_file.is_file() else None,
@@ -286,7 +362,11 @@ class ResultsWriter(pl.Callback):
                 "hparams": dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else None,
                 "skipped": skipped,
             },
+            "task": {"stage": "test", "dataset": dataset_identity(dm, "test")},
             "metrics": metrics,
+            "metric_info": {k: describe_metric(k) for k in metrics},
+            "parameters": parameter_counts(pl_module),
+            "training": _training_of(trainer.ckpt_path),
             "samples_per_sec": throughput,
             "world_size": trainer.world_size,
             "machine": machine_info(),

@@ -137,12 +137,13 @@ def _default_callbacks() -> list:
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
+    from lit_vlm.callbacks.predictions import PredictionWriter
     from lit_vlm.callbacks.results import ResultsWriter
     from lit_vlm.callbacks.training import NonFiniteLoss, RandomState
 
     return [
         LearningRateMonitor(logging_interval="step"), SamplesPerSecond(), DataStats(), ResultsWriter(),
-        RandomState(), NonFiniteLoss(),
+        PredictionWriter(), RandomState(), NonFiniteLoss(),
     ]
 
 

@@ -42,6 +42,7 @@ equal to the true one ranks above it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ from lit_vlm.errors import UserError
 
 __all__ = [
     "confusion_matrix",
+    "describe_metric",
     "in_batch_accuracy",
     "retrieval_metrics",
     "retrieval_metrics_from_ranks",
@@ -439,3 +441,22 @@ def in_batch_accuracy(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         "acc_i2t": (logits.argmax(dim=1) == labels).float().mean(),
         "acc_t2i": (logits.argmax(dim=0) == labels).float().mean(),
     }
+
+
+def describe_metric(name: str) -> dict[str, Any]:
+    """What a logged metric is, from its last name component whatever the callback's prefix:
+    ``{"higher_is_better": bool | None, "unit": "fraction" | "rank" | "count" | "loss" | "score"}``
+    (``rsum`` is a sum of fractions, CIDEr a score that can exceed 1). For leaderboards."""
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf.endswith(("_medr", "_meanr")) or leaf in ("medr", "meanr"):
+        return {"higher_is_better": False, "unit": "rank"}
+    if leaf.startswith("num_") or leaf.endswith("_count"):
+        return {"higher_is_better": None, "unit": "count"}
+    if "loss" in leaf:
+        return {"higher_is_better": False, "unit": "loss"}
+    if leaf in ("rsum", "CIDEr") or leaf.startswith("CIDEr"):
+        return {"higher_is_better": True, "unit": "score"}
+    fractions = ("R@", "rmean", "top1", "top5", "recall", "acc", "BLEU", "METEOR", "ROUGE", "overall", "SPICE")
+    if any(tag in leaf for tag in fractions) or "/answer_type/" in name or "/question_type/" in name:
+        return {"higher_is_better": True, "unit": "fraction"}
+    return {"higher_is_better": None, "unit": "score"}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_vlm.cli import main
@@ -135,6 +136,33 @@ def test_fit_then_test_best_through_the_cli(tmp_path):
     assert results["metrics"]["test/retrieval/num_samples"] == 23  # every test image exactly once
     assert results["machine"]["cpu_count"] and results["date"] and "commit" in results
     assert results["config"]["model"]["class_path"] == "lit_vlm.models.CLIP"
+    # what a leaderboard reads: schema, task and data identity, metric meaning, size, training
+    assert results["schema_version"] == 1
+    dataset = results["task"]["dataset"]
+    assert dataset["name"] == "lit-vlm synthetic world" and dataset["split"] == "test" and len(dataset["config_sha256"]) == 64
+    assert dataset["annotations"]["captions"]["sha256"] and Path(dataset["annotations"]["captions"]["path"]).is_file()
+    info = results["metric_info"]
+    assert info["test/retrieval/i2t_R@1"] == {"higher_is_better": True, "unit": "fraction"}
+    assert info["test/retrieval/i2t_medr"] == {"higher_is_better": False, "unit": "rank"}
+    assert info["test/loss"]["higher_is_better"] is False
+    assert results["parameters"]["total"] == results["parameters"]["trainable"] > 0
+    fit_json = json.loads((run_dir / "fit.json").read_text())
+    best_step = torch.load(index["best"], weights_only=True)["global_step"]
+    assert results["training"]["global_step"] == best_step and results["training"]["samples_seen"] == best_step * 16
+    assert fit_json["samples_seen"] == fit_json["global_step"] * 16 and fit_json["schema_version"] == 1
+
+    # predict writes the embeddings with their sample ids
+    pred = subprocess.run([sys.executable, "-m", "lit_vlm", "predict", *common, "--ckpt_path", "best"], capture_output=True, text=True, cwd=tmp_path)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    [out] = list((tmp_path / "runs" / "clip-tiny").glob("version_*/predictions"))
+    assert f"Predictions: {out}" in pred.stdout + pred.stderr
+    index_lines = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in index_lines] == list(range(23)) and len({r["sample_id"] for r in index_lines}) == 23
+    import numpy as np
+
+    image_emb = np.load(out / "image_emb.npy")
+    assert image_emb.shape == (23, model.image_projection.out_features)
+    assert np.allclose(np.linalg.norm(image_emb, axis=1), 1.0, atol=1e-5)  # normalised embeddings, one row per sample
 
     # TensorBoard holds the curves a user looks at
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
