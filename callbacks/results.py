@@ -71,15 +71,18 @@ class Checkpoint(ModelCheckpoint):
     With a ``monitor``, ``every_n_train_steps`` (and ``train_time_interval``) write ``last`` from the
     first steps on, and only ``last``: Lightning would hold them back until the monitored metric
     exists (a run killed in its first epoch had nothing to resume) and then rank the current
-    weights by a stale validation score. The top-k are ranked after every validation of the fit,
-    and only then, so ``best`` only ever names validated weights (the index has no ``best`` before
-    the first validation); ``last`` is also written after each validation and at each epoch's end.
+    weights by a stale validation score. The top-k are ranked after every validation of the fit
+    (or, when the fit does not validate, at each epoch's end on a training metric), so ``best`` only
+    ever names weights its metric was measured on (the index has no ``best`` before the first
+    validation); ``last`` is also written after each validation and at each epoch's end, once per
+    step, as a full file also under ``save_last="link"``.
     The run's final step is always in ``last``, also when N does not divide the step count."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._indexed: dict[str, Any] | None = None
         self._last_step_in_last: int | None = None
+        self._step_seen: int | None = None  # the optimiser step of the previous batch end
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -106,9 +109,22 @@ class Checkpoint(ModelCheckpoint):
         if self.save_last:
             self._last_step_in_last = trainer.global_step
 
+    def _write_last(self, trainer: pl.Trainer) -> None:
+        """Write ``last`` with the current weights: a full save, also under ``save_last="link"``
+        (a link would point at an older top-k file)."""
+        link, self.save_last = self.save_last, True
+        try:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self.save_last = link
+
     def _step_save_due(self, trainer: pl.Trainer) -> bool:
-        """Lightning's every_n_train_steps / train_time_interval test, once per optimiser step."""
+        """Lightning's every_n_train_steps / train_time_interval test, once per optimiser step (a
+        batch that did not step, e.g. inside an ``accum_freq`` group, never saves)."""
         step = trainer.global_step
+        stepped, self._step_seen = step != self._step_seen, step
+        if not stepped:
+            return False
         due = self._every_n_train_steps >= 1 and step % self._every_n_train_steps == 0
         if self._train_time_interval is not None:
             now = time.monotonic()
@@ -124,7 +140,7 @@ class Checkpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         elif self.save_last and not self._should_skip_saving_checkpoint(trainer) and self._step_save_due(trainer):
             saved_step = self._last_global_step_saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._write_last(trainer)
             self._last_global_step_saved = saved_step  # a validation at this step still ranks its weights
         self._write_index(trainer)
 
@@ -141,14 +157,19 @@ class Checkpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module):
         if self.monitor is None:
             super().on_train_epoch_end(trainer, pl_module)
-        elif self.save_last and not self._should_skip_saving_checkpoint(trainer):  # an epoch without validation
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        elif not self._should_skip_saving_checkpoint(trainer):  # nothing saved at this step yet
+            candidates = self._monitor_candidates(trainer)
+            validates = bool(sum(trainer.num_val_batches)) if isinstance(trainer.num_val_batches, list) else bool(trainer.num_val_batches)
+            if not validates and self.monitor in candidates:  # a training metric, fresh at the epoch's end
+                self._save_topk_checkpoint(trainer, candidates)
+            if self.save_last and self._last_step_in_last != trainer.global_step:
+                self._save_last_checkpoint(trainer, candidates)
         self._write_index(trainer)
 
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
         if self.save_last and not trainer.fast_dev_run and self._last_step_in_last != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # the final step
+            self._write_last(trainer)  # the final step
         self._write_index(trainer)
         log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
         if trainer.is_global_zero and self.dirpath:

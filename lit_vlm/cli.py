@@ -18,6 +18,7 @@ gradient clipping is handed to the model's ``accum_clip_val``, which clips once 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -48,7 +49,7 @@ subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
 class LitVLMCLI(LightningCLI):
     """LightningCLI with lit-vlm's defaults, soft links and ``--ckpt_path best|last`` resolution."""
 
-    _ckpt_named: str | None = None  # --ckpt_path as given (before resolution)
+    _ckpt_resolved = False  # --ckpt_path named best, last or a run directory (resolved to a file)
 
     def __init__(self, *args, **kwargs) -> None:
         trainer_defaults = {
@@ -83,8 +84,7 @@ class LitVLMCLI(LightningCLI):
         apply_soft_links(cfg)
         fill_optim_defaults(cfg)
         move_gradient_clipping(cfg)
-        named = self._ckpt_named
-        if self.subcommand == "fit" and named is not None and named != cfg.ckpt_path:  # best, last, a run directory
+        if self.subcommand == "fit" and self._ckpt_resolved:  # best, last, a run directory: continue that run
             run_dir = continue_run(cfg.trainer, cfg.ckpt_path)
             if run_dir is not None:  # keep the run's config.yaml; record this resume's beside it
                 n = 1
@@ -99,9 +99,10 @@ class LitVLMCLI(LightningCLI):
         cfg = self.config[subcommand] if subcommand else None
         if cfg is None or subcommand not in ("fit", "validate", "test", "predict") or cfg.get("ckpt_path") is None:
             return
-        self._ckpt_named = named = cfg.ckpt_path
+        named = cfg.ckpt_path
+        self._ckpt_resolved = named in ("best", "last") or Path(named).is_dir()
         cfg.ckpt_path = resolve_ckpt_path(named, cfg.trainer.logger, subcommand)
-        if cfg.ckpt_path != named:
+        if self._ckpt_resolved:
             print(f"Using checkpoint: {cfg.ckpt_path}", file=sys.stderr)
         else:  # a file the user named: Lightning restores the model config from its hyper-parameters
             super()._parse_ckpt_path()
@@ -113,8 +114,8 @@ class LitVLMCLI(LightningCLI):
         new_dirs = [] if run_dir is None else [d for d in (run_dir, *list(run_dir.parents)[:2]) if not d.exists()]
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
-            started = self.trainer.global_step > 0 or (run_dir is not None and any(run_dir.rglob("*.ckpt")))
+        except Exception:  # not Ctrl-C: an interrupted run keeps what it wrote
+            started = self.trainer.global_step > 0 or (run_dir is not None and _holds_outputs(run_dir))
             if run_dir in new_dirs and self.trainer.is_global_zero and not started:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 for folder in new_dirs[1:]:  # runs/<name>, runs: only if this start made them and they are empty
@@ -122,6 +123,13 @@ class LitVLMCLI(LightningCLI):
                         folder.rmdir()
                 print(f"lit-vlm: removed the run directory of the failed start ({run_dir})", file=sys.stderr)
             raise
+
+
+def _holds_outputs(run_dir: Path) -> bool:
+    """Whether a run directory holds more than a start writes (configs, hyper-parameters, event
+    files): a checkpoint, results, predictions, ..."""
+    started_files = ("config", "hparams.yaml", "events.out.tfevents")
+    return any(p.is_file() and not p.name.startswith(started_files) for p in run_dir.rglob("*"))
 
 
 def _run_directory(trainer: Any) -> Path | None:
@@ -262,6 +270,8 @@ def continue_run(trainer_cfg: Namespace, ckpt_path: str) -> Path | None:
         return None
     version_dir = Path(ckpt_path).resolve().parent.parent
     init.version = version_dir.name
+    if "save_dir" in init and "name" in init:  # the run the checkpoint belongs to, wherever the config points
+        init.save_dir, init.name = str(version_dir.parent.parent), version_dir.parent.name
     print(f"Resuming in {version_dir}", file=sys.stderr)
     return version_dir
 
@@ -290,8 +300,13 @@ def resolve_ckpt_path(named: str, logger_cfg: Any, subcommand: str) -> str:
     option = f"--ckpt_path {named}"
     if named in ("best", "last"):
         file = Path(resolve_checkpoint(named, logger_cfg))
-    elif "://" in str(named) or str(named).startswith(("hpc", "registry")):
-        return named
+    elif str(named).startswith(("http://", "https://")):
+        raise UserError(
+            f"{option}: lit-vlm never downloads (and Lightning would unpickle a downloaded checkpoint with code "
+            "execution): fetch the file first and pass its local path"
+        )
+    elif "://" in str(named) or named in ("hpc", "registry") or str(named).startswith("registry:"):
+        return named  # remote storage (s3://, ...) and Lightning's own keys
     elif Path(named).is_dir():
         file = run_checkpoint(named, ("last",) if subcommand == "fit" else ("best", "last"), "--ckpt_path")
     elif Path(named).exists():
@@ -336,20 +351,30 @@ def run_reporting_user_errors(fn: Callable[[], Any]) -> int:
         return 2
 
 
-_USER_ERRORS = (UserError, OSError, pickle.UnpicklingError)
+#: File-system errors that come from what the user gave or from the machine (a path that is a
+#: file, a missing or unwritable folder, a full or read-only disk), not from a bug.
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (UserError, pickle.UnpicklingError, *_USER_OS_ERRORS)):
+        return True
+    return isinstance(err, OSError) and err.errno in _USER_ERRNOS
 
 
 def _user_cause(err: BaseException | None) -> BaseException | None:
-    """``err`` if it is a user error, else the user error a wrapper (jsonargparse's ``ValueError``
-    / ``TypeError`` around a class's own error) was raised from; None for anything else."""
+    """``err`` if it is a user error, else the user error that a wrapper (jsonargparse's
+    ``ValueError`` / ``TypeError`` around a class's own error) was raised ``from``; None for
+    anything else."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, _USER_ERRORS):
+        if _is_user_error(err):
             return err
         if not isinstance(err, (ValueError, TypeError)):
             return None
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
 
 
@@ -364,7 +389,8 @@ def _paragraph(err: BaseException) -> str:
             "checkpoint you trust to plain tensors (a state dict or safetensors) and pass that instead"
         )
     where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)  # OSError
-    return f"{err.strerror or err}{f': {where}' if where else ''} ({type(err).__name__}; check the path and its permissions)"
+    hint = "the disk is full or read-only" if err.errno in _USER_ERRNOS else "check the path and its permissions"
+    return f"{err.strerror or err}{f': {where}' if where else ''} ({type(err).__name__}; {hint})"
 
 
 def tool_main(group: str, argv: list[str]) -> int:

@@ -3,7 +3,8 @@
 A config value, a file, a path or a checkpoint the user named that cannot be used raises
 :class:`UserError` with one paragraph that names the option or file and the fix. ``lit-vlm``
 shows it as ``lit-vlm: error: ...`` with no traceback (``LIT_VLM_DEBUG=1`` shows it); anything
-else is a bug and keeps its traceback. ``UserError`` is a ``ValueError`` and
+else is a bug and keeps its traceback: internal contracts (shapes passed between building blocks,
+losses and metrics) stay plain ``ValueError``. ``UserError`` is a ``ValueError`` and
 :class:`MissingFileError` also a ``FileNotFoundError``, so code that catches those still does.
 """
 

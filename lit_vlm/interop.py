@@ -313,6 +313,13 @@ def load_clip_state_dict(path: str | Path) -> StateDict:
         reason = checkpoint_problem(path) or f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise UserError(f"{path} cannot be read as weights: {reason}") from None
     except pickle.UnpicklingError as e:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # neither torch.save format
+            raise UserError(
+                f"{path} cannot be read as weights: it is not a torch.save file (neither a zip archive nor a pickle); "
+                "a safetensors file needs the .safetensors suffix"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"{path} holds Python objects besides tensors, which safe loading (torch.load with weights_only=True) "

@@ -251,7 +251,7 @@ def siglip_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise UserError(f"siglip_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
     if image_emb.shape != text_emb.shape:
-        raise UserError(
+        raise ValueError(
             f"siglip_loss: image_emb {tuple(image_emb.shape)} and text_emb {tuple(text_emb.shape)} must both be [B, D]"
         )
     logit_scale = torch.as_tensor(logit_scale, dtype=image_emb.dtype, device=image_emb.device)  # []
@@ -365,11 +365,11 @@ def focal_clip_loss(
 
 def _bool_mask(mask: torch.Tensor, shape: tuple[int, int], name: str) -> torch.Tensor:
     if tuple(mask.shape) != shape:
-        raise UserError(f"filip_similarity: {name} must have shape {list(shape)}, got {list(mask.shape)}")
+        raise ValueError(f"filip_similarity: {name} must have shape {list(shape)}, got {list(mask.shape)}")
     mask = mask.bool()
     empty = ~mask.any(dim=1)  # [N]
     if bool(empty.any()):
-        raise UserError(
+        raise ValueError(
             f"filip_similarity: {name} rows {empty.nonzero().flatten().tolist()[:8]} have no valid token; "
             "every item needs at least one"
         )
@@ -411,7 +411,7 @@ def filip_similarity(
     Returns: (sim_i2t [I, T], sim_t2i [I, T]).
     """
     if image_tokens.dim() != 3 or text_tokens.dim() != 3 or image_tokens.shape[2] != text_tokens.shape[2]:
-        raise UserError(
+        raise ValueError(
             f"filip_similarity: image_tokens {list(image_tokens.shape)} must be [I, P, D] and text_tokens "
             f"{list(text_tokens.shape)} [T, L, D] with the same D"
         )

@@ -46,8 +46,6 @@ from typing import Any
 
 import torch
 
-from lit_vlm.errors import UserError
-
 __all__ = [
     "confusion_matrix",
     "describe_metric",
@@ -70,22 +68,22 @@ __all__ = [
 def _check_owner(owner: torch.Tensor, num_images: int, num_captions: int) -> torch.Tensor:
     """Validate the caption->image correspondence; return it as a long tensor."""
     if owner.dim() != 1 or owner.shape[0] != num_captions:
-        raise UserError(
+        raise ValueError(
             f"owner must have shape [{num_captions}] (one image index per caption), got {list(owner.shape)}"
         )
     if owner.dtype.is_floating_point or owner.dtype == torch.bool or owner.is_complex():
-        raise UserError(f"owner must hold integer image indices, got dtype {owner.dtype}")
+        raise ValueError(f"owner must hold integer image indices, got dtype {owner.dtype}")
     if num_images == 0 or num_captions == 0:
-        raise UserError(f"retrieval needs at least one image and one caption, got {num_images} and {num_captions}")
+        raise ValueError(f"retrieval needs at least one image and one caption, got {num_images} and {num_captions}")
     owner = owner.long()
     lo, hi = int(owner.min()), int(owner.max())
     if lo < 0 or hi >= num_images:
         bad = owner[(owner < 0) | (owner >= num_images)]
-        raise UserError(f"caption owner index out of range [0, {num_images}): e.g. {bad[:5].tolist()}")
+        raise ValueError(f"caption owner index out of range [0, {num_images}): e.g. {bad[:5].tolist()}")
     counts = torch.bincount(owner, minlength=num_images)  # [I]
     if bool((counts == 0).any()):
         missing = (counts == 0).nonzero().flatten()
-        raise UserError(
+        raise ValueError(
             f"{missing.numel()} image(s) have no caption (e.g. image rows {missing[:5].tolist()}); "
             "image->text recall is undefined"
         )
@@ -94,13 +92,13 @@ def _check_owner(owner: torch.Tensor, num_images: int, num_captions: int) -> tor
 
 def _check_chunk(chunk_size: int) -> None:
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise UserError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
 def _no_nan(sim: torch.Tensor, where: str, start: int) -> None:
     if bool(torch.isnan(sim.amax())):  # amax propagates NaN and allocates nothing big
         row = int(torch.isnan(sim).any(dim=1).nonzero()[0, 0]) + start
-        raise UserError(f"NaN similarity for {where} {row} (non-finite embeddings?); ranks would be meaningless")
+        raise ValueError(f"NaN similarity for {where} {row} (non-finite embeddings?); ranks would be meaningless")
 
 
 # Counting in a float buffer is exact while every count stays below 2**24 (float32 integers).
@@ -205,7 +203,7 @@ def retrieval_ranks(
     """
     _check_chunk(chunk_size)
     if image_emb.dim() != 2 or text_emb.dim() != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise UserError(
+        raise ValueError(
             "image_emb [I, D] and text_emb [T, D] need the same D, "
             f"got {list(image_emb.shape)} and {list(text_emb.shape)}"
         )
@@ -242,9 +240,9 @@ def retrieval_ranks_from_similarity(
     """
     _check_chunk(chunk_size)
     if sim.dim() != 2:
-        raise UserError(f"sim must be a matrix [I, T], got shape {list(sim.shape)}")
+        raise ValueError(f"sim must be a matrix [I, T], got shape {list(sim.shape)}")
     if sim.dtype == torch.bool or sim.is_complex():
-        raise UserError(f"sim must hold real scores, got dtype {sim.dtype}")
+        raise ValueError(f"sim must hold real scores, got dtype {sim.dtype}")
     owner = _check_owner(owner.to(sim.device), sim.shape[0], sim.shape[1])
     exact = (lambda x: x) if sim.dtype.is_floating_point else (lambda x: x.double())  # per chunk
 
@@ -267,7 +265,7 @@ def _median(x: torch.Tensor) -> float:
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(ks)
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks) or len(set(ks)) != len(ks):
-        raise UserError(f"ks must be distinct positive integers, got {ks!r}")
+        raise ValueError(f"ks must be distinct positive integers, got {ks!r}")
     return ks
 
 
@@ -287,7 +285,7 @@ def retrieval_metrics_from_ranks(
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         if ranks.numel() == 0:
-            raise UserError(f"no {name} ranks to summarise")
+            raise ValueError(f"no {name} ranks to summarise")
         for k in ks:
             out[f"{name}_R@{k}"] = (ranks < k).double().mean().item()
         out[f"{name}_medr"] = _median(ranks) + 1
@@ -345,19 +343,19 @@ def retrieval_metrics_from_similarity(
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
-        raise UserError(f"logits [N, C] and labels [N] do not match: {list(logits.shape)} and {list(labels.shape)}")
+        raise ValueError(f"logits [N, C] and labels [N] do not match: {list(logits.shape)} and {list(labels.shape)}")
     if logits.shape[0] == 0:
-        raise UserError("zero-shot classification needs at least one labelled sample")
+        raise ValueError("zero-shot classification needs at least one labelled sample")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise UserError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     bad = (labels < 0) | (labels >= logits.shape[1])
     if bool(bad.any()):
-        raise UserError(
+        raise ValueError(
             f"labels out of range [0, {logits.shape[1]}) at rows {bad.nonzero().flatten()[:5].tolist()}: "
             f"{labels[bad][:5].tolist()}"
         )
     if bool(torch.isnan(logits).any()):
-        raise UserError(f"NaN logits at rows {torch.isnan(logits).any(dim=1).nonzero().flatten()[:5].tolist()}")
+        raise ValueError(f"NaN logits at rows {torch.isnan(logits).any(dim=1).nonzero().flatten()[:5].tolist()}")
 
 
 def _true_class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -424,12 +422,12 @@ def confusion_matrix(
         num_classes: ``C``.
     """
     if labels.shape != predictions.shape or labels.dim() != 1:
-        raise UserError(
+        raise ValueError(
             f"labels and predictions must be [N] alike, got {list(labels.shape)} and {list(predictions.shape)}"
         )
     for name, t in (("labels", labels), ("predictions", predictions)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-            raise UserError(f"{name} out of range [0, {num_classes})")
+            raise ValueError(f"{name} out of range [0, {num_classes})")
     flat = labels.long() * num_classes + predictions.long()  # [N]
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)  # [C, C]
 

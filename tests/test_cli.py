@@ -295,3 +295,54 @@ def test_user_errors_are_one_type_handled_in_one_place(capsys):
 
     with pytest.raises(ZeroDivisionError):
         run_reporting_user_errors(bug)
+
+
+def test_only_user_errors_lose_their_traceback(capsys):
+    """A bug raised ``from None`` inside an ``except OSError`` keeps its traceback, and so does an
+    OSError that is not about a path the user gave (a broken pipe)."""
+    from lit_vlm.cli import run_reporting_user_errors
+
+    def bug_after_oserror():
+        try:
+            raise FileNotFoundError(2, "No such file or directory", "x")
+        except OSError:
+            raise ValueError("a bug") from None
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_reporting_user_errors(bug_after_oserror)
+    with pytest.raises(BrokenPipeError):
+        run_reporting_user_errors(lambda: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
+
+    def full_disk():
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/last.ckpt")
+
+    assert run_reporting_user_errors(full_disk) == 2
+    assert "No space left on device: runs/x/last.ckpt (OSError; the disk is full or read-only)" in capsys.readouterr().err
+
+
+def test_ckpt_path_urls_are_refused_and_run_directories_continue_their_own_run(tmp_path):
+    from jsonargparse import Namespace
+
+    from lit_vlm.cli import continue_run, resolve_ckpt_path
+    from lit_vlm.errors import UserError
+
+    with pytest.raises(UserError, match="never downloads"):
+        resolve_ckpt_path("https://example.org/last.ckpt", None, "test")
+    trainer = Namespace(logger=Namespace(class_path="TensorBoardLogger", init_args=Namespace(save_dir="runs", name="clip", version=None)))
+    ckpt = tmp_path / "elsewhere" / "exp" / "version_3" / "checkpoints" / "last.ckpt"
+    continue_run(trainer, str(ckpt))
+    init = trainer.logger.init_args
+    assert (init.save_dir, init.name, init.version) == (str(tmp_path / "elsewhere"), "exp", "version_3")
+
+
+def test_a_file_that_is_no_torch_file_is_named_as_such(tmp_path):
+    from lit_vlm.errors import UserError
+    from lit_vlm.interop import load_clip_state_dict
+
+    page = tmp_path / "open_clip_pytorch_model.bin"
+    page.write_text("<html>404 Not Found</html>")
+    with pytest.raises(UserError, match="not a torch.save file .neither a zip archive nor a pickle.") as err:
+        load_clip_state_dict(page)
+    assert "weights_only=False" not in str(err.value)

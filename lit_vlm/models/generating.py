@@ -96,7 +96,7 @@ class GeneratingMixin:
         if prompts is None:
             prompts = [""] * n
         if len(prompts) != n:
-            raise UserError(f"generate: {len(prompts)} prompts for {n} images")
+            raise ValueError(f"generate: {len(prompts)} prompts for {n} images")
         start = [] if tok.bos_id is None else [tok.bos_id]
         rows = [start + tok.backend.encode(p, add_special_tokens=False).ids for p in prompts]
         if any(not r for r in rows):

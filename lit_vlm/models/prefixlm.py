@@ -92,7 +92,7 @@ class PrefixDecoder(nn.Module):
         no_cross = [None] * len(dec.blocks)
         if cache is None:  # the prefix: image + prompt, bidirectional
             if context is None:
-                raise UserError("PrefixLM needs the image tokens as context on its first call")
+                raise ValueError("PrefixLM needs the image tokens as context on its first call")
             S = context.shape[1]
             plen = ids.shape[1] if prefix_length is None else prefix_length
             x, full, allowed = self.sequence(ids, mask, context, context_mask, torch.full((ids.shape[0],), plen, device=ids.device))

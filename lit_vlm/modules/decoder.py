@@ -212,7 +212,7 @@ class TextDecoder(nn.Module):
         if not self.has_cross_attention:
             return [None] * len(self.blocks)
         if context is None:
-            raise UserError("this decoder cross-attends to image tokens: pass context")
+            raise ValueError("this decoder cross-attends to image tokens: pass context")
         return [b.context_kv(context) if b.xattn is not None else None for b in self.blocks]
 
     def run_blocks(
