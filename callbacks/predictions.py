@@ -70,17 +70,19 @@ class PredictionWriter(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         ids = sorted(merged)
         tensor_keys = sorted({k for row in merged.values() for k, v in row.items() if torch.is_tensor(v)})
+        shapes = []
         for key in tensor_keys:
             array = torch.stack([merged[sid][key] for sid in ids]).numpy()  # [N, ...]
             with atomic_output(str(out / f"{key}.npy"), "wb") as fh:
                 np.save(fh, array)
+            shapes.append(f"{key}.npy {list(array.shape)}")
         with atomic_output(str(out / "index.jsonl"), "w") as fh:
             for i, sid in enumerate(ids):
                 texts = {k: v for k, v in merged[sid].items() if isinstance(v, str)}
                 fh.write(json.dumps({"index": i, "sample_id": sid, **texts}, ensure_ascii=False) + "\n")
         self.last_dir = out
-        shapes = ", ".join(f"{k}.npy {list(np.load(out / f'{k}.npy', mmap_mode='r').shape)}" for k in tensor_keys)
-        rank_zero_info(f"\nPredictions: {out.resolve()} ({len(ids)} samples; index.jsonl{', ' + shapes if shapes else ''})")
+        listed = "".join(f", {s}" for s in shapes)
+        rank_zero_info(f"\nPredictions: {out.resolve()} ({len(ids)} samples; index.jsonl{listed})")
 
 
 __all__ = ["PredictionWriter"]

@@ -249,7 +249,9 @@ def dataset_identity(dm: Any, stage: str = "test") -> dict[str, Any] | None:
             manifest = {}
         entry = (manifest.get("splits") or {}).get(split) if isinstance(manifest.get("splits"), dict) else None
         name = entry.get("dataset") if isinstance(entry, dict) else None
-        if manifest.get("format") == "lit-vlm-synth":
+        from lit_vlm.datamodules.synth import FORMAT as SYNTH_FORMAT
+
+        if manifest.get("format") == SYNTH_FORMAT:
             name = "lit-vlm synthetic world"
             info["config_sha256"] = hashlib.sha256(json.dumps(manifest.get("config"), sort_keys=True).encode()).hexdigest()
         name = name or manifest.get("format")
@@ -265,9 +267,9 @@ def dataset_identity(dm: Any, stage: str = "test") -> dict[str, Any] | None:
 
 
 def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
-    """Total and trainable parameters (shared tensors counted once)."""
-    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in module.parameters()}
-    return {"total": sum(p.numel() for p in seen.values()), "trainable": sum(p.numel() for p in seen.values() if p.requires_grad)}
+    """Total and trainable parameters (``parameters()`` yields a shared tensor once)."""
+    params = list(module.parameters())
+    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
 def _training_of(ckpt_path: str | None) -> dict[str, Any] | None:
