@@ -9,17 +9,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lit_vlm.datamodules.batch import batch_size
 from lit_vlm.distributed import all_gather_objects
 
 log = logging.getLogger("lit_vlm.data")
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, dict):
-        for key in ("image", "text_ids", "frames", "audio"):
-            if key in batch and hasattr(batch[key], "shape"):
-                return int(batch[key].shape[0])
-    return 0
 
 
 class SamplesPerSecond(pl.Callback):
@@ -49,8 +42,8 @@ class SamplesPerSecond(pl.Callback):
         self._times = [(time.perf_counter(), 0)]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.train_samples_seen += _batch_size(batch) * trainer.world_size
-        self._times.append((time.perf_counter(), _batch_size(batch)))
+        self.train_samples_seen += batch_size(batch) * trainer.world_size
+        self._times.append((time.perf_counter(), batch_size(batch)))
         self._times = self._times[-(self.window + 1) :]
         if len(self._times) < 2:
             return
@@ -64,7 +57,7 @@ class SamplesPerSecond(pl.Callback):
         self._test_start, self._test_samples = time.perf_counter(), 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._test_samples += _batch_size(batch)
+        self._test_samples += batch_size(batch)
 
     def on_test_epoch_end(self, trainer, pl_module):
         elapsed = time.perf_counter() - self._test_start

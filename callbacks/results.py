@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -241,20 +240,12 @@ def dataset_identity(dm: Any, stage: str = "test") -> dict[str, Any] | None:
     specs = getattr(dm, "shard_specs", None)
     info["shards"] = specs.get(split) if isinstance(specs, dict) else None
     name = None
-    manifest_file = Path(root) / "manifest.json" if root else None
-    if manifest_file is not None and manifest_file.is_file():
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        entry = (manifest.get("splits") or {}).get(split) if isinstance(manifest.get("splits"), dict) else None
-        name = entry.get("dataset") if isinstance(entry, dict) else None
-        from lit_vlm.datamodules.synth import FORMAT as SYNTH_FORMAT
+    if root:
+        from lit_vlm.datamodules.manifests import dataset_identity as folder_identity
 
-        if manifest.get("format") == SYNTH_FORMAT:
-            name = "lit-vlm synthetic world"
-            info["config_sha256"] = hashlib.sha256(json.dumps(manifest.get("config"), sort_keys=True).encode()).hexdigest()
-        name = name or manifest.get("format")
+        found = folder_identity(root, split)
+        name = found.pop("name")
+        info.update(found)
     info["name"] = name or (Path(root).name if root else "shards")
     annotations = {}
     if callable(getattr(dm, "eval_annotations", None)):

@@ -1,7 +1,10 @@
-"""Data: the synthetic world, shard streaming, transforms, tokenisation and DataModules
-(installed as ``lit_vlm.datamodules``)."""
+"""Data: the synthetic world, shard streaming, corpus plug-ins, transforms, tokenisation and
+DataModules (installed as ``lit_vlm.datamodules``)."""
 
-from lit_vlm.datamodules.image_text import ImageTextDataModule
+from lit_vlm.datamodules.batch import batch_size
+from lit_vlm.datamodules.corpus import Corpus, Split
+from lit_vlm.datamodules.image_text import ImageTextCorpus, ImageTextDataModule
+from lit_vlm.datamodules.shards import ShardDataModule
 from lit_vlm.datamodules.tokenizer import Tokenizer
 
-__all__ = ["ImageTextDataModule", "Tokenizer"]
+__all__ = ["Corpus", "ImageTextCorpus", "ImageTextDataModule", "ShardDataModule", "Split", "Tokenizer", "batch_size"]

@@ -1,13 +1,11 @@
-"""Image-text pairs streamed from webdataset shards (synthetic world, converted corpora, img2dataset).
+"""Image-text pairs from webdataset shards: the synthetic world, converted corpora, img2dataset.
 
-:class:`ImageTextDataModule` reads shards in the img2dataset layout -- per sample ``KEY.jpg``
-(or ``.jpeg``/``.png``/``.webp``), ``KEY.txt`` (one caption) and optionally ``KEY.json``
-(``"captions"``: all captions, ``"label"``: class index, ``"image_id"``, ``"questions"``, ...)
--- either from a dataset directory (``root``: a synthetic world, generated on demand by
-:mod:`lit_vlm.datamodules.synth`, or a corpus converted by :mod:`lit_vlm.datamodules.convert`)
-or from explicit shard specs (local paths, brace patterns, ``pipe:`` commands, URLs).  The
-streaming mechanics (rank/worker splitting, epochs, robust decoding) live in
-:mod:`lit_vlm.datamodules.stream`.
+Shards use the img2dataset layout -- per sample ``KEY.jpg`` (or ``.jpeg``/``.png``/``.webp``),
+``KEY.txt`` (one caption) and optionally ``KEY.json`` (``"captions"``: all captions, ``"label"``:
+class index, ``"image_id"``, ``"questions"``, ...).  :class:`ImageTextCorpus` decodes and collates
+them (:class:`ImageTextDecoder`, :class:`ImageTextCollator`); :class:`ImageTextDataModule` is that
+corpus on the generic :class:`~lit_vlm.datamodules.shards.ShardDataModule`, with one flat set of
+options for YAML.  Batches follow :mod:`lit_vlm.datamodules.batch`.
 
 Images stay where they are or are packed into the shards; the user chooses.  A sample without
 an image member but with a JSON ``"image_path"`` is read from that file: an absolute path, or a
@@ -15,59 +13,10 @@ path relative to ``image_root`` (the DataModule argument, else the split's ``ima
 ``root``'s manifest, as ``lit-vlm data karpathy --no-pack`` writes it).  An image member, when
 present, wins.
 
-Batch contract
---------------
-Model families and callbacks read batches **by key**.  ``B`` is the number of images in the
-batch, ``L`` the context length, ``H = W = image_size``.
-
-Training batches (``train_dataloader``):
-
-* ``image``: float ``[B, 3, H, W]``, normalised with ``mean``/``std``;
-* ``text_ids``: long ``[B, L]``, one caption per image (a random one of the sample's captions
-  with ``caption_sampling="random"``, the first with ``"first"``): ``[bos] tokens [eos] pad...``;
-* ``text_mask``: bool ``[B, L]``, True on real tokens (bos and eos included);
-* ``sample_id``: ``list[str]`` of the webdataset keys (``__key__``);
-* with ``train_vqa`` (k questions per image, ``true`` = 1): ``question`` and ``answer``
-  (``list[str]``, up to k distinct questions drawn at random per image that has answered ones,
-  with their ``multiple_choice_answer``), ``qa_ids``,
-  ``qa_mask`` and ``qa_answer_mask`` (``[Q, L]``: ``[bos] question answer [eos]``, the answer
-  and end token marked) and ``qa_owner`` (long ``[Q]``, each question's image row);
-* ``data_stats``: loader statistics (see below); removed again by
-  :meth:`ImageTextDataModule.on_after_batch_transfer`, so a ``training_step`` does not see it.
-
-Evaluation batches (``val``/``test``/``predict``) have the same keys, plus:
-
-* ``label``: long ``[B]``, the ``"label"`` of the sample's JSON, ``-1`` when absent;
-* ``caption_ids``: long ``[N, L]`` and ``caption_mask``: bool ``[N, L]``, *all* captions of the
-  batch's images (JSON ``"captions"``, else the ``.txt`` caption), image after image;
-* ``caption_owner``: long ``[N]``, the row in this batch of each caption's image;
-* ``captions``: ``list[list[str]]``, the raw caption strings of each image (what ``caption_ids``
-  encodes, untokenised; for caption metrics);
-* ``image_id``: ``list[int | str]``, the JSON ``"image_id"`` of each image (the id used by the
-  COCO / VQAv2 annotation files), falling back to the shard key;
-* ``question``: ``list[str]`` and ``question_id``: ``list[int]``, the VQA questions of the
-  batch's images (JSON ``"questions"``: objects with ``question_id`` and ``question``), image
-  after image; ``question_owner``: long ``[Q]``, the row of each question's image.  Empty lists
-  and an empty tensor when the shards hold no questions;
-
-and ``text_ids``/``text_mask`` hold the *first* caption of every image, so a validation loss can
-be computed.  Images with questions need no caption in evaluation (VQA shards have none), and
-prediction accepts images without any caption: such images own no ``caption_ids`` row, their
-``captions`` entry is ``[]`` and their ``text_ids`` row is just ``[bos, eos]``.  A malformed
-``"questions"`` (not a list, an entry without an integer ``question_id`` or a string
+A malformed ``"questions"`` (not a list, an entry without an integer ``question_id`` or a string
 ``question``) or ``"image_id"`` (neither an integer nor a string), a ``"captions"`` that is not a
 list of strings, a ``"caption"`` that is not a string or a ``"label"`` that is not an integer
-makes the sample bad (``bad_json``).
-
-:meth:`ImageTextDataModule.eval_annotations` names the evaluation annotation files (COCO
-captions, VQAv2 questions/annotations) that describe the val/test shards, when known.
-
-``data_stats`` is ``{"split", "worker", "epoch", "samples", "skipped", "raw", "batches"}``: the
-global worker index, how many samples that worker yielded so far in this epoch/pass, how many it
-skipped per reason (see :data:`lit_vlm.datamodules.stream.SKIP_REASONS`), and its stream position
-(raw samples drawn, batches yielded; training batches also carry the augmentation generator's
-state, which the loader keeps for resuming and removes).  The DataModule keeps the
-latest per (split, worker): :meth:`ImageTextDataModule.skip_counts` sums them.
+makes the sample bad (``bad_json``); :data:`IMAGE_TEXT_SKIP_REASONS` lists every reason.
 """
 
 from __future__ import annotations
@@ -76,25 +25,17 @@ import dataclasses
 import json
 import logging
 import math
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
-from lit_vlm.datamodules.stream import (
-    SKIP_REASONS,
-    BadSample,
-    Source,
-    StreamDataset,
-    StreamLoader,
-    StreamState,
-    expand_urls,
-    make_sources,
-)
+from lit_vlm.datamodules import convert, manifests, synth
+from lit_vlm.datamodules.corpus import Corpus, Split
+from lit_vlm.datamodules.shards import ShardDataModule
+from lit_vlm.datamodules.stream import BadSample
 from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.transforms import (
     CLIP_MEAN,
@@ -105,17 +46,31 @@ from lit_vlm.datamodules.transforms import (
     eval_transform,
     train_transform,
 )
-from lit_vlm.errors import MissingFileError, UserError
+from lit_vlm.errors import UserError
 
-__all__ = ["EVAL_ANNOTATION_KINDS", "ImageTextCollator", "ImageTextDataModule", "ImageTextDecoder"]
+__all__ = [
+    "EVAL_ANNOTATION_KINDS",
+    "IMAGE_TEXT_SKIP_REASONS",
+    "ImageTextCollator",
+    "ImageTextCorpus",
+    "ImageTextDataModule",
+    "ImageTextDecoder",
+]
 
 logger = logging.getLogger("lit_vlm.data")
 
-# Our IterableDatasets split the work across workers themselves, so their length is exact.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-_SPLITS = ("train", "val", "test", "predict")
 _CAPTION_SAMPLING = ("random", "first")
+
+IMAGE_TEXT_SKIP_REASONS: tuple[str, ...] = (
+    "image_decode",
+    "image_too_large",
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "bad_text",
+    "bad_json",
+)
+"""Reasons :class:`ImageTextDecoder` skips a sample for (the stream adds ``tar_error`` and ``duplicate_key``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +297,8 @@ class ImageTextDecoder:
 
 
 class ImageTextCollator:
-    """Stack decoded samples into a batch following the module's batch contract.
+    """Stack decoded samples into a batch (:class:`~lit_vlm.datamodules.batch.ImageTextBatch` or
+    :class:`~lit_vlm.datamodules.batch.ImageTextEvalBatch`).
 
     Args:
         tokenizer: Text tokenizer.
@@ -390,20 +346,8 @@ class ImageTextCollator:
 
 
 # --------------------------------------------------------------------------------------------
-# The DataModule
+# The corpus and its DataModule
 # --------------------------------------------------------------------------------------------
-
-
-def _synth_module() -> Any:
-    from lit_vlm.datamodules import synth
-
-    return synth
-
-
-def _convert_module() -> Any:
-    from lit_vlm.datamodules import convert
-
-    return convert
 
 
 #: Keys of :meth:`ImageTextDataModule.eval_annotations` and the manifest entry name of each
@@ -413,20 +357,195 @@ EVAL_ANNOTATION_KINDS: dict[str, str] = {
     "vqa_questions": "vqa_{split}_questions",
     "vqa_annotations": "vqa_{split}_annotations",
 }
-_STAGE_SPLITS = {"fit": "val", "val": "val", "validate": "val", "test": "test", "predict": "predict"}
 
 
-def _spec_sources(spec: str | list[str]) -> int:
-    return 1 if isinstance(spec, str) else len(spec)
+class ImageTextCorpus(Corpus):
+    """Image-text pairs (with optional labels and VQA questions): the synthetic world, converted
+    datasets and img2dataset shards. The arguments are :class:`ImageTextDataModule`'s of the same
+    names; the tokenizer is loaded here, so ``vocab_size`` and ``pad_id`` are known before any data
+    exists."""
+
+    skip_reasons = IMAGE_TEXT_SKIP_REASONS
+    manifest_formats = (synth.FORMAT, convert.FORMAT)
+    annotation_kinds = EVAL_ANNOTATION_KINDS
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        train_crop_scale: tuple[float, float] = (0.9, 1.0),
+        tokenizer: str | Tokenizer = "synth",
+        context_length: int = 32,
+        caption_sampling: str = "random",
+        image_keys: str = "jpg;jpeg;png;webp",
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        image_root: str | None = None,
+        train_vqa: bool | int = False,
+        synthesize: bool = True,
+        synth_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.train_crop_scale = (float(train_crop_scale[0]), float(train_crop_scale[1]))
+        self.context_length = int(context_length)
+        self.caption_sampling = caption_sampling
+        self.image_keys = [k.strip().lower().lstrip(".") for k in image_keys.split(";") if k.strip()]
+        self.max_image_pixels = max_image_pixels
+        self.image_root = None if image_root is None else str(image_root)
+        if isinstance(train_vqa, bool) or train_vqa is None:
+            train_vqa = int(bool(train_vqa))
+        if not isinstance(train_vqa, int) or train_vqa < 0:
+            raise UserError(f"data train_vqa must be true/false or a number of questions per image >= 0, got {train_vqa!r}")
+        self.train_vqa = train_vqa
+        self.synthesize = synthesize
+        self.synth_config = dict(synth_config or {})
+        self._check_settings()
+        if isinstance(tokenizer, Tokenizer):
+            self.tokenizer = tokenizer
+        else:
+            try:
+                self.tokenizer = Tokenizer.load(tokenizer)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"tokenizer={tokenizer!r}: {exc}") from exc
+        if self.context_length < 1 + (self.tokenizer.bos_id is not None) + (self.tokenizer.eos_id is not None):
+            raise UserError(f"context_length={context_length} is too short for the start/end tokens")
+
+    def _check_settings(self) -> None:
+        if self.caption_sampling not in _CAPTION_SAMPLING:
+            raise UserError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {self.caption_sampling!r}")
+        for name, value in (("image_size", self.image_size), ("context_length", self.context_length)):
+            if value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise UserError(f"max_image_pixels must be >= 1 or None, got {self.max_image_pixels}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise UserError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
+        low, high = self.train_crop_scale
+        if not 0 < low <= high <= 1:
+            raise UserError(f"train_crop_scale must satisfy 0 < min <= max <= 1, got {self.train_crop_scale}")
+        if not self.image_keys:
+            raise UserError("image_keys must name at least one extension, e.g. 'jpg;png'")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise UserError(f"image_root={self.image_root!r} is not a folder")
+        if self.synth_config:
+            known = {f.name for f in dataclasses.fields(synth.SynthConfig)}
+            unknown = sorted(set(self.synth_config) - known)
+            if unknown:
+                raise UserError(f"synth_config has unknown fields {unknown}; valid fields: {sorted(known)}")
+
+    # ----------------------------------------------------------------------------- the dataset folder
+
+    def check(self, root: str | None) -> None:
+        """``synth_config`` needs a ``root`` that is (or will be) a synthetic world."""
+        if self.synth_config and root is None:
+            raise UserError("synth_config is set but root is not: the synthetic world needs a directory")
+        if root is None:
+            return
+        kind = manifests.format_of(root)
+        if kind is None and not self.synthesize:
+            raise UserError(
+                f"root={root!r} holds no dataset (no manifest.json) and synthesize=False; "
+                "set synthesize=True to generate a synthetic world or point root at an existing dataset"
+            )
+        if self.synth_config and kind == convert.FORMAT:
+            raise UserError(f"root={root!r} is a converted dataset, not a synthetic world: synth_config does not apply")
+
+    def prepare(self, root: str) -> None:
+        """Generate the synthetic world in ``root`` if it is missing. A converted dataset is used as
+        it is; an existing world generated with other ``synth_config`` values is refused."""
+        if manifests.interrupted_conversion(root):  # never synthesize over a half-written conversion
+            raise UserError(f"root={root!r} holds an interrupted dataset conversion (no manifest.json); run it again")
+        if manifests.format_of(root) == convert.FORMAT or not synth.is_generated(root):
+            if manifests.format_of(root) is not None or not self.synthesize:
+                super().prepare(root)  # checks it (or says that nothing is there)
+                return
+            logger.info("generating the synthetic world in %s (%s)", root, self.synth_config or "defaults")
+            synth.generate(root, synth.SynthConfig(**self.synth_config))
+            return
+        existing = synth.load_manifest(root).get("config", {})
+        normalise = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples vs lists
+        different = {
+            key: (existing.get(key), value)
+            for key, value in self.synth_config.items()
+            if key in existing and normalise(existing[key]) != normalise(value)
+        }
+        if different:
+            details = ", ".join(f"{k}: on disk {old!r}, requested {new!r}" for k, (old, new) in different.items())
+            raise UserError(
+                f"root={root!r} already holds a world with another synth_config ({details}); use another root or delete it"
+            )
+
+    def zeroshot(self, root: str | None, manifest: dict[str, Any] | None) -> tuple[list[str] | None, list[str] | None]:
+        """Zero-shot class names and templates of a dataset folder: its manifest's ``zeroshot``
+        file, else its ``classnames`` / ``templates``; the generator's own before a world exists."""
+        if root is None:
+            return None, None
+        if manifest is None:  # not generated yet: the generator's constants
+            return list(synth.CLASSNAMES), list(synth.TEMPLATES)
+        classnames, templates = manifest.get("classnames"), manifest.get("templates")
+        if manifest.get("zeroshot"):
+            path = Path(root) / manifest["zeroshot"]
+            if path.is_file():
+                data = read_json_object(path, "root zeroshot file")
+                classnames = data.get("classnames", classnames)
+                templates = data.get("templates", templates)
+        return classnames, templates
+
+    # ----------------------------------------------------------------------------- decoding
+
+    def _image_root(self, split: Split) -> str | None:
+        """``image_root``, else the split's ``image_root`` in the manifest (relative to ``root``)."""
+        if self.image_root is not None:
+            return self.image_root
+        recorded = split.entry.get("image_root")
+        if split.root is None or not isinstance(recorded, str) or not recorded:
+            return None
+        return str(Path(split.root) / recorded)  # an absolute recorded path stays as it is
+
+    def decoder(self, split: Split) -> ImageTextDecoder:
+        if split.train:
+            transform = train_transform(self.image_size, self.mean, self.std, self.train_crop_scale)
+            draft = math.ceil(self.image_size / math.sqrt(self.train_crop_scale[0]))
+        else:
+            transform = eval_transform(self.image_size, self.mean, self.std)
+            draft = self.image_size
+        return ImageTextDecoder(
+            transform,
+            train=split.train,
+            image_keys=self.image_keys,
+            caption_sampling=self.caption_sampling,
+            max_pixels=self.max_image_pixels,
+            draft_size=draft,
+            require_caption=split.name != "predict",
+            image_root=self._image_root(split),
+            train_vqa=self.train_vqa if split.train else 0,
+        )
+
+    def collator(self, split: Split) -> ImageTextCollator:
+        return ImageTextCollator(self.tokenizer, self.context_length, train=split.train)
 
 
-class ImageTextDataModule(pl.LightningDataModule):
-    """Streaming image-text data (contrastive, captioning, retrieval, zero-shot).
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file, or a :class:`UserError` naming ``what`` and the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {str(path)!r} must hold a JSON object")
+    return data
 
-    Data comes from a dataset directory (``root``) or explicit shard specs; see the module
-    docstring for the batch contract.  The tokenizer is loaded at construction, so
-    ``vocab_size``, ``pad_id``, ``context_length`` and ``image_size`` are known before any data
-    exists.
+
+class ImageTextDataModule(ShardDataModule):
+    """Streaming image-text data (contrastive, captioning, retrieval, zero-shot, VQA): the
+    :class:`ImageTextCorpus` on the generic :class:`~lit_vlm.datamodules.shards.ShardDataModule`.
+
+    Data comes from a dataset directory (``root``) or explicit shard specs; batches follow
+    :mod:`lit_vlm.datamodules.batch`. The tokenizer is loaded at construction, so ``vocab_size``,
+    ``pad_id``, ``context_length`` and ``image_size`` are known before any data exists.
 
     Args:
         root: Directory of a synthetic world or of a converted dataset (``lit-vlm data karpathy``
@@ -529,152 +648,41 @@ class ImageTextDataModule(pl.LightningDataModule):
         test_annotations: dict[str, str] | None = None,
         train_vqa: bool | int = False,
     ) -> None:
-        super().__init__()
+        corpus = ImageTextCorpus(
+            image_size=image_size, mean=mean, std=std, train_crop_scale=train_crop_scale, tokenizer=tokenizer,
+            context_length=context_length, caption_sampling=caption_sampling, image_keys=image_keys,
+            max_image_pixels=max_image_pixels, image_root=image_root, train_vqa=train_vqa,
+            synthesize=synthesize, synth_config=synth_config,
+        )  # fmt: skip
+        super().__init__(
+            corpus, root=root, train_shards=train_shards, train_weights=train_weights, val_shards=val_shards,
+            test_shards=test_shards, predict_shards=predict_shards, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+            resampled=resampled, train_epoch_samples=train_epoch_samples, seed=seed, pin_memory=pin_memory,
+            val_annotations=val_annotations, test_annotations=test_annotations,
+        )  # fmt: skip
         self.save_hyperparameters()
-        self.root = None if root is None else str(root)
-        self.synthesize = synthesize
-        self.synth_config = dict(synth_config or {})
-        self.shard_specs: dict[str, str | list[str] | None] = {
-            "train": train_shards,
-            "val": val_shards,
-            "test": test_shards,
-            "predict": predict_shards,
-        }
-        self.train_weights = None if train_weights is None else [float(w) for w in train_weights]
-        self.image_size = int(image_size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.train_crop_scale = (float(train_crop_scale[0]), float(train_crop_scale[1]))
-        self.context_length = int(context_length)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
-        self.num_workers = int(num_workers)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.resampled = resampled
-        self.train_epoch_samples = train_epoch_samples
-        self.caption_sampling = caption_sampling
-        self.image_keys = [k.strip().lower().lstrip(".") for k in image_keys.split(";") if k.strip()]
+        if zeroshot_file is not None and not Path(zeroshot_file).is_file():
+            raise UserError(f"zeroshot_file={zeroshot_file!r} does not exist")
         self.zeroshot_file = zeroshot_file
-        self.max_image_pixels = max_image_pixels
-        self.seed = int(seed)
-        self.pin_memory = pin_memory
-        self.image_root = None if image_root is None else str(image_root)
-        self.annotation_files: dict[str, dict[str, str]] = {
-            "val": {k: str(v) for k, v in (val_annotations or {}).items()},
-            "test": {k: str(v) for k, v in (test_annotations or {}).items()},
-        }
-        if isinstance(train_vqa, bool) or train_vqa is None:
-            train_vqa = int(bool(train_vqa))
-        if not isinstance(train_vqa, int) or train_vqa < 0:
-            raise UserError(f"data train_vqa must be true/false or a number of questions per image >= 0, got {train_vqa!r}")
-        self.train_vqa = train_vqa
-        self._validate()
-        try:
-            self.tokenizer: Tokenizer = Tokenizer.load(tokenizer)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"tokenizer={tokenizer!r}: {exc}") from exc
-        if self.context_length < 1 + (self.tokenizer.bos_id is not None) + (self.tokenizer.eos_id is not None):
-            raise UserError(f"context_length={context_length} is too short for the start/end tokens")
         self._zeroshot: tuple[list[str] | None, list[str] | None] | None = None
-        self._stream_state = StreamState()
-        self._stats: dict[tuple[str, int], dict[str, Any]] = {}
-        self._logged_skips: dict[str, int] = {}
-
-    # ----------------------------------------------------------------------------- validation
-
-    def _validate(self) -> None:
-        if self.root is not None and Path(self.root).exists() and not Path(self.root).is_dir():
-            raise UserError(
-                f"data root={self.root!r} is a file, not a folder: root is the folder of a synthetic world or a converted "
-                "dataset (a missing one is generated there); give a folder path, or set root null and name shards"
-            )
-        if self.caption_sampling not in _CAPTION_SAMPLING:
-            raise UserError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {self.caption_sampling!r}")
-        for name, value, low in (
-            ("image_size", self.image_size, 1),
-            ("batch_size", self.batch_size, 1),
-            ("eval_batch_size", self.eval_batch_size, 1),
-            ("num_workers", self.num_workers, 0),
-            ("shuffle_buffer", self.shuffle_buffer, 0),
-            ("context_length", self.context_length, 1),
-        ):
-            if value < low:
-                raise UserError(f"{name} must be >= {low}, got {value}")
-        if self.train_epoch_samples is not None and self.train_epoch_samples < 1:
-            raise UserError(f"train_epoch_samples must be >= 1, got {self.train_epoch_samples}")
-        if self.max_image_pixels is not None and self.max_image_pixels < 1:
-            raise UserError(f"max_image_pixels must be >= 1 or None, got {self.max_image_pixels}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise UserError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
-        low, high = self.train_crop_scale
-        if not 0 < low <= high <= 1:
-            raise UserError(f"train_crop_scale must satisfy 0 < min <= max <= 1, got {self.train_crop_scale}")
-        if not self.image_keys:
-            raise UserError("image_keys must name at least one extension, e.g. 'jpg;png'")
-        if self.train_weights is not None:
-            train_spec = self.shard_specs["train"]
-            n_sources = _spec_sources(train_spec) if train_spec is not None else 1
-            if len(self.train_weights) != n_sources:
-                raise UserError(
-                    f"train_weights={self.train_weights} has {len(self.train_weights)} entries but there are "
-                    f"{n_sources} training sources (train_shards={train_spec!r})"
-                )
-            if any(w < 0 or not math.isfinite(w) for w in self.train_weights) or sum(self.train_weights) <= 0:
-                raise UserError(f"train_weights must be non-negative with a positive sum, got {self.train_weights}")
-        for split, spec in self.shard_specs.items():
-            if spec is None:
-                continue
-            if (isinstance(spec, str) and not spec.strip()) or (not isinstance(spec, str) and not spec):
-                raise UserError(f"{split}_shards is empty: {spec!r}")
-            try:
-                expand_urls(spec)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{split}_shards={spec!r}: {exc}") from exc
-        if self.synth_config and self.root is None:
-            raise UserError("synth_config is set but root is not: the synthetic world needs a directory")
-        if self.root is not None:
-            if (Path(self.root) / _convert_module().MARKER).exists() and not self._manifest_path().is_file():
-                raise UserError(
-                    f"root={self.root!r} holds an interrupted dataset conversion (no manifest.json); "
-                    "run the conversion again"
-                )
-            if not self._manifest_path().is_file() and not self.synthesize:
-                raise UserError(
-                    f"root={self.root!r} holds no dataset (no manifest.json) and synthesize=False; "
-                    "set synthesize=True to generate a synthetic world or point root at an existing dataset"
-                )
-            if self.synth_config and self._is_converted():
-                raise UserError(
-                    f"root={self.root!r} is a converted dataset, not a synthetic world: synth_config does not apply"
-                )
-            self._check_synth_config_fields()
-        for split, files in self.annotation_files.items():
-            unknown = sorted(set(files) - set(EVAL_ANNOTATION_KINDS))
-            if unknown:
-                raise UserError(
-                    f"{split}_annotations has unknown keys {unknown}; valid keys: {sorted(EVAL_ANNOTATION_KINDS)}"
-                )
-            for kind, path in files.items():
-                if not Path(path).is_file():
-                    raise UserError(f"{split}_annotations[{kind!r}]={path!r} does not exist")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
-            raise UserError(f"image_root={self.image_root!r} is not a folder")
-        if self.zeroshot_file is not None and not Path(self.zeroshot_file).is_file():
-            raise UserError(f"zeroshot_file={self.zeroshot_file!r} does not exist")
-
-    def _check_synth_config_fields(self) -> None:
-        if not self.synth_config:
-            return
-        try:
-            synth = _synth_module()
-        except ImportError:
-            return
-        known = {f.name for f in dataclasses.fields(synth.SynthConfig)}
-        unknown = sorted(set(self.synth_config) - known)
-        if unknown:
-            raise UserError(f"synth_config has unknown fields {unknown}; valid fields: {sorted(known)}")
 
     # ----------------------------------------------------------------------------- model-facing facts
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The text tokenizer (the corpus's)."""
+        return self.corpus.tokenizer
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images given to the model."""
+        return self.corpus.image_size
+
+    @property
+    def context_length(self) -> int:
+        """Length of every token row."""
+        return self.corpus.context_length
 
     @property
     def vocab_size(self) -> int:
@@ -687,6 +695,11 @@ class ImageTextDataModule(pl.LightningDataModule):
         return self.tokenizer.pad_id
 
     @property
+    def synth_config(self) -> dict[str, Any]:
+        """Overrides of the synthetic world's settings."""
+        return self.corpus.synth_config
+
+    @property
     def classnames(self) -> list[str] | None:
         """Zero-shot class names (``zeroshot_file``, else ``root``'s), or ``None``."""
         return self._load_zeroshot()[0]
@@ -697,342 +710,12 @@ class ImageTextDataModule(pl.LightningDataModule):
         return self._load_zeroshot()[1]
 
     def _load_zeroshot(self) -> tuple[list[str] | None, list[str] | None]:
-        if self._zeroshot is not None:
-            return self._zeroshot
-        if self.zeroshot_file is not None:
-            data = self._read_json(Path(self.zeroshot_file), "zeroshot_file")
-            self._zeroshot = (data.get("classnames"), data.get("templates"))
-            return self._zeroshot
-        if self.root is None:
-            return None, None
-        if not self._manifest_path().is_file():  # not generated yet: the generator's constants
-            synth = _synth_module()
-            return list(synth.CLASSNAMES), list(synth.TEMPLATES)
-        manifest = self._manifest()
-        classnames, templates = manifest.get("classnames"), manifest.get("templates")
-        if manifest.get("zeroshot"):
-            path = Path(self.root) / manifest["zeroshot"]
-            if path.is_file():
-                data = self._read_json(path, "root zeroshot file")
-                classnames = data.get("classnames", classnames)
-                templates = data.get("templates", templates)
-        self._zeroshot = (classnames, templates)
+        if self._zeroshot is None:
+            if self.zeroshot_file is not None:
+                data = read_json_object(Path(self.zeroshot_file), "zeroshot_file")
+                self._zeroshot = (data.get("classnames"), data.get("templates"))
+            elif self.root is not None and not self.has_manifest():
+                return self.corpus.zeroshot(self.root, None)  # not cached: the world may appear
+            else:
+                self._zeroshot = self.corpus.zeroshot(self.root, self.manifest() if self.root is not None else None)
         return self._zeroshot
-
-    # ----------------------------------------------------------------------------- synthetic world
-
-    def _manifest_path(self) -> Path:
-        assert self.root is not None
-        return Path(self.root) / "manifest.json"
-
-    @staticmethod
-    def _read_json(path: Path, what: str) -> dict[str, Any]:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {what} {str(path)!r}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise UserError(f"{what} {str(path)!r} must hold a JSON object")
-        return data
-
-    def _manifest_format(self) -> str | None:
-        """The ``format`` field of ``root``'s manifest (``None`` when missing or unreadable)."""
-        try:
-            with open(self._manifest_path(), encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError):
-            return None
-        return data.get("format") if isinstance(data, dict) else None
-
-    def _is_converted(self) -> bool:
-        return self._manifest_format() == _convert_module().FORMAT
-
-    def _manifest(self) -> dict[str, Any]:
-        if not self._manifest_path().is_file():
-            raise MissingFileError(
-                f"root={self.root!r} has no manifest.json yet: call prepare_data() (the Trainer does) "
-                "or generate the world first"
-            )
-        convert = _convert_module()
-        try:
-            if self._is_converted():
-                return convert.load_manifest(self.root)
-            return _synth_module().load_manifest(self.root)
-        except ValueError as exc:
-            raise UserError(
-                f"root={self.root!r}: {exc} (a root must hold a synthetic world or a converted dataset)"
-            ) from exc
-
-    def prepare_data(self) -> None:
-        """Generate the synthetic world in ``root`` if it is missing (once per node).
-
-        A converted dataset is used as it is; a folder left by an interrupted conversion is an
-        error (it is never synthesized over).
-        """
-        if self.root is None:
-            return
-        if self._is_converted():
-            self._manifest()  # checks it
-            return
-        if (Path(self.root) / _convert_module().MARKER).exists():
-            raise UserError(
-                f"root={self.root!r} holds an interrupted dataset conversion (no manifest.json); run it again"
-            )
-        synth = _synth_module()
-        if synth.is_generated(self.root):
-            self._check_existing_world()
-            return
-        if not self.synthesize:
-            raise UserError(f"root={self.root!r} holds no synthetic world and synthesize=False")
-        logger.info("generating the synthetic world in %s (%s)", self.root, self.synth_config or "defaults")
-        synth.generate(self.root, synth.SynthConfig(**self.synth_config))
-
-    def _check_existing_world(self) -> None:
-        """Refuse to silently reuse a world generated with different ``synth_config`` values."""
-        if not self.synth_config:
-            return
-        existing = self._manifest().get("config", {})
-        normalise = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples vs lists
-        different = {
-            key: (existing.get(key), value)
-            for key, value in self.synth_config.items()
-            if key in existing and normalise(existing[key]) != normalise(value)
-        }
-        if different:
-            details = ", ".join(f"{k}: on disk {old!r}, requested {new!r}" for k, (old, new) in different.items())
-            raise UserError(
-                f"root={self.root!r} already holds a world with another synth_config ({details}); "
-                "use another root or delete it"
-            )
-
-    # ----------------------------------------------------------------------------- loaders
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
-    def _sources(self, split: str) -> list[Source]:
-        spec = self.shard_specs[split]
-        option = f"{split}_shards"
-        if spec is not None:
-            try:
-                return make_sources(spec, self.train_weights if split == "train" else None)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{option}={spec!r}: {exc}") from exc
-        if self.root is None:
-            return []
-        manifest = self._manifest()
-        split_key = "test" if split == "predict" else split
-        entry = manifest.get("splits", {}).get(split_key)
-        if not entry or not entry.get("shards"):
-            return []
-        urls = [str(Path(self.root) / shard) for shard in entry["shards"]]
-        weight = self.train_weights[0] if split == "train" and self.train_weights else 1.0
-        return [Source(urls=urls, weight=weight, num_samples=entry.get("num_samples"), name=f"{self.root}:{split_key}")]
-
-    def _image_root(self, split: str) -> str | None:
-        """``image_root``, else the manifest's ``image_root`` of the split when it comes from ``root``."""
-        if self.image_root is not None:
-            return self.image_root
-        if self.shard_specs[split] is not None or self.root is None or not self._manifest_path().is_file():
-            return None
-        entry = self._manifest().get("splits", {}).get("test" if split == "predict" else split) or {}
-        recorded = entry.get("image_root")
-        if not isinstance(recorded, str) or not recorded:
-            return None
-        return str(Path(self.root) / recorded)  # an absolute recorded path stays as it is
-
-    def eval_annotations(self, stage: str) -> dict[str, str]:
-        """Evaluation annotation files of a stage's data, when known.
-
-        Keys among ``"captions"`` (COCO caption format, as pycocoevalcap reads it),
-        ``"vqa_questions"`` and ``"vqa_annotations"`` (official VQAv2 formats); values are file
-        paths.  The files come from ``root`` (a synthetic world or a converted dataset: its
-        manifest's ``captions_{split}``, ``vqa_{split}_questions`` and
-        ``vqa_{split}_annotations``, or those names under ``annotations/`` when the manifest
-        lists none) if the split's shards come from ``root`` and the files exist, overridden
-        key by key by ``val_annotations`` / ``test_annotations``.
-
-        Args:
-            stage: ``"val"`` / ``"validate"`` / ``"fit"`` (the validation data), ``"test"`` or
-                ``"predict"`` (``root``'s test files when ``predict_shards`` is not set).
-        """
-        split = _STAGE_SPLITS.get(stage)
-        if split is None:
-            raise UserError(f"stage must be one of {sorted(_STAGE_SPLITS)}, got {stage!r}")
-        found: dict[str, str] = {}
-        if self.shard_specs[split] is None and self.root is not None and self._manifest_path().is_file():
-            file_split = "test" if split == "predict" else split
-            listed = self._manifest().get("annotations")
-            for kind, pattern in EVAL_ANNOTATION_KINDS.items():
-                name = pattern.format(split=file_split)
-                if isinstance(listed, dict):
-                    rel = listed.get(name)
-                else:
-                    rel = f"annotations/{name}.json"
-                if isinstance(rel, str) and (Path(self.root) / rel).is_file():
-                    found[kind] = str(Path(self.root) / rel)
-        found.update(self.annotation_files.get(split, {}))
-        return found
-
-    def _transform(self, train: bool) -> Compose:
-        if train:
-            return train_transform(self.image_size, self.mean, self.std, self.train_crop_scale)
-        return eval_transform(self.image_size, self.mean, self.std)
-
-    def _dataset(
-        self, split: str, sources: list[Source], layout: str | None = None, num_workers: int | None = None
-    ) -> StreamDataset:
-        train = split == "train" and layout is None
-        rank, world_size = self._rank_world() if layout is None else (0, 1)
-        if train:
-            draft = math.ceil(self.image_size / math.sqrt(self.train_crop_scale[0]))
-        else:
-            draft = self.image_size
-        decoder = ImageTextDecoder(
-            self._transform(train),
-            train=train,
-            image_keys=self.image_keys,
-            caption_sampling=self.caption_sampling,
-            max_pixels=self.max_image_pixels,
-            draft_size=draft,
-            require_caption=split != "predict",
-            image_root=self._image_root(split),
-            train_vqa=self.train_vqa if train else 0,
-        )
-        return StreamDataset(
-            sources,
-            decode=decoder,
-            collate=ImageTextCollator(self.tokenizer, self.context_length, train=train),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            split=split,
-            train=train,
-            rank=rank,
-            world_size=world_size,
-            num_workers=self.num_workers if num_workers is None else num_workers,
-            seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer if train else 0,
-            resampled=self.resampled and train,
-            epoch_samples=self.train_epoch_samples if train else None,
-        )
-
-    def _loader(self, dataset: StreamDataset, epoch_fn: Any = None) -> StreamLoader:
-        return StreamLoader(
-            dataset, num_workers=self.num_workers, pin_memory=self.pin_memory, epoch_fn=epoch_fn, stats_fn=self.record_stats
-        )
-
-    def train_dataloader(self) -> StreamLoader:
-        """Endless shuffled stream cut into equal epochs on every rank."""
-        sources = self._sources("train")
-        if not sources:
-            raise UserError("no training data: set root (a synthetic world) or train_shards")
-        dataset = self._dataset("train", sources)
-        dataset.state = self._stream_state  # one state object, shared with state_dict()
-        epoch_fn = None
-        if self.trainer is not None:
-            epoch_fn = self._current_epoch
-        return self._loader(dataset, epoch_fn)
-
-    def _current_epoch(self) -> int:
-        return int(self.trainer.current_epoch) if self.trainer is not None else self._stream_state.epoch
-
-    def _eval_dataloader(self, split: str) -> StreamLoader | list[Any]:
-        sources = self._sources(split)
-        if not sources:
-            return []
-        return self._loader(self._dataset(split, sources))
-
-    def sample_loader(self, split: str, num_workers: int = 0) -> StreamLoader | list[Any]:
-        """Evaluation-layout batches (every caption, ``image_id``, questions; evaluation
-        transform, no shuffling) of any split, ``"train"`` included, read whole by this process
-        alone whatever the number of ranks. For evaluations that need a reference set, such as the
-        nearest-neighbour caption baseline of :class:`~lit_vlm.callbacks.CaptionEvaluation`; the
-        caller stops reading when it has enough. ``[]`` when the split has no data."""
-        if split not in self.shard_specs:
-            raise UserError(f"sample_loader: split must be one of {sorted(self.shard_specs)}, got {split!r}")
-        sources = self._sources(split)
-        if not sources:
-            return []
-        dataset = self._dataset(split, sources, layout="eval", num_workers=num_workers)
-        return StreamLoader(dataset, num_workers=num_workers, pin_memory=False)
-
-    def val_dataloader(self) -> StreamLoader | list[Any]:
-        """Every validation sample exactly once across ranks; ``[]`` when there is none."""
-        return self._eval_dataloader("val")
-
-    def test_dataloader(self) -> StreamLoader | list[Any]:
-        """Every test sample exactly once across ranks; ``[]`` when there is none."""
-        return self._eval_dataloader("test")
-
-    def predict_dataloader(self) -> StreamLoader | list[Any]:
-        """Every prediction sample exactly once across ranks; ``[]`` when there is none."""
-        return self._eval_dataloader("predict")
-
-    # ----------------------------------------------------------------------------- statistics
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Remove ``data_stats`` from the batch and record it (see :meth:`skip_counts`)."""
-        if isinstance(batch, dict) and "data_stats" in batch:
-            self.record_stats(batch.pop("data_stats"))
-        return batch
-
-    def record_stats(self, stats: dict[str, Any]) -> None:
-        """Keep the latest ``data_stats`` of a (split, worker); log the counts per reason when the
-        total of the epoch or pass first exceeds 0, then each time it doubles (1, 2, 4, ...), so
-        a badly broken corpus does not flood the log."""
-        split = str(stats.get("split", "?"))
-        self._stats[(split, int(stats.get("worker", 0)))] = stats
-        total = sum(self.skip_counts(split).values())
-        last = self._logged_skips.get(split, 0)
-        if total < last:  # a new epoch or pass: its counts start again
-            last = self._logged_skips[split] = 0
-        if total > 0 and total >= 2 * last:
-            counts = {k: v for k, v in self.skip_counts(split).items() if v}
-            logger.info("%s: %d bad samples skipped so far in this %s %s", split, total,
-                        "epoch" if split == "train" else "pass", counts)
-            self._logged_skips[split] = total
-
-    def skip_counts(self, split: str | None = None) -> dict[str, int]:
-        """Skipped samples per reason, summed over workers (and over splits when ``split=None``).
-
-        Counts come from the latest batch of each worker, so they cover the current (or most
-        recent) epoch or evaluation pass of this process.  Every reason of
-        :data:`~lit_vlm.datamodules.stream.SKIP_REASONS` is present (zero when none).
-        """
-        counts = dict.fromkeys(SKIP_REASONS, 0)
-        for (stats_split, _), stats in self._stats.items():
-            if split is None or stats_split == split:
-                for reason, n in stats.get("skipped", {}).items():
-                    counts[reason] = counts.get(reason, 0) + int(n)
-        return counts
-
-    @property
-    def stream_stats(self) -> dict[str, dict[str, Any]]:
-        """Totals per split: ``{"samples": int, "skipped": int, "skipped_by_reason": {...}}``."""
-        result: dict[str, dict[str, Any]] = {}
-        for split in sorted({s for s, _ in self._stats}):
-            by_reason = self.skip_counts(split)
-            samples = sum(int(v.get("samples", 0)) for (s, _), v in self._stats.items() if s == split)
-            result[split] = {"samples": samples, "skipped": sum(by_reason.values()), "skipped_by_reason": by_reason}
-        return result
-
-    @property
-    def skipped_total(self) -> int:
-        """Skipped samples over all splits, workers and reasons (see :meth:`skip_counts`)."""
-        return sum(self.skip_counts().values())
-
-    # ----------------------------------------------------------------------------- checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training stream's epoch. The position inside the epoch (every worker of every rank)
-        is the training loader's own state (:meth:`StreamLoader.state_dict`), which Lightning
-        saves beside this in each checkpoint."""
-        return {"stream": dataclasses.asdict(self._stream_state)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        stream = state_dict.get("stream", {})
-        self._stream_state.epoch = int(stream.get("epoch", self._stream_state.epoch))

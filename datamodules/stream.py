@@ -80,7 +80,7 @@ from lit_vlm.distributed import all_gather_objects
 from lit_vlm.errors import MissingFileError, UserError
 
 __all__ = [
-    "SKIP_REASONS",
+    "STREAM_SKIP_REASONS",
     "BadSample",
     "Source",
     "StreamDataset",
@@ -95,18 +95,9 @@ __all__ = [
 
 logger = logging.getLogger("lit_vlm.data")
 
-SKIP_REASONS: tuple[str, ...] = (
-    "tar_error",
-    "image_decode",
-    "image_too_large",
-    "missing_image",
-    "missing_caption",
-    "empty_caption",
-    "bad_text",
-    "bad_json",
-    "duplicate_key",
-)
-"""Reasons for skipping a sample, in the order they are reported."""
+STREAM_SKIP_REASONS: tuple[str, ...] = ("tar_error", "duplicate_key")
+"""Reasons the stream itself skips samples for; a corpus's decoder adds its own
+(:attr:`lit_vlm.datamodules.corpus.Corpus.skip_reasons`)."""
 
 Batch = dict[str, Any]
 
@@ -283,10 +274,14 @@ class _WorkerStats:
     epoch: int
     max_logged: int
     samples: int = 0
-    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    reasons: tuple[str, ...] = STREAM_SKIP_REASONS
+    skipped: dict[str, int] = field(default_factory=dict)
     logged: int = 0
     raw: int = 0  # raw samples drawn from the (mixed, shuffled) stream, decoded or skipped
     batches: int = 0  # batches yielded
+
+    def __post_init__(self) -> None:
+        self.skipped = dict.fromkeys(self.reasons, 0)
 
     def skip(self, reason: str, url: str, key: str | None, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -349,7 +344,8 @@ class StreamDataset(IterableDataset):
             member bytes (``"jpg"``, ``"txt"``, ``"json"``, ..., plus ``"__key__"``/``"__url__"``);
             it raises :class:`BadSample` to skip.  ``generator`` is seeded per
             (seed, epoch, global worker) for random augmentation.  Must be picklable.
-        collate: Turns a list of decoded samples (each with ``"__key__"`` added) into a batch dict.
+        collate: Turns a list of decoded samples (each with ``"__key__"`` added) into a batch dict
+            (``"sample_id"``, the keys, is added when it has none).
         batch_size: Samples per batch.
         split: Name used in ``data_stats`` and logs (``"train"``, ``"val"``, ...).
         train: Infinite shuffled epochs (True) or exactly-once ordered evaluation (False).
@@ -363,6 +359,8 @@ class StreamDataset(IterableDataset):
         epoch_samples: Training: samples per epoch over all ranks; ``None`` uses the sum of the
             sources' known sample counts.
         max_logged_skips: How many skips each worker logs at WARNING before only counting.
+        skip_reasons: The decoder's skip reasons, counted (zero included) beside the stream's own
+            :data:`STREAM_SKIP_REASONS`; a reason outside them is counted all the same.
     """
 
     def __init__(
@@ -382,6 +380,7 @@ class StreamDataset(IterableDataset):
         resampled: bool = False,
         epoch_samples: int | None = None,
         max_logged_skips: int = 5,
+        skip_reasons: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not sources or any(not s.urls for s in sources):
@@ -408,6 +407,7 @@ class StreamDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.max_logged_skips = max_logged_skips
+        self.skip_reasons = tuple(dict.fromkeys((*STREAM_SKIP_REASONS, *skip_reasons)))
         self.state = StreamState()
         #: Training: ``{"epoch": e, "workers": {g: position}}`` set by :class:`StreamLoader` to
         #: resume mid-epoch; a worker whose ``g`` is listed starts from that position in epoch e.
@@ -665,7 +665,7 @@ class StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         g, _ = self._worker_position()
         epoch = self.state.epoch
-        stats = _WorkerStats(self.split, g, epoch, self.max_logged_skips)
+        stats = _WorkerStats(self.split, g, epoch, self.max_logged_skips, reasons=self.skip_reasons)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, g, "augment"))
         if self.train:
             streams = [self._train_source(i, s, g, stats) for i, s in enumerate(self.sources)]
@@ -705,7 +705,7 @@ class StreamDataset(IterableDataset):
         state = position["generator"]
         generator.set_state(state if isinstance(state, torch.Tensor) else torch.tensor(list(state), dtype=torch.uint8))
         stats.samples = int(position["samples"])
-        stats.skipped = {**dict.fromkeys(SKIP_REASONS, 0), **{k: int(v) for k, v in position["skipped"].items()}}
+        stats.skipped = {**dict.fromkeys(stats.reasons, 0), **{k: int(v) for k, v in position["skipped"].items()}}
         stats.batches = int(position["batches"])
         logger.info(
             "%s worker %d: resumed epoch %d after %d batches (%d raw samples replayed without decoding)",
@@ -750,6 +750,7 @@ class StreamDataset(IterableDataset):
         stats.samples += len(samples)
         stats.batches += 1
         batch = self.collate(samples)
+        batch.setdefault("sample_id", [s["__key__"] for s in samples])  # the batch contract's one common key
         batch["data_stats"] = stats.snapshot()
         if self.train:  # the position StreamLoader keeps for resuming (bytes: cheap to pass between processes)
             batch["data_stats"]["generator"] = generator.get_state().numpy().tobytes()

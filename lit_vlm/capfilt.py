@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from lit_vlm.errors import MissingFileError, UserError
+from lit_vlm.errors import UserError
 
 log = logging.getLogger("lit_vlm")
 
@@ -62,13 +62,11 @@ def _sources(args: argparse.Namespace) -> list[str]:
 
     if args.shards:
         return expand_urls(args.shards)
-    manifest_path = Path(args.root) / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise MissingFileError(f"--root {args.root}: no readable manifest.json ({err})") from err
-    entry = manifest.get("splits", {}).get(args.split)
-    if not entry or not entry.get("shards"):
+    from lit_vlm.datamodules.manifests import read_manifest, split_entry
+
+    manifest = read_manifest(args.root)
+    entry = split_entry(manifest, args.split)
+    if not entry.get("shards"):
         raise UserError(f"--root {args.root} has no {args.split!r} split (splits: {sorted(manifest.get('splits', {}))})")
     return [str(Path(args.root) / s) for s in entry["shards"]]
 

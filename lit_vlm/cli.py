@@ -161,10 +161,17 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _built(value: Any) -> Any:
+    """A config value with every ``{"class_path", "init_args"}`` inside it instantiated."""
+    if isinstance(value, dict) and "class_path" in value:
+        return _import(value["class_path"])(**{k: _built(v) for k, v in (value.get("init_args") or {}).items()})
+    return value
+
+
 def _data_values(data_cfg: Namespace) -> dict[str, Any]:
     """Instantiate the DataModule once (cheap: no data is read) to read the linked attributes."""
     init_args = data_cfg.init_args.as_dict() if isinstance(data_cfg.init_args, Namespace) else dict(data_cfg.init_args or {})
-    dm = _import(data_cfg.class_path)(**init_args)
+    dm = _import(data_cfg.class_path)(**{k: _built(v) for k, v in init_args.items()})
     values = {k: getattr(dm, k) for k in LINKED_KEYS if getattr(dm, k, None) is not None}
     if "tokenizer" in values:  # a Tokenizer object links as the spec it loads from ("synth" or a path)
         name = getattr(values["tokenizer"], "name", values["tokenizer"])

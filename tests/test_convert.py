@@ -21,9 +21,11 @@ from lit_vlm.datamodules.convert import (
     karpathy_main,
     vqav2_main,
 )
-from lit_vlm.datamodules.image_text import ImageTextDataModule
-from lit_vlm.datamodules.stream import SKIP_REASONS
+from lit_vlm.datamodules.image_text import IMAGE_TEXT_SKIP_REASONS, ImageTextDataModule
+from lit_vlm.datamodules.stream import STREAM_SKIP_REASONS
 from lit_vlm.datamodules.tokenizer import Tokenizer
+
+SKIP_REASONS = STREAM_SKIP_REASONS + IMAGE_TEXT_SKIP_REASONS
 
 WORDS = "a an the dog cat runs sits on red blue mat man bike rides two what color is how many there".split()
 

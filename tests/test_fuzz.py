@@ -6,7 +6,6 @@ finish."""
 from __future__ import annotations
 
 import io
-import json
 import random
 import tarfile
 from collections import Counter
@@ -17,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_vlm.datamodules.image_text import ImageTextDataModule
-from lit_vlm.datamodules.stream import SKIP_REASONS
+from lit_vlm.datamodules.image_text import IMAGE_TEXT_SKIP_REASONS, ImageTextDataModule
+from lit_vlm.datamodules.stream import STREAM_SKIP_REASONS
 from lit_vlm.datamodules.tokenizer import Tokenizer
+
+SKIP_REASONS = STREAM_SKIP_REASONS + IMAGE_TEXT_SKIP_REASONS
 
 WORDS = "a an the red green blue circle square star small big left right of top bottom .".split()
 MAX_PIXELS = 64 * 64

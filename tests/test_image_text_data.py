@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_vlm.datamodules.image_text import ImageTextCollator, ImageTextDataModule, ImageTextDecoder
+from lit_vlm.datamodules.image_text import IMAGE_TEXT_SKIP_REASONS, ImageTextCollator, ImageTextDataModule, ImageTextDecoder
 from lit_vlm.datamodules.stream import (
-    SKIP_REASONS,
+    STREAM_SKIP_REASONS,
     Source,
     StreamDataset,
     StreamLoader,
@@ -28,6 +28,8 @@ from lit_vlm.datamodules.stream import (
 )
 from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.transforms import eval_transform, train_transform
+
+SKIP_REASONS = STREAM_SKIP_REASONS + IMAGE_TEXT_SKIP_REASONS
 
 try:
     from lit_vlm.datamodules import synth

@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lit_vlm.datamodules.batch import batch_size as samples_in
 from lit_vlm.errors import UserError
 from lit_vlm.models.accumulation import ExactAccumulation, concat_features
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
@@ -209,10 +210,10 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
         if not self.automatic_optimization:
             terms = self.accumulation_step(batch)
             if terms is not None:
-                self.log_terms("train", terms, batch_size=batch["image"].shape[0] * self.accum_freq)
+                self.log_terms("train", terms, batch_size=samples_in(batch) * self.accum_freq)
             return None
         terms = self(batch)
-        self.log_terms("train", terms, batch_size=batch["image"].shape[0])
+        self.log_terms("train", terms, batch_size=samples_in(batch))
         return terms["loss"]
 
     def evaluation_step(self, stage: str, batch: dict) -> dict[str, torch.Tensor]:
