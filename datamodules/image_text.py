@@ -60,6 +60,7 @@ __all__ = [
 logger = logging.getLogger("lit_vlm.data")
 
 _CAPTION_SAMPLING = ("random", "first")
+DEFAULT_CONTEXT_LENGTH = 32
 
 IMAGE_TEXT_SKIP_REASONS: tuple[str, ...] = (
     "image_decode",
@@ -375,8 +376,8 @@ class ImageTextCorpus(Corpus):
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
         train_crop_scale: tuple[float, float] = (0.9, 1.0),
-        tokenizer: str | Tokenizer = "synth",
-        context_length: int = 32,
+        tokenizer: str | Tokenizer | None = None,
+        context_length: int | None = None,
         caption_sampling: str = "random",
         image_keys: str = "jpg;jpeg;png;webp",
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -389,7 +390,7 @@ class ImageTextCorpus(Corpus):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.train_crop_scale = (float(train_crop_scale[0]), float(train_crop_scale[1]))
-        self.context_length = int(context_length)
+        self.context_length = DEFAULT_CONTEXT_LENGTH if context_length is None else int(context_length)
         self.caption_sampling = caption_sampling
         self.image_keys = [k.strip().lower().lstrip(".") for k in image_keys.split(";") if k.strip()]
         self.max_image_pixels = max_image_pixels
@@ -575,10 +576,12 @@ class ImageTextDataModule(ShardDataModule):
         train_crop_scale: Range of the random crop's area, as a fraction of the image, used for
             training augmentation (random resized crop; there is no horizontal flip, since
             captions mention left and right).
-        tokenizer: ``"synth"`` for the built-in word-level tokenizer of the synthetic world, or
-            the path of a Hugging Face ``tokenizer.json``.
+        tokenizer: ``"synth"`` for the built-in word-level tokenizer of the synthetic world, the
+            path of a Hugging Face ``tokenizer.json``, or a local Hugging Face model folder. Unset:
+            the language model's when the model names one (``language_model``), else ``"synth"``.
         context_length: Length of every token row (start and end tokens included; longer texts
-            are truncated, keeping the end token).
+            are truncated, keeping the end token). Unset: the language model's maximum length when
+            the model names one, else 32.
         batch_size: Training batch size per process (per GPU).
         eval_batch_size: Batch size for validation, test and prediction; default ``batch_size``.
         num_workers: DataLoader worker processes per GPU process (0 loads in the main process).
@@ -629,8 +632,8 @@ class ImageTextDataModule(ShardDataModule):
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
         train_crop_scale: tuple[float, float] = (0.9, 1.0),
-        tokenizer: str = "synth",
-        context_length: int = 32,
+        tokenizer: str | None = None,
+        context_length: int | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 2,

@@ -12,13 +12,21 @@ last real token, then right-padded with ``pad_id``; a boolean mask marks the rea
 * :meth:`Tokenizer.from_file` loads any ``tokenizer.json`` (CLIP, BERT, GPT-2/BPE, ...).  Start,
   end, pad and mask tokens are recognised by their usual names; the file's own post-processor,
   padding and truncation are bypassed so that every tokenizer yields the same layout.
+* :meth:`Tokenizer.from_pretrained` loads a Hugging Face model folder (its ``tokenizer.json``, with
+  the special tokens its ``tokenizer_config.json`` names), so data and a language model share one
+  vocabulary.
+
+:class:`TextTokenizer` is the contract the rest of lit-vlm relies on; :class:`Tokenizer` satisfies
+it for every source above.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from tokenizers import Regex, models, normalizers, pre_tokenizers
@@ -26,7 +34,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from lit_vlm.errors import MissingFileError, UserError
 
-__all__ = ["SYNTH_SPECIALS", "Tokenizer"]
+__all__ = ["SYNTH_SPECIALS", "TextTokenizer", "Tokenizer"]
 
 SYNTH_SPECIALS: tuple[str, ...] = ("[PAD]", "[UNK]", "[SOS]", "[EOS]", "[MASK]")
 """Special tokens of the synthetic word-level tokenizer, in id order (0..4)."""
@@ -45,6 +53,30 @@ _MASK_CANDIDATES: tuple[str, ...] = ("[MASK]", "<mask>", "<|mask|>", "<MASK>")
 _UNK_CANDIDATES: tuple[str, ...] = ("[UNK]", "<unk>", "<|unk|>", "<UNK>")
 
 
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """What data pipelines, families and generation need from a tokenizer."""
+
+    vocab_size: int  # ids an embedding table needs rows for
+    pad_id: int
+    bos_id: int | None
+    eos_id: int | None
+    mask_id: int | None
+    padding_side: str  # "right" or "left": where encode puts the padding
+
+    def encode(self, texts: Sequence[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> (ids [B, L] long, mask [B, L] bool): ``[bos] tokens [eos]`` padded to L."""
+
+    def encode_pairs(self, prompts: Sequence[str], answers: Sequence[str], context_length: int) -> tuple[torch.Tensor, ...]:
+        """-> (ids, mask, answer_mask) [B, L]: ``[bos] prompt answer [eos]``, the answer marked."""
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """One row of ids -> text, up to the end token, specials dropped."""
+
+    def decode_batch(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
+        """[B, L] ids -> B texts."""
+
+
 class Tokenizer:
     """Fixed-length batch tokenizer around a :class:`tokenizers.Tokenizer`.
 
@@ -60,6 +92,8 @@ class Tokenizer:
         pad_token: Token whose id fills the padding; when ``None`` the padding config of
             ``backend``, then ``eos_token``, then id 0 is used.
         mask_token: Mask token for masked-language objectives (``None`` if there is none).
+        padding_side: ``"right"`` (lit-vlm's batches) or ``"left"``: where :meth:`encode` pads.
+            Generation left-aligns prompts itself, so either side gives the same tokens.
     """
 
     def __init__(
@@ -71,7 +105,11 @@ class Tokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
         mask_token: str | None = None,
+        padding_side: str = "right",
     ) -> None:
+        if padding_side not in ("right", "left"):
+            raise UserError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.padding_side = padding_side
         padding = backend.padding
         self._tok = HFTokenizer.from_str(backend.to_str())
         self._tok.no_padding()
@@ -166,10 +204,50 @@ class Tokenizer:
         return cls(backend, name=str(path), bos_token=bos, eos_token=eos, pad_token=pad, mask_token=mask)
 
     @classmethod
-    def load(cls, spec: str) -> Tokenizer:
-        """``"synth"`` → :meth:`synthetic`; anything else is a path for :meth:`from_file`."""
-        if spec == "synth":
+    def from_pretrained(cls, folder: str | os.PathLike[str]) -> Tokenizer:
+        """Load the tokenizer of a local Hugging Face model folder: its ``tokenizer.json`` (else
+        whatever ``transformers.AutoTokenizer`` reads there, e.g. a SentencePiece model), with the
+        start, end, pad, mask and unknown tokens its ``tokenizer_config.json`` names (the usual
+        names otherwise). Nothing is downloaded."""
+        folder = Path(folder)
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            try:
+                config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot read {str(folder / 'tokenizer_config.json')!r}: {exc}") from exc
+        if (folder / "tokenizer.json").is_file():
+            found = cls.from_file(folder / "tokenizer.json")
+            backend = found.backend
+            names = {"bos": found.bos_token, "eos": found.eos_token, "pad": backend.id_to_token(found.pad_id),
+                     "mask": found.mask_token}
+        else:
+            try:
+                from transformers import AutoTokenizer
+
+                hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                backend = hf.backend_tokenizer
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; reported with the folder
+                raise MissingFileError(
+                    f"tokenizer folder {str(folder)!r}: no tokenizer.json and transformers cannot read one there ({exc})"
+                ) from exc
+            names = {"bos": None, "eos": None, "pad": None, "mask": None}
+        content = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731 - AddedToken as a dict
+        for key in names:
+            named = content(config.get(f"{key}_token"))
+            if isinstance(named, str) and backend.token_to_id(named) is not None:
+                names[key] = named
+        return cls(backend, name=str(folder), bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"],
+                   mask_token=names["mask"])
+
+    @classmethod
+    def load(cls, spec: str | None) -> Tokenizer:
+        """``"synth"`` (or ``None``) → :meth:`synthetic`; a folder → :meth:`from_pretrained`; any
+        other path → :meth:`from_file`."""
+        if spec is None or spec == "synth":
             return cls.synthetic()
+        if Path(spec).is_dir():
+            return cls.from_pretrained(spec)
         return cls.from_file(spec)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -250,9 +328,14 @@ class Tokenizer:
             # forking DataLoader workers afterwards is safe and silent.
             tokens = self._tok.encode(text, add_special_tokens=False).ids[:room]
             seq = prefix + tokens + suffix
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = True
+            span = self._span(len(seq), context_length)
+            ids[row, span] = torch.tensor(seq, dtype=torch.long)
+            mask[row, span] = True
         return ids, mask
+
+    def _span(self, n: int, length: int) -> slice:
+        """Where a row's ``n`` real tokens go: the start (right padding) or the end (left)."""
+        return slice(0, n) if self.padding_side == "right" else slice(length - n, length)
 
     def encode_pairs(
         self, prompts: Sequence[str], answers: Sequence[str], context_length: int
@@ -279,9 +362,10 @@ class Tokenizer:
             a = self._tok.encode(answer, add_special_tokens=False).ids[:room]
             q = self._tok.encode(prompt, add_special_tokens=False).ids[: room - len(a)]
             seq = prefix + q + a + suffix
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = True
-            answer_mask[row, len(prefix) + len(q) : len(seq)] = True
+            span = self._span(len(seq), context_length)
+            ids[row, span] = torch.tensor(seq, dtype=torch.long)
+            mask[row, span] = True
+            answer_mask[row, span.start + len(prefix) + len(q) : span.stop] = True
         return ids, mask, answer_mask
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
@@ -295,6 +379,11 @@ class Tokenizer:
                 raise UserError(f"decode expects a 1-D sequence, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = [int(i) for i in ids]
+        if self.padding_side == "left":
+            while ids and ids[0] == self._pad_id and self._pad_id not in (self._bos_id, self._eos_id):
+                ids.pop(0)
+        if ids and self._bos_id is not None and ids[0] == self._bos_id:
+            ids = ids[1:]  # (a start token that is also the end token, as GPT-2's, must not end the text)
         if self._eos_id is not None and self._eos_id in ids:
             ids = ids[: ids.index(self._eos_id)]
         elif self._pad_id not in self._special_ids and self._pad_id != self._unk_id:

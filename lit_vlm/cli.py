@@ -9,7 +9,10 @@ a guard against non-finite losses); every one can be overridden from YAML or the
 Values that must agree between data and model are given once: any ``image_size``,
 ``vocab_size``, ``context_length``, ``pad_id`` or ``tokenizer`` argument left unset anywhere in the model's config
 (the family's own arguments or its towers') is filled from the DataModule's attribute of that
-name; a value set in both places that disagrees is an error naming both.
+name; a value set in both places that disagrees is an error naming both. Values also flow the
+other way: when the model names a language model (``language_model``: a local Hugging Face model
+folder), the data's unset ``tokenizer`` and ``context_length`` come from that folder (its tokenizer,
+its maximum length), and the model's unset ``vocab_size`` / ``pad_id`` then follow from that tokenizer.
 
 Under ``model accum_freq > 1`` (exact contrastive accumulation, manual optimisation) the trainer's
 gradient clipping is handed to the model's ``accum_clip_val``, which clips once per accumulated step.
@@ -245,10 +248,45 @@ def fill_optim_defaults(cfg: Namespace) -> None:
             model.init_args[key] = list(value) if isinstance(value, tuple) else value
 
 
+def apply_language_model_links(cfg: Namespace) -> None:
+    """Fill the data config's unset ``tokenizer`` / ``context_length`` from the model's
+    ``language_model`` folder (see the module docstring); a data value that disagrees is an error."""
+    model, data = cfg.get("model"), cfg.get("data")
+    if not isinstance(model, Namespace) or not isinstance(data, Namespace):
+        return
+    model_args, data_args = model.get("init_args"), data.get("init_args")
+    if not isinstance(model_args, Namespace) or not isinstance(data_args, Namespace):
+        return
+    folder = model_args.get("language_model")
+    if not isinstance(folder, str) or not folder:
+        return
+    from lit_vlm.modules.language_model import language_model_facts
+
+    facts = language_model_facts(folder)
+    if "tokenizer" in data_args:
+        given = data_args.tokenizer
+        if given is None:
+            data_args.tokenizer = facts["tokenizer"]
+        elif not (isinstance(given, str) and Path(given).resolve() == Path(folder).resolve()):
+            raise UserError(
+                f"data.init_args.tokenizer={given!r} disagrees with model.init_args.language_model={folder!r}: the data must "
+                "be tokenised as the language model reads it; leave data.tokenizer unset"
+            )
+    if "context_length" in data_args and facts["context_length"] is not None:
+        if data_args.context_length is None:
+            data_args.context_length = facts["context_length"]
+        elif data_args.context_length > facts["context_length"]:
+            raise UserError(
+                f"data.init_args.context_length={data_args.context_length} is longer than the language model "
+                f"{folder!r} reads ({facts['context_length']} tokens)"
+            )
+
+
 def apply_soft_links(cfg: Namespace) -> None:
     """Fill the model config's unset linked keys from the DataModule (see the module docstring)."""
     if cfg.get("model") is None or cfg.get("data") is None:
         return
+    apply_language_model_links(cfg)
     _fill(cfg.model, _data_values(cfg.data), "model")
 
 

@@ -1,5 +1,7 @@
-"""Text generation for every generating family: greedy, beam search and top-k / nucleus sampling
-over a :class:`~lit_vlm.modules.decoder.TextDecoder`, batched, with a key/value cache.
+"""Text generation for every generating family: greedy, beam search and top-k / nucleus sampling,
+batched, with a key/value cache, over any :class:`StepDecoder`: lit-vlm's own
+:class:`~lit_vlm.modules.decoder.TextDecoder` or a Hugging Face causal LM wrapped in
+:class:`~lit_vlm.modules.language_model.CausalLM`.
 
 :func:`generate` takes prompts as a padded batch (left or right padding: the real tokens of each
 row are what counts) plus the image tokens the decoder cross-attends to, and returns the new tokens
@@ -9,8 +11,10 @@ of every row, right-padded with ``pad_id``. Each row stops at ``eos_id`` (which 
 Options, as Hugging Face's ``generate`` names them:
 
 - ``num_beams``: beam search when > 1. Scores are summed log-probabilities; a finished hypothesis
-  is ranked by ``score / new_tokens ** length_penalty``; a row stops when ``num_beams`` hypotheses
-  have finished (early stopping), otherwise the live beams are ranked the same way at the end.
+  is ranked by ``score / new_tokens ** length_penalty``; an end token counts as a finished
+  hypothesis only among the ``num_beams`` best candidates of its step; a row stops when
+  ``num_beams`` hypotheses have finished (early stopping), otherwise the live beams are ranked the
+  same way at the end.
   ``num_beams=1`` is greedy decoding.
 - ``do_sample``: draw the next token from the softmax of ``logits / temperature`` restricted to
   the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``
@@ -28,14 +32,41 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from lit_vlm.errors import UserError
-from lit_vlm.modules.decoder import DecoderCache, TextDecoder
 
 NEG_INF = float("-inf")
+
+
+class StepCache(Protocol):
+    """Whatever a decoder caches between steps; beam search keeps rows of it."""
+
+    def reorder(self, index: Tensor) -> StepCache:
+        """A cache of batch rows ``index`` [N']."""
+
+
+@runtime_checkable
+class StepDecoder(Protocol):
+    """The decoder contract :func:`generate` drives.
+
+    ``decoder(ids, mask, context=, context_mask=, cache=None, use_cache=False)`` takes the new tokens
+    ``ids`` / ``mask`` [B, L] (the whole prompt at the first call; one column per later step, with
+    the ``cache`` the previous call returned), and returns an object with ``logits`` [B, L, V] and,
+    with ``use_cache``, ``cache`` (a :class:`StepCache`). ``context`` [B, S, D] is what the decoder
+    conditions on (cross-attended image tokens, or a prefix of embeddings); it is only passed while
+    there is no cache. Called without a cache on the whole sequence, the decoder must give the
+    same logits (``use_cache=False`` decoding relies on it); a prefix LM may accept
+    ``prefix_length``, the prompt's length, for that case.
+    """
+
+    def __call__(
+        self, ids: Tensor, mask: Tensor | None = None, context: Tensor | None = None, context_mask: Tensor | None = None,
+        cache: Any = None, use_cache: bool = False,
+    ) -> Any: ...  # fmt: skip
 
 
 def left_align(ids: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -93,12 +124,12 @@ def _filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 class _Stepper:
     """Runs the decoder for the next-token logits, with or without the cache."""
 
-    def __init__(self, decoder: TextDecoder, context: Tensor | None, context_mask: Tensor | None, use_cache: bool) -> None:
+    def __init__(self, decoder: StepDecoder, context: Tensor | None, context_mask: Tensor | None, use_cache: bool) -> None:
         self.decoder, self.context, self.context_mask, self.use_cache = decoder, context, context_mask, use_cache
-        self.cache: DecoderCache | None = None
+        self.cache: StepCache | None = None
         self.prompt_length = 0
         # a prefix LM needs to know where the prompt ends when it recomputes a whole sequence
-        self.takes_prefix = "prefix_length" in inspect.signature(decoder.forward).parameters
+        self.takes_prefix = "prefix_length" in inspect.signature(getattr(decoder, "forward", decoder)).parameters
 
     def first(self, ids: Tensor, mask: Tensor) -> Tensor:
         self.prompt_length = ids.shape[1]
@@ -124,7 +155,7 @@ class _Stepper:
 
 @torch.no_grad()
 def generate(
-    decoder: TextDecoder,
+    decoder: StepDecoder,
     prompt_ids: Tensor,  # [B, L]
     prompt_mask: Tensor | None = None,  # [B, L] bool; None: all real
     context: Tensor | None = None,  # [B, S, Dc] image tokens
@@ -192,7 +223,7 @@ def generate(
 
 
 def _beam_search(
-    decoder: TextDecoder,
+    decoder: StepDecoder,
     ids: Tensor,
     mask: Tensor,
     context: Tensor | None,
@@ -231,11 +262,13 @@ def _beam_search(
             if row_done[b]:
                 continue
             filled = 0
-            for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
+            for rank, (score, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
                 beam, token = divmod(index, V)
                 if score == NEG_INF:
                     break
                 if eos_id is not None and token == eos_id:
+                    if rank >= K:  # as Hugging Face: an ending outside the top num_beams candidates is dropped
+                        continue
                     hyp = generated[b * K + beam].tolist() + [token]
                     finished[b].append((score / (len(hyp) ** length_penalty), hyp))
                     continue
@@ -285,4 +318,4 @@ def decode_tokens(tokens: Tensor, eos_id: int | None, pad_id: int) -> list[list[
     return rows
 
 
-__all__: Sequence[str] = ("decode_tokens", "generate", "left_align")
+__all__: Sequence[str] = ("StepCache", "StepDecoder", "decode_tokens", "generate", "left_align")

@@ -66,7 +66,7 @@ class DecoderCache:
 @dataclass
 class DecoderOutput:
     logits: Tensor  # [B, L, V]
-    hidden: Tensor  # [B, L, D] after the final LayerNorm
+    hidden: Tensor | None  # [B, L, D] after the final LayerNorm (None from a wrapped Hugging Face LM)
     cache: DecoderCache | None = None
 
 
