@@ -141,8 +141,19 @@ def read_weights(path: str | Path, model: nn.Module | None = None) -> tuple[dict
         check_checkpoint(file, f"model init_from={path}")
     state_dict = _lightning_state_dict(file)
     if state_dict is not None:
-        return state_dict, f"{LIGHTNING_LAYOUT} ({file})"
+        return rename_keys(state_dict, getattr(model, "renamed_keys", {})), f"{LIGHTNING_LAYOUT} ({file})"
     return interop.read_state_dict(file, model)
+
+
+def rename_keys(state_dict: dict[str, torch.Tensor], renamed: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every key that starts with an old prefix of ``renamed`` given the new one."""
+    if not renamed:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        old = next((o for o in renamed if key.startswith(o)), None)
+        out[key if old is None else renamed[old] + key[len(old):]] = value
+    return out
 
 
 def load_parts(
@@ -214,5 +225,5 @@ def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[st
 
 __all__ = [
     "INDEX_FILE", "check_checkpoint", "checkpoint_problem", "load_init_from", "load_parts", "load_state_dict", "read_weights",
-    "resolve_init_from", "run_checkpoint",
+    "rename_keys", "resolve_init_from", "run_checkpoint",
 ]

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_vlm.callbacks import RetrievalEvaluation
+from lit_vlm.errors import UserError
 from lit_vlm.metrics import retrieval_metrics_from_ranks
 from lit_vlm.models import CLIP, FILIP
 from lit_vlm.modules import TextTransformer, VisionTransformer
@@ -300,6 +301,24 @@ def test_lit_locks_the_image_tower_through_a_fit(tmp_path):
     assert all(id(p) in in_optimizer for p in model.text.parameters())
     model.train()
     assert not model.vision.training and model.text.training
+
+
+def test_save_frozen_false_leaves_the_locked_tower_out_of_checkpoints(tmp_path):
+    source = make(seed=5)
+    save_run(source, tmp_path / "clip-run")
+    model = make(lock_image=True, init_from=str(tmp_path / "clip-run"), init_from_parts=["vision", "image_projection"],
+                 save_frozen=False)
+    t = trainer(max_steps=2, default_root_dir=str(tmp_path))
+    t.fit(model, DataLoader(Pairs(8), batch_size=4))
+    t.save_checkpoint(tmp_path / "lean.ckpt")
+    saved = torch.load(tmp_path / "lean.ckpt", weights_only=False)
+    assert not any(k.startswith(("vision.", "image_projection.")) for k in saved["state_dict"])  # only what trains
+    assert any(k.startswith("text.") for k in saved["state_dict"])
+    loaded = CLIP.load_from_checkpoint(tmp_path / "lean.ckpt", vision=make().vision, text=make().text)
+    for key, value in model.state_dict().items():  # the frozen tower came back from init_from, the rest from the file
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(UserError, match="save_frozen=false re-reads"):
+        make(lock_image=True, save_frozen=False)
 
 
 def test_lit_unlocked_groups_and_norms():

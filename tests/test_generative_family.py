@@ -269,7 +269,7 @@ def test_blip_losses_momentum_queue_and_weights():
     model = make_blip(alpha=0.4).train()
     batch = make_batch(4)
     terms = model(batch)
-    assert {"itc_loss", "itm_loss", "lm_loss", "itm_acc", "acc_i2t", "temperature"} <= set(terms)
+    assert {"itc_loss", "itm_loss", "lm_loss", "itm_acc", "acc_i2t", "logit_scale"} <= set(terms)
     torch.testing.assert_close(terms["loss"], terms["itc_loss"] + terms["itm_loss"] + terms["lm_loss"])
     # the momentum queue fills with the momentum features and wraps around
     assert int(model.queue_filled) == 4 and int(model.queue_ptr) == 4
@@ -299,7 +299,7 @@ def test_blip_losses_momentum_queue_and_weights():
     calls = []
     tune.text.encode = lambda *a, **k: calls.append(1)
     t = tune(batch)
-    assert calls == [] and set(t) == {"lm_loss", "loss", "temperature"}
+    assert calls == [] and set(t) == {"lm_loss", "loss", "logit_scale"}
     torch.testing.assert_close(t["loss"], 2.0 * t["lm_loss"])
     t["loss"].backward()
     assert tune.text.enc_token.grad is None and tune.text.decoder.blocks[0].xattn.q.weight.grad is not None

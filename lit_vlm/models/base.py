@@ -35,7 +35,7 @@ from lit_vlm.datamodules.batch import batch_size as samples_in
 from lit_vlm.errors import UserError
 from lit_vlm.models.accumulation import ExactAccumulation, concat_features
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
-from lit_vlm.weights import load_init_from, load_state_dict, resolve_init_from
+from lit_vlm.weights import load_init_from, load_state_dict, rename_keys, resolve_init_from
 
 log = logging.getLogger("lit_vlm")
 
@@ -70,10 +70,16 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
             "image_projection"]`` for the image tower of a CLIP checkpoint); every such parameter
             must be in the checkpoint with the same shape (a learned positional embedding is
             resized for another image size). None loads the whole model, strictly.
+        save_frozen: Keep frozen parameters (``requires_grad=False``: a locked tower, a frozen
+            language model) in checkpoints. ``False`` leaves out those that came from ``init_from``
+            (within ``init_from_parts``) and reads them from there again when a checkpoint loads,
+            so checkpoints hold only what trains; ``init_from`` must then stay readable.
     """
 
     #: The optimiser values a family's paper uses, for the arguments left at None.
     optim_defaults: ClassVar[dict[str, Any]] = dict(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+    #: Old -> new key prefixes of tensors a family renamed; checkpoints that use the old names load.
+    renamed_keys: ClassVar[dict[str, str]] = {}
     #: True for families whose loss couples the samples of a batch (contrastive losses): they
     #: implement ``features``/``loss_from_features`` and refuse ``trainer.accumulate_grad_batches``.
     couples_batch: bool = False
@@ -91,6 +97,7 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
         init_from_parts: list[str] | None = None,
         accum_clip_val: float | None = None,
         accum_clip_algorithm: str = "norm",
+        save_frozen: bool = True,
     ) -> None:
         super().__init__()
         self._save_config()
@@ -126,6 +133,9 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
         self.accum_freq = accum_freq
         self.init_from = init_from
         self.init_from_parts = list(init_from_parts) if init_from_parts is not None else None
+        if not save_frozen and init_from is None:
+            raise UserError("model save_frozen=false re-reads the frozen weights from init_from when a checkpoint loads: set init_from")
+        self.save_frozen = save_frozen
         self.automatic_optimization = accum_freq == 1
         self.accum_clip_val = accum_clip_val
         self.accum_clip_algorithm = accum_clip_algorithm
@@ -179,6 +189,38 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
             )
 
     # ---- starting weights ------------------------------------------------------------------
+    def _frozen_from_init(self) -> list[str]:
+        """Frozen parameters that ``init_from`` provides (``save_frozen=False`` leaves them out)."""
+        parts = self.init_from_parts
+        return [name for name, p in self.named_parameters()
+                if not p.requires_grad and (parts is None or any(name == q or name.startswith(q + ".") for q in parts))]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.save_frozen:
+            return
+        keys = self._frozen_from_init()
+        for key in keys:
+            checkpoint["state_dict"].pop(key, None)
+        checkpoint["frozen_weights"] = {"init_from": str(self.init_from), "keys": keys}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before a rename (:attr:`renamed_keys`) load under today's names; the
+        frozen weights a ``save_frozen=False`` checkpoint left out are read from its ``init_from``."""
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], self.renamed_keys)
+        frozen = checkpoint.get("frozen_weights")
+        if frozen:
+            source = frozen["init_from"]
+            try:
+                weights = load_state_dict(source, self)
+            except UserError as exc:
+                raise UserError(f"this checkpoint left its frozen weights out (save_frozen=false); reading them from "
+                                f"init_from={source} failed: {exc}") from exc
+            missing = [k for k in frozen["keys"] if k not in weights]
+            if missing:
+                raise UserError(f"this checkpoint's frozen weights are not in its init_from={source}: {', '.join(missing[:8])}")
+            checkpoint["state_dict"].update({k: weights[k] for k in frozen["keys"]})
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return

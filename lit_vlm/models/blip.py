@@ -132,6 +132,9 @@ class BLIP(GeneratingMixin, VLMModule):
     """
 
     optim_defaults = dict(lr=3e-4, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8)
+    # the names every family uses; checkpoints of release 0.1 used BLIP's (LAVIS's) own
+    renamed_keys = {"vision_proj.": "image_projection.", "text_proj.": "text_projection.",
+                    "vision_proj_m.": "image_projection_m.", "text_proj_m.": "text_projection_m."}
 
     couples_batch = True
     eval_terms = EVAL_TERMS
@@ -172,8 +175,8 @@ class BLIP(GeneratingMixin, VLMModule):
             )
         self.vision = vision
         self.text = MixtureTextModel(decoder)
-        self.vision_proj = nn.Linear(vision.width, embed_dim)
-        self.text_proj = nn.Linear(decoder.width, embed_dim)
+        self.image_projection = nn.Linear(vision.width, embed_dim)
+        self.text_projection = nn.Linear(decoder.width, embed_dim)
         self.itm_head = nn.Linear(decoder.width, 2)
         self.temp = nn.Parameter(torch.tensor(float(init_temperature)))
         self.momentum = momentum
@@ -186,8 +189,8 @@ class BLIP(GeneratingMixin, VLMModule):
         if momentum is not None:
             self.vision_m = copy.deepcopy(vision)
             self.text_m = copy.deepcopy(self.text)
-            self.vision_proj_m = copy.deepcopy(self.vision_proj)
-            self.text_proj_m = copy.deepcopy(self.text_proj)
+            self.image_projection_m = copy.deepcopy(self.image_projection)
+            self.text_projection_m = copy.deepcopy(self.text_projection)
             for m in self._momentum_pairs():
                 m[1].requires_grad_(False)
             self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
@@ -197,8 +200,8 @@ class BLIP(GeneratingMixin, VLMModule):
 
     # ---- momentum encoders -----------------------------------------------------------------------
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.vision, self.vision_m), (self.text, self.text_m), (self.vision_proj, self.vision_proj_m),
-                (self.text_proj, self.text_proj_m)]
+        return [(self.vision, self.vision_m), (self.text, self.text_m), (self.image_projection, self.image_projection_m),
+                (self.text_projection, self.text_projection_m)]
 
     @torch.no_grad()
     def copy_to_momentum(self) -> None:
@@ -239,14 +242,14 @@ class BLIP(GeneratingMixin, VLMModule):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images [B, 3, H, W] -> ITC features [B, E]."""
-        emb = self.vision_proj(self.vision(images).pooled)
+        emb = self.image_projection(self.vision(images).pooled)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
         """ids [N, L], mask [N, L] -> ITC features [N, E] (the unimodal encoder's [CLS] state)."""
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
         ids, mask = trim_padding(ids, mask)
-        emb = self.text_proj(self.text.encode(ids, mask)[:, 0])
+        emb = self.text_projection(self.text.encode(ids, mask)[:, 0])
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def pair_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -284,8 +287,8 @@ class BLIP(GeneratingMixin, VLMModule):
         with torch.no_grad():
             if self.training:
                 self._momentum_update()
-            image_m = F.normalize(self.vision_proj_m(self.vision_m(images).pooled), dim=-1)  # [B, E]
-            text_m = F.normalize(self.text_proj_m(self.text_m.encode(ids, mask)[:, 0]), dim=-1)  # [B, E]
+            image_m = F.normalize(self.image_projection_m(self.vision_m(images).pooled), dim=-1)  # [B, E]
+            text_m = F.normalize(self.text_projection_m(self.text_m.encode(ids, mask)[:, 0]), dim=-1)  # [B, E]
             filled = int(self.queue_filled)
             queue_i = self.image_queue[:, :filled].T if filled < self.queue_size else self.image_queue.T  # [Q, E]
             queue_t = self.text_queue[:, :filled].T if filled < self.queue_size else self.text_queue.T
@@ -339,8 +342,8 @@ class BLIP(GeneratingMixin, VLMModule):
         terms: dict[str, torch.Tensor] = {}
         w = self.loss_weights
         if w["itc_weight"] or w["itm_weight"]:  # a captioning fine-tune (both 0) skips the text encoder
-            image_feat = F.normalize(self.vision_proj(pooled), dim=-1)  # [B, E]
-            text_feat = F.normalize(self.text_proj(self.text.encode(ids, mask)[:, 0]), dim=-1)  # [B, E]
+            image_feat = F.normalize(self.image_projection(pooled), dim=-1)  # [B, E]
+            text_feat = F.normalize(self.text_projection(self.text.encode(ids, mask)[:, 0]), dim=-1)  # [B, E]
         if w["itc_weight"]:
             terms.update(self._itc(image_feat, text_feat, images, ids, mask, gather))
         if w["itm_weight"]:
@@ -354,7 +357,7 @@ class BLIP(GeneratingMixin, VLMModule):
             terms["vqa_loss"] = self._lm(tokens[rows], qa_ids, qa_mask.bool(), gather, answer_mask=answer)
         loss = sum(w[name.replace("_loss", "_weight")] * terms[name] for name in ("itc_loss", "itm_loss", "lm_loss", "vqa_loss") if name in terms)
         terms["loss"] = loss
-        terms["temperature"] = self.temp.detach()
+        terms["logit_scale"] = (1.0 / self.temp).detach()  # what every contrastive family logs: the cosine multiplier
         return terms
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
