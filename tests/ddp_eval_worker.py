@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions-json", default=None, help="offered by the DataModule as eval_annotations()['captions']")
     parser.add_argument("--num-images", type=int, default=23)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--predict", action="store_true", help="run predict with the PredictionWriter instead of test")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -176,9 +177,12 @@ def main(argv: list[str] | None = None) -> None:
             files = {"vqa_questions": str(vqa_questions), "vqa_annotations": str(vqa_annotations)}
             return {**files, "captions": args.captions_json} if args.captions_json else files
 
-        def _loader(self) -> DataLoader:
+        def _loader(self, overlap: bool = False) -> DataLoader:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-            shard = Subset(self.samples, list(range(rank, len(self.samples), world)))
+            rows = list(range(rank, len(self.samples), world))
+            if overlap and 0 not in rows:  # every rank also sees sample 0: the writer must keep it once
+                rows.append(0)
+            shard = Subset(self.samples, rows)
             return DataLoader(shard, batch_size=args.batch_size, shuffle=False,
                               collate_fn=lambda s: collate(s, self.tokenizer))
 
@@ -188,21 +192,32 @@ def main(argv: list[str] | None = None) -> None:
         def val_dataloader(self) -> DataLoader:
             return self._loader()
 
-    callbacks = {name: _load(CALLBACKS[name][0])(splits=["test"], **CALLBACKS[name][1]) for name in args.callbacks}
+        def predict_dataloader(self) -> DataLoader:
+            return self._loader(overlap=True)
+
+    if args.predict:
+        from lit_vlm.callbacks.predictions import PredictionWriter
+
+        callbacks = {"predict": PredictionWriter(dirpath=str(out))}
+    else:
+        callbacks = {name: _load(CALLBACKS[name][0])(splits=["test"], **CALLBACKS[name][1]) for name in args.callbacks}
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
         use_distributed_sampler=False, logger=TensorBoardLogger(args.out, name="run", version=0),
         callbacks=list(callbacks.values()), enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.test(_load(args.model)(), datamodule=EvalWorld())
+    if args.predict:
+        trainer.predict(_load(args.model)(), datamodule=EvalWorld(), return_predictions=False)
+    else:
+        trainer.test(_load(args.model)(), datamodule=EvalWorld())
     log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
     if trainer.is_global_zero:
         out = {
             "world_size": trainer.world_size,
             "log_dir": log_dir,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
-            "metrics": {name: cb.metrics.get("test") for name, cb in callbacks.items()},
+            "metrics": {} if args.predict else {name: cb.metrics.get("test") for name, cb in callbacks.items()},
         }
         Path(args.out, "metrics.json").write_text(json.dumps(out, indent=2))
     # Leave the process group together and explicitly: a rank whose gloo threads are still alive at

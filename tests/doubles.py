@@ -65,6 +65,11 @@ class GeneratingDouble(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         pass
 
+    def predict_step(self, batch, batch_idx):
+        """What ``lit-vlm predict`` writes: an embedding and a caption per sample."""
+        return {"sample_id": batch["sample_id"], "image_emb": self.encode_image(batch["image"]),
+                "caption": self.generate(batch["image"])}
+
     def validation_step(self, batch, batch_idx):
         pass
 

@@ -172,3 +172,29 @@ def test_retrieval_zeroshot_vqa_identical_on_one_and_two_processes(tmp_path):
     expected = retrieval_metrics(double.encode_image(images), double.encode_text(ids, mask), owner)
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "rmean"):
         assert one["metrics"]["retrieval"][key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_predictions_identical_on_one_and_two_processes(tmp_path):
+    """lit-vlm predict's files: 2 processes (uneven shards, sample 0 seen by both) write exactly the
+    rows of 1 process, every sample once, equal to the double applied to the whole set."""
+    import numpy as np
+
+    runs = [(start_worker(tmp_path / name, n, "--predict"), tmp_path / name) for name, n in (("one", 1), ("two", 2))]
+    one, two = finish_all(runs)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    files = {}
+    for name in ("one", "two"):
+        folder = tmp_path / name / "predictions"
+        index = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
+        files[name] = (index, np.load(folder / "image_emb.npy"))
+    (index_one, emb_one), (index_two, emb_two) = files["one"], files["two"]
+    assert index_one == index_two and np.array_equal(emb_one, emb_two)
+
+    samples = sorted(make_samples(NUM_IMAGES), key=lambda s: s["sample_id"])
+    assert [row["sample_id"] for row in index_two] == [s["sample_id"] for s in samples]  # every sample once
+    images = torch.stack([s["image"] for s in samples])
+    double = GeneratingDouble()
+    assert [row["caption"] for row in index_two] == double.generate(images)
+    np.testing.assert_allclose(emb_two, double.encode_image(images).numpy(), rtol=0, atol=1e-6)
