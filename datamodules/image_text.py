@@ -664,7 +664,9 @@ class ImageTextDataModule(ShardDataModule):
             resampled=resampled, train_epoch_samples=train_epoch_samples, seed=seed, pin_memory=pin_memory,
             val_annotations=val_annotations, test_annotations=test_annotations,
         )  # fmt: skip
-        self.save_hyperparameters()
+        # record the values in effect (an unset tokenizer / context_length resolved), as the model's linked copies
+        tokenizer, context_length = corpus.tokenizer.name, corpus.context_length
+        self.save_hyperparameters()  # reads this frame's arguments
         if zeroshot_file is not None and not Path(zeroshot_file).is_file():
             raise UserError(f"zeroshot_file={zeroshot_file!r} does not exist")
         self.zeroshot_file = zeroshot_file

@@ -287,7 +287,13 @@ def apply_soft_links(cfg: Namespace) -> None:
     if cfg.get("model") is None or cfg.get("data") is None:
         return
     apply_language_model_links(cfg)
-    _fill(cfg.model, _data_values(cfg.data), "model")
+    values = _data_values(cfg.data)
+    data_args = cfg.data.get("init_args") if isinstance(cfg.data, Namespace) else None
+    if isinstance(data_args, Namespace):  # the data's own unset values, resolved: the saved config says what was used
+        for key in LINKED_KEYS:
+            if key in data_args and data_args[key] is None and key in values:
+                data_args[key] = values[key]
+    _fill(cfg.model, values, "model")
 
 
 # ---- checkpoint resolution ----------------------------------------------------------------------
