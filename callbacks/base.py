@@ -60,6 +60,9 @@ class EvalCallback(pl.Callback):
         prefix: Metric names are logged as ``{stage}/{prefix}/{metric}``.
     """
 
+    #: Metrics that are the mean of others (``rmean``): a report bootstraps them from their parts.
+    mean_of: dict[str, tuple[str, ...]] = {}
+
     def __init__(self, splits: tuple[str, ...] | list[str] = ("val", "test"), prefix: str = "eval") -> None:
         bad = [s for s in splits if s not in _STAGES]
         if bad:
@@ -68,6 +71,8 @@ class EvalCallback(pl.Callback):
         self.prefix = prefix
         self._records: dict[str, Any] = {}
         self.metrics: dict[str, dict[str, float]] = {}  # stage -> last computed metrics
+        #: stage -> {"ids", "metrics": {name: {"num", "den"}}, "mean_of"} (global rank zero; see sample_scores)
+        self.per_sample: dict[str, dict[str, Any]] = {}
 
     # ---- to implement ----------------------------------------------------------------------
     def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
@@ -79,6 +84,18 @@ class EvalCallback(pl.Callback):
 
     def compute(self, records: list[Any]) -> dict[str, float]:
         raise NotImplementedError
+
+    def sample_scores(self, records: list[Any]) -> dict[str, tuple[list[float], list[float]]]:
+        """Optional: for each metric that is a ratio of sums over samples (metric = sum(num) / sum(den):
+        accuracies, recall@k, means of per-image scores), its numerator and denominator per sample,
+        in ``records``' order. Leaderboard reports resample them for confidence intervals. Called on
+        global rank zero after ``compute``."""
+        return {}
+
+    def protocol(self) -> dict[str, Any]:
+        """Settings that change what this callback's numbers mean (k of recall@k, templates, metric
+        versions): results with different protocols are never ranked together."""
+        return {"callback": type(self).__name__}
 
     def log_examples(self, writer: Any, stage: str, step: int, ids: list[str], records: list[Any]) -> None:
         """Optional qualitative logs (a few examples) on global rank zero, after ``compute``.
@@ -131,6 +148,14 @@ class EvalCallback(pl.Callback):
         metrics = self.compute([merged[i] for i in ids])
         metrics["num_samples"] = float(len(ids))
         self.metrics[stage] = metrics
+        if trainer.is_global_zero:
+            scores = self.sample_scores([merged[i] for i in ids])
+            if scores:
+                self.per_sample[stage] = {
+                    "ids": [str(i) for i in ids],
+                    "metrics": {k: {"num": [float(x) for x in n], "den": [float(x) for x in d]} for k, (n, d) in scores.items()},
+                    "mean_of": {k: list(v) for k, v in self.mean_of.items() if all(p in scores for p in v)},
+                }
         for name, value in metrics.items():
             # Every rank holds the same value; sync_dist keeps Lightning's epoch-level logging consistent.
             pl_module.log(f"{stage}/{self.prefix}/{name}", float(value), sync_dist=True)

@@ -231,14 +231,34 @@ class CaptionEvaluation(EvalCallback):
         self._results = [{"image_id": image_id, "caption": text} for image_id, text, _, _ in records]
         baseline = {str(image_id): b for image_id, _, _, b in records if str(image_id) in preds}
 
+        self._per_image: dict[str, dict[Any, float]] = {}
+
         def score() -> dict[str, float]:
-            out = caption_metrics(preds, refs, metrics=self.caption_metric_names)
+            out = caption_metrics(preds, refs, metrics=self.caption_metric_names, per_image=self._per_image)
             if self.baseline is not None:
                 base = caption_metrics(baseline, refs, metrics=self.caption_metric_names)
                 out.update({f"baseline/{k}": v for k, v in base.items()})
             return out
 
         return _on_rank_zero_for_all(score)
+
+    def sample_scores(self, records):
+        """Per image: its ROUGE-L and CIDEr-D (the set-level values are their means; rank zero only)."""
+        keys = [str(image_id) for image_id, _, _, _ in records]
+        out = {}
+        for name, scores in self._per_image.items():
+            if all(k in scores for k in keys):
+                out[name] = ([scores[k] for k in keys], [1.0] * len(keys))
+        return out
+
+    def protocol(self):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            evaluator = f"pycocoevalcap {version('pycocoevalcap')}"
+        except PackageNotFoundError:  # pragma: no cover
+            evaluator = "pycocoevalcap"
+        return {**super().protocol(), "evaluator": evaluator, "tokenizer": "PTB", "metrics": list(self.caption_metric_names)}
 
     def log_examples(self, writer, stage, step, ids, records):
         if self.num_examples == 0:

@@ -277,7 +277,9 @@ def _training_of(ckpt_path: str | None) -> dict[str, Any] | None:
 
 class ResultsWriter(pl.Callback):
     """Writes ``results.json`` into the run directory at the end of every ``test``: family, config,
-    checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit. At the end
+    checkpoint, data, metrics, test samples/s, skip counts, machine, date and git commit, and each
+    evaluation's protocol; beside it ``results.per_sample.json``, every evaluation's per-sample
+    scores (``EvalCallback.sample_scores``: what a report resamples for confidence intervals). At the end
     of every ``fit`` it writes (or, for a resumed run, rewrites) ``fit.json``: steps, epochs, the
     training skip counts per reason over the whole fit, skipped non-finite steps, checkpoints,
     wall-clock seconds of this invocation (``time``: ``fit_s`` from the start of the fit loop to its
@@ -387,11 +389,19 @@ class ResultsWriter(pl.Callback):
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **git_commit(),
         }
+        evaluations = [c for c in trainer.callbacks if callable(getattr(c, "protocol", None)) and hasattr(c, "prefix")]
+        results["evaluations"] = {c.prefix: {"protocol": c.protocol()} for c in evaluations}
         path = log_dir / self.filename
         n = 1
         while path.exists():
             path = log_dir / f"{Path(self.filename).stem}-{n}{Path(self.filename).suffix}"
             n += 1
+        per_sample = {c.prefix: c.per_sample["test"] for c in evaluations if "test" in getattr(c, "per_sample", {})}
+        if per_sample:  # what a report resamples for confidence intervals (EvalCallback.sample_scores)
+            scores_path = path.with_name(f"{path.stem}.per_sample.json")
+            write_json_atomic(scores_path, per_sample)
+            for prefix in per_sample:
+                results["evaluations"][prefix]["per_sample"] = scores_path.name
         write_json_atomic(path, results)
         self.last_path = path
         rank_zero_info(f"\nResults JSON: {path}\n  TensorBoard: tensorboard --logdir {log_dir.parent}")

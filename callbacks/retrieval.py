@@ -23,9 +23,8 @@ from lit_vlm.callbacks.visuals import GREEN, GREY, image_grid, make_thumbnail, n
 from lit_vlm.capabilities import encoder_name
 from lit_vlm.errors import UserError
 from lit_vlm.metrics import (
-    retrieval_metrics,
     retrieval_metrics_from_ranks,
-    retrieval_metrics_from_similarity,
+    retrieval_ranks,
     retrieval_ranks_from_similarity,
 )
 
@@ -335,14 +334,41 @@ class RetrievalEvaluation(EvalCallback):
         self._sims = None
         if self._similarity is None:
             image_emb, caption_emb, owner = self._stack(records)
-            return retrieval_metrics(image_emb, caption_emb, owner, self.ks, self.chunk_size)
-        sim_i2t, sim_t2i, owner = self.token_similarities(records, self._similarity)
-        self._sims = (sim_i2t, sim_t2i)
-        if sim_t2i is sim_i2t:
-            return retrieval_metrics_from_similarity(sim_i2t, owner, self.ks, self.chunk_size)
-        i2t_ranks, _ = retrieval_ranks_from_similarity(sim_i2t, owner, self.chunk_size)  # [I]
-        _, t2i_ranks = retrieval_ranks_from_similarity(sim_t2i, owner, self.chunk_size)  # [T]
+            i2t_ranks, t2i_ranks = retrieval_ranks(image_emb, caption_emb, owner, self.chunk_size)  # [I], [T]
+        else:
+            sim_i2t, sim_t2i, owner = self.token_similarities(records, self._similarity)
+            self._sims = (sim_i2t, sim_t2i)
+            if sim_t2i is sim_i2t:
+                i2t_ranks, t2i_ranks = retrieval_ranks_from_similarity(sim_i2t, owner, self.chunk_size)
+            else:
+                i2t_ranks, _ = retrieval_ranks_from_similarity(sim_i2t, owner, self.chunk_size)  # [I]
+                _, t2i_ranks = retrieval_ranks_from_similarity(sim_t2i, owner, self.chunk_size)  # [T]
+        self._ranks = (i2t_ranks, t2i_ranks, owner)
         return retrieval_metrics_from_ranks(i2t_ranks, t2i_ranks, self.ks)
+
+    def sample_scores(self, records: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+        """Per query item (an image): its i2t hit (num, 1) and its captions' t2i hits (num, captions)."""
+        i2t_ranks, t2i_ranks, owner = self._ranks
+        n = i2t_ranks.shape[0]
+        captions = torch.bincount(owner, minlength=n).double()  # [I]
+        out = {}
+        for k in self.ks:
+            out[f"i2t_R@{k}"] = ((i2t_ranks < k).double().tolist(), [1.0] * n)
+            out[f"t2i_R@{k}"] = (torch.zeros(n, dtype=torch.double).index_add_(0, owner, (t2i_ranks < k).double()).tolist(),
+                                 captions.tolist())
+        return out if self._image_text else self._named(out)
+
+    @property
+    def mean_of(self) -> dict[str, tuple[str, ...]]:  # type: ignore[override]
+        recalls = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in self.ks)
+        means = {"rmean": recalls, **({"mean_R@1": ("i2t_R@1", "t2i_R@1")} if 1 in self.ks else {})}
+        if self._image_text:
+            return means
+        return {k: tuple(self._named(dict.fromkeys(v)).keys()) for k, v in means.items()}
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "modalities": list(self.modalities), "ks": list(self.ks),
+                "tie_rule": "pessimistic"}
 
     def token_similarities(
         self, records: list[dict[str, Any]], similarity: Any

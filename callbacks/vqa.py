@@ -294,6 +294,21 @@ class VQAEvaluation(EvalCallback):
                     out[f"baseline/{metric_name(name)}"] = value
         return out
 
+    def sample_scores(self, records):
+        """Per question: its VQA accuracy (overall, and within its answer type)."""
+        scores = [question_accuracy(answer, self._annotation_by_id[qid]["answers"], self.always_normalize)
+                  for qid, _, answer in records]
+        out = {"overall": (scores, [1.0] * len(scores))}
+        types = [self._annotation_by_id[qid].get("answer_type") for qid, _, _ in records]
+        for kind in sorted({t for t in types if isinstance(t, str)}):
+            name = metric_name(f"answer_type/{kind}")
+            out[name] = ([a if t == kind else 0.0 for a, t in zip(scores, types)], [float(t == kind) for t in types])
+        return out
+
+    def protocol(self):
+        return {**super().protocol(), "metric": "VQAv2 accuracy (10 leave-one-out annotator subsets)",
+                "always_normalize": self.always_normalize}
+
     def log_examples(self, writer, stage, step, ids, records):
         if self.num_examples == 0:
             return

@@ -14,7 +14,7 @@ from lit_vlm.callbacks.base import EvalCallback, _tensorboard_writer, md_code, m
 from lit_vlm.callbacks.visuals import GREEN, RED, confusion_image, image_grid, make_thumbnail, normalisation, ranked
 from lit_vlm.capabilities import encoder_name
 from lit_vlm.errors import UserError
-from lit_vlm.metrics import confusion_matrix, zeroshot_metrics, zeroshot_predictions
+from lit_vlm.metrics import confusion_matrix, true_class_ranks, zeroshot_metrics, zeroshot_predictions
 
 __all__ = ["ZeroShotEvaluation", "class_embeddings"]
 
@@ -120,6 +120,7 @@ class ZeroShotEvaluation(EvalCallback):
             if getattr(dm, attr, None) is None:
                 raise AttributeError(f"ZeroShotEvaluation needs the DataModule's '{attr}' to encode the class prompts")
         self._names = [str(c) for c in classnames]
+        self._templates = [str(t) for t in templates]
         self._class_emb = class_embeddings(pl_module, dm.tokenizer, dm.context_length, self._names, list(templates))
         self._examples = self.modality == "image" and self.num_examples > 0 and _tensorboard_writer(trainer) is not None
         self._thumbs_left = self.num_examples if self._examples else 0
@@ -155,6 +156,28 @@ class ZeroShotEvaluation(EvalCallback):
         logits = torch.stack([r["logits"] for r in records])  # [N, C]
         labels = torch.tensor([r["label"] for r in records])  # [N]
         return zeroshot_metrics(logits, labels)
+
+    def sample_scores(self, records: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+        """Per image: whether the true class is in the top 1 (top 5)."""
+        logits = torch.stack([r["logits"] for r in records])  # [N, C]
+        labels = torch.tensor([r["label"] for r in records])  # [N]
+        rank = true_class_ranks(logits, labels)  # [N], pessimistic ties as zeroshot_metrics
+        ones = [1.0] * len(records)
+        out = {"top1": ((rank < 1).double().tolist(), ones)}
+        if logits.shape[1] >= 5:
+            out["top5"] = ((rank < 5).double().tolist(), ones)
+        return out
+
+    def protocol(self) -> dict[str, Any]:
+        """The class names and templates (hashed): another template set is another protocol."""
+        import hashlib
+        import json
+
+        names = getattr(self, "_names", None)
+        templates = getattr(self, "_templates", None)
+        digest = hashlib.sha256(json.dumps([names, templates]).encode()).hexdigest()[:16] if names else None
+        return {**super().protocol(), "modality": self.modality, "classes": len(names) if names else None,
+                "classnames_templates_sha256": digest}
 
     def log_examples(self, writer: Any, stage: str, step: int, ids: list[str], records: list[dict[str, Any]]) -> None:
         if self.num_examples <= 0:

@@ -174,6 +174,7 @@ def caption_metrics(
     predictions: Mapping[Any, str],
     references: Mapping[Any, Sequence[str]],
     metrics: Sequence[str] = ("BLEU", "METEOR", "ROUGE_L", "CIDEr"),
+    per_image: dict[str, dict[Any, float]] | None = None,
 ) -> dict[str, float]:
     """COCO caption metrics of a whole set of generated captions.
 
@@ -182,6 +183,9 @@ def caption_metrics(
         references: ``{image_id: [reference caption, ...]}`` (at least one each), the same ids.
         metrics: Which to compute, among ``"BLEU"`` (gives ``BLEU_1`` .. ``BLEU_4``), ``"METEOR"``,
             ``"ROUGE_L"`` and ``"CIDEr"`` (CIDEr-D); case-insensitive.
+        per_image: When a dict, it receives ``{"ROUGE_L": {id: score}, "CIDEr": {id: score}}`` for
+            those requested: the two set-level metrics that are means of per-image scores (CIDEr's
+            document frequencies stay those of the whole set). BLEU and METEOR are not such means.
 
     Returns:
         ``{"BLEU_1", ..., "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"}`` (those requested) as floats in
@@ -209,13 +213,19 @@ def caption_metrics(
         elif family == "ROUGE_L":
             from pycocoevalcap.rouge.rouge import Rouge
 
-            out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+            mean, scores = Rouge().compute_score(gts, res)
+            out["ROUGE_L"] = float(mean)
+            if per_image is not None:
+                per_image["ROUGE_L"] = {k: float(v) for k, v in zip(gts, scores)}
         elif family == "CIDEr":
             from pycocoevalcap.cider.cider import Cider
 
             if not any(r.strip() for refs in gts.values() for r in refs):
                 raise UserError("every reference caption is empty after tokenisation; CIDEr is undefined")
-            out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+            mean, scores = Cider().compute_score(gts, res)
+            out["CIDEr"] = float(mean)
+            if per_image is not None:
+                per_image["CIDEr"] = {k: float(v) for k, v in zip(gts, scores)}
     return out
 
 

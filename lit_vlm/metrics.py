@@ -55,6 +55,7 @@ __all__ = [
     "retrieval_metrics_from_similarity",
     "retrieval_ranks",
     "retrieval_ranks_from_similarity",
+    "true_class_ranks",
     "zeroshot_metrics",
     "zeroshot_predictions",
 ]
@@ -358,7 +359,8 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"NaN logits at rows {torch.isnan(logits).any(dim=1).nonzero().flatten()[:5].tolist()}")
 
 
-def _true_class_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def true_class_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's true class ([N, C] scores, [N] labels -> [N]); ties pessimistic."""
     true = logits.gather(1, labels.long().unsqueeze(1))  # [N, 1]
     return (logits >= true).sum(dim=1) - 1  # [N] other classes scoring >= the true one
 
@@ -378,7 +380,7 @@ def zeroshot_metrics(
         labels: True class index ``[N]`` in ``[0, C)``.
     """
     _check_logits(logits, labels)
-    rank = _true_class_rank(logits, labels)  # [N]
+    rank = true_class_ranks(logits, labels)  # [N]
     out = {"top1": (rank < 1).double().mean().item()}
     if logits.shape[1] >= 5:
         out["top5"] = (rank < 5).double().mean().item()
@@ -406,7 +408,7 @@ def zeroshot_predictions(
     labels = labels.long()
     others = logits.scatter(1, labels.unsqueeze(1), float("-inf"))  # [N, C] true class masked
     best_other = others.argmax(dim=1)  # [N] first maximal index (unused when C == 1)
-    return torch.where(_true_class_rank(logits, labels) == 0, labels, best_other)  # [N]
+    return torch.where(true_class_ranks(logits, labels) == 0, labels, best_other)  # [N]
 
 
 def confusion_matrix(

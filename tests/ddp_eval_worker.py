@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             "log_dir": log_dir,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
             "metrics": {} if args.predict else {name: cb.metrics.get("test") for name, cb in callbacks.items()},
+            "per_sample": {} if args.predict else {name: cb.per_sample.get("test") for name, cb in callbacks.items()},
         }
         Path(args.out, "metrics.json").write_text(json.dumps(out, indent=2))
     # Leave the process group together and explicitly: a rank whose gloo threads are still alive at

@@ -276,7 +276,7 @@ def test_callback_collects_pairs_and_logs_examples(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_metrics(preds, refs, metrics=None):
+    def fake_metrics(preds, refs, metrics=None, per_image=None):
         seen["preds"], seen["refs"], seen["metrics"] = preds, refs, metrics
         return {"CIDEr": 1.0}
 

@@ -59,6 +59,18 @@ def finish_all(runs: list[tuple[subprocess.Popen, Path]]) -> list[dict]:
     return results
 
 
+def check_per_sample(per_sample: dict, metrics: dict, units: int) -> None:
+    """Every per-sample (num, den) pair sums back to its metric; every mean_of to its derived metric."""
+    assert len(per_sample["ids"]) == units
+    ratios = {}
+    for name, parts in per_sample["metrics"].items():
+        assert len(parts["num"]) == len(parts["den"]) == units, name
+        ratios[name] = sum(parts["num"]) / sum(parts["den"])
+        assert ratios[name] == pytest.approx(metrics[name], rel=1e-12, abs=1e-12), name
+    for name, parts in per_sample["mean_of"].items():
+        assert sum(ratios[p] for p in parts) / len(parts) == pytest.approx(metrics[name], rel=1e-12), name
+
+
 def direct_caption_metrics(samples: list[dict]) -> dict[str, float]:
     """pycocoevalcap called directly, as COCOEvalCap does, on the double's captions of the whole set."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -102,6 +114,9 @@ def test_caption_metrics_identical_on_one_and_two_processes(tmp_path):
     assert one["world_size"] == 1 and two["world_size"] == 2
     caption_one, caption_two = one["metrics"]["caption"], two["metrics"]["caption"]
     assert caption_one == caption_two
+    assert one["per_sample"] == two["per_sample"]
+    check_per_sample(one["per_sample"]["caption"], caption_one, NUM_IMAGES)
+    assert set(one["per_sample"]["caption"]["metrics"]) == {"ROUGE_L", "CIDEr"}  # BLEU / METEOR are not per-image means
     assert caption_one["num_samples"] == NUM_IMAGES
     assert {k: caption_one[k] for k in direct} == direct
     assert 0 < direct["BLEU_4"] < direct["BLEU_1"] < 1 and 0 < direct["METEOR"] < 1 and direct["CIDEr"] > 0
@@ -142,6 +157,12 @@ def test_retrieval_zeroshot_vqa_identical_on_one_and_two_processes(tmp_path):
     for name in names:
         assert one["metrics"][name] == two["metrics"][name], name
     assert one["logged"] == two["logged"]
+    assert one["per_sample"] == two["per_sample"]  # what reports resample: identical under DDP too
+    check_per_sample(one["per_sample"]["retrieval"], one["metrics"]["retrieval"], NUM_IMAGES)
+    check_per_sample(one["per_sample"]["zeroshot"], one["metrics"]["zeroshot"], NUM_IMAGES)
+    check_per_sample(one["per_sample"]["vqa"], one["metrics"]["vqa"], int(one["metrics"]["vqa"]["num_questions"]))
+    assert {"i2t_R@1", "t2i_R@5", "overall"} <= set(one["per_sample"]["retrieval"]["metrics"]) | set(one["per_sample"]["vqa"]["metrics"])
+    assert set(one["per_sample"]["retrieval"]["mean_of"]) == {"rmean", "mean_R@1"}
 
     samples = make_samples(NUM_IMAGES)
     num_questions = sum(len(s["questions"]) for s in samples)
