@@ -253,7 +253,7 @@ def dataset_identity(dm: Any, stage: str = "test") -> dict[str, Any] | None:
             annotations = dm.eval_annotations(stage)
         except (ValueError, OSError):
             annotations = {}
-    info["annotations"] = {kind: {"path": str(path), "sha256": _sha256(path)} for kind, path in sorted(annotations.items())}
+    info["annotations"] = {kind: {"path": str(Path(path).resolve()), "sha256": _sha256(path)} for kind, path in sorted(annotations.items())}
     return info
 
 

@@ -46,7 +46,8 @@ _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
 `lit-vlm data {synth,karpathy,vqav2,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
-`lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`)."""
+`lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`),
+`lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML)."""
 
 
 class LitVLMCLI(LightningCLI):
@@ -493,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv if explicit else sys.argv[1:])
     if argv and argv[0] in TOOL_GROUPS:
         return tool_main(argv[0], argv[1:])
+    if argv and argv[0] == "report":
+        from lit_vlm import report
+
+        try:
+            return run_reporting_user_errors(lambda: report.main(argv[1:]))
+        except SystemExit as exit_:  # argparse's --help and usage errors
+            return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
 
     def run() -> None:
         LitVLMCLI(args=argv if explicit else None)
