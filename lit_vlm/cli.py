@@ -47,7 +47,8 @@ _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
 `lit-vlm data {synth,karpathy,vqav2,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
 `lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`),
-`lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML)."""
+`lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML),
+`lit-vlm bench --suite quickstart` (fit and test a suite of configs, then build its report)."""
 
 
 class LitVLMCLI(LightningCLI):
@@ -388,6 +389,10 @@ TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
 }
 
 
+#: Single-command tools: ``lit-vlm <name> ...`` runs ``<module>.main``.
+TOOLS: dict[str, str] = {"report": "lit_vlm.report", "bench": "lit_vlm.report.bench"}
+
+
 def run_reporting_user_errors(fn: Callable[[], Any]) -> int:
     """Run ``fn``; a :class:`UserError`, a refused unsafe checkpoint or a file-system error (a path
     that is a file, a folder that cannot be written, a full disk) becomes one paragraph on stderr
@@ -494,11 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv if explicit else sys.argv[1:])
     if argv and argv[0] in TOOL_GROUPS:
         return tool_main(argv[0], argv[1:])
-    if argv and argv[0] == "report":
-        from lit_vlm import report
-
+    if argv and argv[0] in TOOLS:
+        module = importlib.import_module(TOOLS[argv[0]])
         try:
-            return run_reporting_user_errors(lambda: report.main(argv[1:]))
+            return run_reporting_user_errors(lambda: module.main(argv[1:]))
         except SystemExit as exit_:  # argparse's --help and usage errors
             return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
 

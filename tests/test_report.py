@@ -90,10 +90,10 @@ def test_protocols_are_never_ranked_together_and_seeds_merge(tmp_path):
     [section] = build(load_runs([str(tmp_path)]), resamples=200)
     assert section.task == "zeroshot" and len(section.groups) == 2
     first, other = section.groups
-    assert [r.label for r in first.rows] == ["CLIP b (2 seeds)", "CLIP a"]  # ranked: mean(0.75, 0.45) = 0.6 > 0.5
+    assert [r.label for r in first.rows] == ["b (CLIP) (2 seeds)", "a (CLIP)"]  # ranked: mean(0.75, 0.45) = 0.6 > 0.5
     assert first.rows[0].values["top1"] == pytest.approx(0.6) and first.rows[0].spread["top1"] == pytest.approx(0.2121320, rel=1e-6)
     assert first.rows[1].intervals["top1"].value == 0.5 and "top1" not in first.rows[0].intervals  # seeds: std, not CI
-    assert [r.label for r in other.rows] == ["CLIP c"] and other.differs == ["annotations"]
+    assert [r.label for r in other.rows] == ["c (CLIP)"] and other.differs == ["annotations"]
     assert first.rows[0].baselines["top1"] == 0.25  # chance with 4 classes
 
 
@@ -130,3 +130,24 @@ def test_user_strings_are_escaped_and_every_figure_exists(tmp_path):
 def test_the_cli_names_missing_runs_in_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "neither a results file nor a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_runs_a_suite_skips_what_is_done_and_builds_the_report(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "lit_vlm", "bench", "--suite", "tiny", "--only", "clip", "--configs", str(root / "configs"),
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--resamples", "50",
+            "--", "--data.init_args.root", str(tmp_path / "world"), "--trainer.max_steps", "2"]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert "[1/1] clip-tiny" in first.stdout and "Report: " in first.stdout
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert list((tmp_path / "runs" / "clip-tiny").glob("version_*/results.per_sample.json"))
+    again = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and "1 already done" in again.stdout and "[1/1]" not in again.stdout
+    data = json.loads((tmp_path / "report" / "leaderboard.json").read_text())
+    rows = data["sections"][0]["groups"][0]["rows"]
+    assert rows[0]["intervals"] and rows[0]["provenance"]["samples_seen"] == 32  # 2 steps of 16

@@ -120,10 +120,10 @@ def load_runs(paths: list[str]) -> list[Run]:
                 per_sample[prefix] = json.loads((path.parent / name).read_text(encoding="utf-8")).get(prefix)
         runs.append(Run(path, results, fit, fit_dir, per_sample))
     common = Path(os.path.commonpath([str(r.path.parent) for r in runs])) if len(runs) > 1 else None
-    for run in runs:  # "<family> <its folder, relative to what all runs share>"
+    for run in runs:  # "<its folder, relative to what all runs share> (<family class>)"
         folder = run.path.parent if common is None else run.path.parent.relative_to(common)
         name = str(folder) if str(folder) != "." else run.path.parent.name
-        run.label = f"{run.results.get('family', '?')} {name}" + (f" [{run.path.stem}]" if run.path.stem != "results" else "")
+        run.label = f"{name} ({run.results.get('family', '?')})" + (f" [{run.path.stem}]" if run.path.stem != "results" else "")
     return runs
 
 

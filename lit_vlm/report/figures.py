@@ -43,35 +43,44 @@ def _bars(section: Section, path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(max(4, 1.2 * sum(len(g.rows) for g in groups) + 2), 3.2), squeeze=False)
     for ax, (g, group) in zip(axes[0], enumerate(groups)):
         metric = section.headline if section.headline in group.metrics else group.metrics[0]
-        values = [row.values.get(metric, float("nan")) for row in group.rows]
+        scale = _scale(section.task, metric)
+        values = [scale * row.values.get(metric, float("nan")) for row in group.rows]
         errors = [[0.0] * len(values), [0.0] * len(values)]
         for i, row in enumerate(group.rows):
             if metric in row.spread:
-                errors[0][i] = errors[1][i] = row.spread[metric]
+                errors[0][i] = errors[1][i] = scale * row.spread[metric]
             elif metric in row.intervals:
-                errors[0][i] = max(0.0, values[i] - row.intervals[metric].low)
-                errors[1][i] = max(0.0, row.intervals[metric].high - values[i])
+                errors[0][i] = max(0.0, values[i] - scale * row.intervals[metric].low)
+                errors[1][i] = max(0.0, scale * row.intervals[metric].high - values[i])
         ax.bar(range(len(values)), values, yerr=errors, capsize=4, color="#4c72b0")
         baseline = group.rows[0].baselines.get(metric)
         if baseline is not None:
-            ax.axhline(baseline, color="#c44e52", linestyle="--", label="baseline")
+            ax.axhline(scale * baseline, color="#c44e52", linestyle="--", label="baseline")
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(values)), [row.label[:28] for row in group.rows], rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{section.task}: {metric} (protocol {g + 1})", fontsize=9)
+        ax.set_title(f"{section.task}: {metric}{' (%)' if scale == 100 else ''} (protocol {g + 1})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _scale(task: str, metric: str) -> float:
+    """100 for fractions (shown in percent, as in the tables), else 1."""
+    from lit_vlm.metrics import describe_metric
+
+    return 100.0 if describe_metric(f"test/{task}/{metric}").get("unit") == "fraction" else 1.0
 
 
 def _cost(section: Section, path: Path) -> bool:
     plt = _plt()
     group = section.groups[0]
     metric = section.headline
+    scale = _scale(section.task, metric)
     axes_spec = (("train_s", "training wall time (s)"), ("samples_seen", "training samples seen"), ("parameters", "parameters"))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     drawn = False
     for ax, (key, title) in zip(axes, axes_spec):
-        points = [(row.provenance().get(key), row.values.get(metric), row.label) for row in group.rows]
+        points = [(row.provenance().get(key), scale * row.values.get(metric, float("nan")), row.label) for row in group.rows]
         points = [(x, y, label) for x, y, label in points if isinstance(x, (int, float)) and x > 0 and y is not None]
         for x, y, label in points:
             ax.scatter([x], [y])
@@ -80,7 +89,7 @@ def _cost(section: Section, path: Path) -> bool:
             ax.set_xscale("log")
             drawn = True
         ax.set_xlabel(title, fontsize=8)
-        ax.set_ylabel(metric, fontsize=8)
+        ax.set_ylabel(metric + (" (%)" if scale == 100 else ""), fontsize=8)
     fig.suptitle(f"{section.task}: {metric} against cost (protocol 1)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
