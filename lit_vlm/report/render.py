@@ -36,6 +36,12 @@ def fmt(task: str, metric: str, value: float | None) -> str:
     return f"{value:.3f}"
 
 
+def shown(metrics: list[str]) -> list[str]:
+    """The metrics the tables show: all but the per-question-type breakdowns (dozens of columns for
+    VQA); CSV and JSON keep every metric."""
+    return [m for m in metrics if not m.startswith("question_type/")]
+
+
 def _cell(task: str, metric: str, row: Row) -> str:
     text = fmt(task, metric, row.values.get(metric))
     if metric in row.spread:
@@ -115,14 +121,14 @@ def to_markdown(sections: list[Section], figures: dict[str, list[tuple[str, str]
             if group.differs:
                 lines.append(f"(not ranked with protocol 1: differs in {md_escape(', '.join(group.differs))})")
             lines.append("")
-            header = ["#", "run", *(_metric_title(section.task, m) for m in group.metrics), "n", "params", "samples seen", "train s"]
+            header = ["#", "run", *(_metric_title(section.task, m) for m in shown(group.metrics)), "n", "params", "samples seen", "train s"]
             lines += ["| " + " | ".join(md_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
             for rank, row in enumerate(group.rows, 1):
                 prov = row.provenance()
-                cells = [str(rank), md_escape(row.label), *(md_escape(_cell(section.task, m, row)) for m in group.metrics),
+                cells = [str(rank), md_escape(row.label), *(md_escape(_cell(section.task, m, row)) for m in shown(group.metrics)),
                          str(row.samples or ""), _count(prov["parameters"]), _count(prov["samples_seen"]), _seconds(prov["train_s"])]
                 lines.append("| " + " | ".join(cells) + " |")
-            baselines = {m: group.rows[0].baselines[m] for m in group.metrics if m in group.rows[0].baselines}
+            baselines = {m: group.rows[0].baselines[m] for m in shown(group.metrics) if m in group.rows[0].baselines}
             if baselines:
                 lines += ["", "Baseline: " + ", ".join(f"{md_escape(m)} {fmt(section.task, m, v)}" for m, v in baselines.items())]
             lines.append("")
@@ -183,12 +189,12 @@ def to_html(sections: list[Section], figures: dict[str, list[tuple[str, str]]] |
             out.append(f"<p class='protocol'>Protocol {g + 1}: {e(_protocol_line(group))}</p>")
             if group.differs:
                 out.append(f"<p class='note'>Not ranked with protocol 1: it differs in {e(', '.join(group.differs))}.</p>")
-            head = ["#", "run", *(_metric_title(section.task, m) for m in group.metrics), "n", "params", "samples seen", "train s", "commit"]
+            head = ["#", "run", *(_metric_title(section.task, m) for m in shown(group.metrics)), "n", "params", "samples seen", "train s", "commit"]
             out.append("<table class='sortable'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>")
             for rank, row in enumerate(group.rows, 1):
                 prov = row.provenance()
                 cells = [f"<td>{rank}</td>", f"<td title='{e(str(prov.get('results')))}'>{e(row.label)}</td>"]
-                for m in group.metrics:
+                for m in shown(group.metrics):
                     value = row.values.get(m)
                     cells.append(f"<td data-v='{'' if value is None else value}'>{e(_cell(section.task, m, row))}</td>")
                 cells += [f"<td>{row.samples or ''}</td>", f"<td data-v='{prov['parameters'] or ''}'>{_count(prov['parameters'])}</td>",
@@ -196,7 +202,7 @@ def to_html(sections: list[Section], figures: dict[str, list[tuple[str, str]]] |
                           f"<td>{_seconds(prov['train_s'])}</td>", f"<td>{e(str(prov.get('commit') or ''))}</td>"]
                 out.append("<tr>" + "".join(cells) + "</tr>")
             out.append("</tbody></table>")
-            baselines = {m: group.rows[0].baselines[m] for m in group.metrics if m in group.rows[0].baselines}
+            baselines = {m: group.rows[0].baselines[m] for m in shown(group.metrics) if m in group.rows[0].baselines}
             if baselines:
                 out.append("<p>Baseline: " + ", ".join(f"{e(m)} {e(fmt(section.task, m, v))}" for m, v in baselines.items()) + "</p>")
         for caption, path in (figures or {}).get(section.task, []):
