@@ -134,6 +134,15 @@ def _row(task: str, runs: list[Run], resamples: int) -> Row:
     return row
 
 
+def _headline(task: str, metrics: list[str]) -> str:
+    """The task's own headline, else the first known headline among its metrics (a second VQA
+    evaluation ranks by ``overall`` too), else its first metric."""
+    for name in (HEADLINE.get(task), *HEADLINE.values()):
+        if name in metrics:
+            return name
+    return metrics[0]
+
+
 def _order(metric: str, headline: str) -> tuple:
     """Headline first, then recall@k by direction and k, then the rest alphabetically."""
     stem, _, k = metric.rpartition("@")
@@ -161,14 +170,13 @@ def build(runs: list[Run], resamples: int = 1000) -> list[Section]:
         for protocol, configs in by_protocol.values():
             rows = [_row(task, members, resamples) for members in configs.values()]
             metrics = list(dict.fromkeys(m for row in rows for m in row.values))
-            headline = HEADLINE.get(task) if HEADLINE.get(task) in metrics else metrics[0]
+            headline = _headline(task, metrics)
             metrics.sort(key=lambda m: _order(m, headline))
             better = describe_metric(f"test/{task}/{headline}").get("higher_is_better") is not False
             rows.sort(key=lambda r: r.values.get(headline, -math.inf if better else math.inf), reverse=better)
             groups.append(Group(protocol, rows, metrics))
         for group in groups[1:]:
             group.differs = _differs(groups[0].protocol, group.protocol)
-        first = groups[0].metrics
-        headline = HEADLINE.get(task) if HEADLINE.get(task) in first else first[0]
+        headline = _headline(task, groups[0].metrics)
         sections.append(Section(task, headline, groups))
     return sections

@@ -207,10 +207,10 @@ def to_html(sections: list[Section], figures: dict[str, list[tuple[str, str]]] |
                 out.append("<p>Baseline: " + ", ".join(f"{e(m)} {e(fmt(section.task, m, v))}" for m, v in baselines.items()) + "</p>")
         for caption, path in (figures or {}).get(section.task, []):
             out.append(f"<figure><img src='{e(path)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>")
-        shown = (examples or {}).get(section.task, [])
-        if shown:
+        picked = (examples or {}).get(section.task, [])
+        if picked:
             out.append("<table class='examples'><thead><tr><th>run</th><th>image</th><th>output and references</th></tr></thead><tbody>")
-            for ex in shown:
+            for ex in picked:
                 image = f"<img src='{e(ex['image'])}' alt='' width='96'>" if ex.get("image") else ""
                 texts = "<br>".join(e(t) for t in ex.get("texts", []))
                 out.append(f"<tr><td>{e(ex.get('run', ''))}</td><td>{image}</td><td>{texts}</td></tr>")
