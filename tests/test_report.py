@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lit_vlm.cli import main
+from lit_vlm.errors import UserError
 from lit_vlm.report import build_report
 from lit_vlm.report.collect import load_runs
 from lit_vlm.report.leaderboard import build
@@ -125,6 +126,26 @@ def test_user_strings_are_escaped_and_every_figure_exists(tmp_path):
     rows = json.loads(files["json"].read_text())["sections"][0]["groups"][0]["rows"]
     assert [r["rank"] for r in rows] == [1, 2] and rows[0]["values"]["top1"] == 0.5
     assert files["csv"].read_text().count("\n") == 4  # header + a line per (row, metric): 2 zero-shot, 1 caption
+
+
+def test_an_earlier_report_merges_by_protocol_and_a_rerun_replaces_its_row(tmp_path):
+    write_run(tmp_path / "old" / "a", r1=0.50, caption="a red circle")
+    write_run(tmp_path / "old" / "b", r1=0.25, lr=2e-3)
+    write_run(tmp_path / "old" / "c", r1=0.99, lr=3e-3, annotations="b" * 64)  # another protocol
+    earlier = build_report([str(tmp_path / "old")], tmp_path / "first", resamples=100)["json"]
+    write_run(tmp_path / "new" / "b", r1=0.75, lr=2e-3)  # b again, better: replaces the stored row
+    write_run(tmp_path / "new" / "d", r1=0.60, lr=4e-3)
+    files = build_report([str(tmp_path / "new")], tmp_path / "merged", resamples=100, merge=[str(earlier)])
+    [section] = json.loads(files["json"].read_text())["sections"][:1]
+    first, other = section["groups"]
+    assert [r["run"] for r in first["rows"]] == ["b (CLIP)", "d (CLIP)", "a (CLIP)"]  # one ranking, no duplicate b
+    assert first["rows"][0]["values"]["top1"] == 0.75 and first["rows"][0]["provenance"]["merged_from"] is None
+    stored = first["rows"][2]
+    assert stored["provenance"]["merged_from"] == str(earlier) and stored["intervals"]["top1"]["low"] <= 0.5
+    assert [r["run"] for r in other["rows"]] == ["c (CLIP)"] and other["differs_from_first"] == ["annotations"]
+    assert "a red circle" in files["html"].read_text()  # the stored caption example came along
+    with pytest.raises(UserError, match="not a leaderboard.json"):
+        build_report([], tmp_path / "bad", merge=[str(tmp_path / "new" / "b" / "results.json")])
 
 
 def test_the_cli_names_missing_runs_in_one_line(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     lit-vlm report runs/ --out reports/leaderboard
     lit-vlm report 'runs/*/version_*' --compare "CLIP runs/clip-a/version_0" "CLIP runs/clip-b/version_0"
+    lit-vlm report runs/coca-quickstart --merge benchmarks/leaderboard/quickstart/leaderboard.json --out reports/all
 
 Rooms: :mod:`~lit_vlm.report.collect` (reading runs, protocols), :mod:`~lit_vlm.report.uncertainty`
 (bootstrap, seeds, paired comparisons), :mod:`~lit_vlm.report.leaderboard` (sections, groups, rows),
@@ -21,19 +22,29 @@ __all__ = ["build_report", "main"]
 
 
 def build_report(paths: list[str], out: str | Path, resamples: int = 1000, title: str = "lit-vlm leaderboard",
-                 compare: tuple[str, str] | None = None) -> dict[str, Path]:
-    """Collect the runs under ``paths`` and write the report into ``out``; returns the files written."""
+                 compare: tuple[str, str] | None = None, merge: list[str] | None = None) -> dict[str, Path]:
+    """Collect the runs under ``paths``, add the rows of earlier reports' ``leaderboard.json`` files
+    (``merge``), and write the report into ``out``; returns the files written."""
     from lit_vlm.report import figures, render
     from lit_vlm.report.collect import load_runs
     from lit_vlm.report.leaderboard import build
+    from lit_vlm.report.leaderboard import merge as merge_report
 
-    runs = load_runs(paths)
+    runs = load_runs(paths) if paths else []
     sections = build(runs, resamples=resamples)
+    shown = figures.examples(runs)
+    for earlier in merge or []:
+        sections = merge_report(sections, Path(earlier))
+        kept = {row.label for s in sections for g in s.groups for row in g.rows if row.source == Path(earlier)}
+        stored = json.loads(Path(earlier).read_text(encoding="utf-8")).get("examples") or {}
+        for task, items in stored.items():
+            shown.setdefault(task, []).extend(item for item in items if item.get("run") in kept)
+    if not sections:
+        raise UserError(f"lit-vlm report: nothing to report in {paths + (merge or [])}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     drawn = figures.write_figures(runs, sections, out)
-    shown = figures.examples(runs)
-    data = render.to_json(sections)
+    data = render.to_json(sections, shown)
     if compare:
         data["comparison"] = compare_runs(runs, *compare, resamples=resamples)
     files = {
@@ -74,7 +85,10 @@ def compare_runs(runs: list, label_a: str, label_b: str, resamples: int = 1000) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lit-vlm report", description="Build a leaderboard (Markdown, CSV, JSON, HTML) from results.json files.")
-    parser.add_argument("paths", nargs="+", help="results.json files, run folders (searched recursively) or globs")
+    parser.add_argument("paths", nargs="*", help="results.json files, run folders (searched recursively) or globs")
+    parser.add_argument("--merge", nargs="+", metavar="LEADERBOARD_JSON", default=[],
+                        help="earlier reports' leaderboard.json: their rows join this report (a run of this report replaces a row "
+                             "of the same label), ranked beside it only under the same protocol")
     parser.add_argument("--out", default="reports/leaderboard", help="output folder (default: reports/leaderboard)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--title", default="lit-vlm leaderboard")
@@ -82,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resamples < 10:
         raise UserError(f"--resamples must be >= 10, got {args.resamples}")
-    files = build_report(args.paths, args.out, args.resamples, args.title, tuple(args.compare) if args.compare else None)
+    if not args.paths and not args.merge:
+        parser.error("give run folders or results.json files, or --merge an earlier leaderboard.json")
+    files = build_report(args.paths, args.out, args.resamples, args.title, tuple(args.compare) if args.compare else None,
+                         args.merge)
     data = json.loads(files["json"].read_text(encoding="utf-8"))
     rows = sum(len(g["rows"]) for s in data["sections"] for g in s["groups"])
     print(f"Leaderboard: {len(data['sections'])} task(s), {rows} row(s)")

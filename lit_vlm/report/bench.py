@@ -3,6 +3,7 @@
     lit-vlm bench --suite quickstart                 # every configs/*/quickstart.yaml, seed 0
     lit-vlm bench --suite tiny --seeds 0 1 2         # the smoke suite, three seeds
     lit-vlm bench --suite quickstart --only clip lit -- --trainer.max_epochs 1
+    lit-vlm bench --only coca --merge benchmarks/leaderboard/quickstart/leaderboard.json   # add a family
 
 Each run is a ``lit-vlm fit`` and a ``lit-vlm test --ckpt_path best`` (``last`` when the fit never
 validated) in a subprocess, logged to
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs", help="where the runs are written (the logger's save_dir)")
     parser.add_argument("--out", default=None, help="report folder (default: reports/<suite>)")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--merge", nargs="+", default=[], metavar="LEADERBOARD_JSON",
+                        help="earlier reports whose rows join the report (see `lit-vlm report --merge`)")
     args = parser.parse_args(argv)
     configs = suite_configs(args.suite, Path(args.configs), args.only)
     runs = Path(args.runs)
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lit-vlm bench: no run of the suite finished ({', '.join(failed)} failed)", file=sys.stderr)
         return 1
     files = build_report(finished,
-                         args.out or f"reports/{args.suite}", resamples=args.resamples, title=f"lit-vlm {args.suite} leaderboard")
+                         args.out or f"reports/{args.suite}", resamples=args.resamples, title=f"lit-vlm {args.suite} leaderboard",
+                         merge=args.merge)
     print(f"Report: {files['html'].resolve()}\n  Markdown: {files['markdown'].resolve()}")
     if failed:
         print(f"lit-vlm bench: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

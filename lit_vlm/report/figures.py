@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -162,13 +163,28 @@ def write_figures(runs: list[Run], sections: list[Section], out: Path) -> dict[s
             tag, caption = _TB_IMAGES[section.task]
             for row in section.groups[0].rows[:4]:
                 name = f"{_slug(row.label)}_{section.task}.png"
-                if _tb_image(row.runs[0].path.parent, tag, folder / name):
+                if _tb_image(row.runs[0].path.parent, tag, folder / name) if row.runs else _copy_merged(row, name, folder):
                     items.append((f"{row.label}: {caption}", f"figures/{name}"))
     if _curves(runs, sections, folder / "training_curves.png"):
         figures["training"] = [("training loss and validation headline metrics against steps", "figures/training_curves.png")]
     else:
         (folder / "training_curves.png").unlink(missing_ok=True)
+    merged = sorted({row.source for s in sections for g in s.groups for row in g.rows if row.source is not None})
+    for n, source in enumerate(merged, 1):  # earlier reports' training curves, as they drew them
+        name = f"training_curves_merged_{n}.png"
+        if (source.parent / "figures" / "training_curves.png").is_file():
+            shutil.copyfile(source.parent / "figures" / "training_curves.png", folder / name)
+            figures.setdefault("training", []).append((f"training curves of the runs merged from {source}", f"figures/{name}"))
     return figures
+
+
+def _copy_merged(row, name: str, folder: Path) -> bool:
+    """A merged row's example figure, copied from the report it comes from (same file name)."""
+    found = row.source.parent / "figures" / name
+    if not found.is_file():
+        return False
+    shutil.copyfile(found, folder / name)
+    return True
 
 
 def examples(runs: list[Run], limit: int = 5) -> dict[str, list[dict[str, Any]]]:

@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from lit_vlm.errors import UserError
 from lit_vlm.metrics import describe_metric
 from lit_vlm.report.collect import Run, protocol_of
 from lit_vlm.report.uncertainty import Interval, bootstrap, seed_summary
 
-__all__ = ["HEADLINE", "Group", "Row", "Section", "build"]
+__all__ = ["HEADLINE", "Group", "Row", "Section", "build", "merge"]
 
 #: The metric a task's rows are ranked by (else its first metric).
 HEADLINE = {"retrieval": "mean_R@1", "zeroshot": "top1", "vqa": "overall", "caption": "CIDEr"}
@@ -41,13 +43,17 @@ class Row:
     spread: dict[str, float] = field(default_factory=dict)  # several seeds: standard deviation
     baselines: dict[str, float] = field(default_factory=dict)
     samples: int | None = None
+    source: Path | None = None  # the earlier report's leaderboard.json a merged row comes from (no runs)
+    stored: dict[str, Any] = field(default_factory=dict)  # that row's provenance as the report wrote it
 
     @property
     def seeds(self) -> list[Any]:
         return [r.seed for r in self.runs]
 
     def provenance(self) -> dict[str, Any]:
-        """Cost and provenance of the row's (first) run."""
+        """Cost and provenance of the row's (first) run, or as the earlier report recorded it."""
+        if self.source is not None:
+            return {**self.stored, "merged_from": str(self.source)}
         run = self.runs[0]
         res, fit = run.results, run.fit or {}
         params = res.get("parameters") or fit.get("parameters") or {}
@@ -67,6 +73,7 @@ class Row:
             "seeds": ", ".join(str(s) for s in self.seeds),
             "date": res.get("date"),
             "results": str(run.path),
+            "merged_from": None,
         }
 
 
@@ -156,27 +163,68 @@ def _differs(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return [k for k in keys if json.dumps(a.get(k), sort_keys=True) != json.dumps(b.get(k), sort_keys=True)]
 
 
+def _rank(task: str, groups: list[Group]) -> Section:
+    """Order each group's metrics and rows by the headline; name how later groups differ from the first."""
+    for group in groups:
+        group.metrics = list(dict.fromkeys([*group.metrics, *(m for row in group.rows for m in row.values)]))
+        headline = _headline(task, group.metrics)
+        group.metrics.sort(key=lambda m: _order(m, headline))
+        better = describe_metric(f"test/{task}/{headline}").get("higher_is_better") is not False
+        group.rows.sort(key=lambda r: r.values.get(headline, -math.inf if better else math.inf), reverse=better)
+    for group in groups[1:]:
+        group.differs = _differs(groups[0].protocol, group.protocol)
+    return Section(task, _headline(task, groups[0].metrics), groups)
+
+
 def build(runs: list[Run], resamples: int = 1000) -> list[Section]:
     """Sections by task, groups by protocol, rows by configuration, ranked (module docstring)."""
     sections = []
-    tasks = sorted({t for r in runs for t in r.tasks()}, key=lambda t: (list(HEADLINE).index(t) if t in HEADLINE else 99, t))
+    tasks = sorted({t for r in runs for t in r.tasks()}, key=_task_order)
     for task in tasks:
         by_protocol: dict[str, tuple[dict[str, Any], dict[str, list[Run]]]] = {}
         for run in (r for r in runs if task in r.tasks()):
             protocol = protocol_of(run, task)
             key = json.dumps(protocol, sort_keys=True)
             by_protocol.setdefault(key, (protocol, {}))[1].setdefault(run.config_key(), []).append(run)
-        groups = []
-        for protocol, configs in by_protocol.values():
-            rows = [_row(task, members, resamples) for members in configs.values()]
-            metrics = list(dict.fromkeys(m for row in rows for m in row.values))
-            headline = _headline(task, metrics)
-            metrics.sort(key=lambda m: _order(m, headline))
-            better = describe_metric(f"test/{task}/{headline}").get("higher_is_better") is not False
-            rows.sort(key=lambda r: r.values.get(headline, -math.inf if better else math.inf), reverse=better)
-            groups.append(Group(protocol, rows, metrics))
-        for group in groups[1:]:
-            group.differs = _differs(groups[0].protocol, group.protocol)
-        headline = _headline(task, groups[0].metrics)
-        sections.append(Section(task, headline, groups))
+        groups = [Group(protocol, [_row(task, members, resamples) for members in configs.values()], [])
+                  for protocol, configs in by_protocol.values()]
+        sections.append(_rank(task, groups))
     return sections
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    return (list(HEADLINE).index(task) if task in HEADLINE else 99, task)
+
+
+def merge(sections: list[Section], report: Path) -> list[Section]:
+    """Add the rows of an earlier report (its ``leaderboard.json``) to ``sections``: a row joins the
+    group with the same protocol, so it is ranked beside today's runs only when its numbers mean the
+    same; a row whose label a run of this report has is replaced by that run. Values, intervals,
+    seeds' spread, baselines and provenance are kept as that report computed them."""
+    try:
+        data = json.loads(Path(report).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"lit-vlm report --merge: cannot read {report}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("sections"), list):
+        raise UserError(f"lit-vlm report --merge: {report} is not a leaderboard.json written by `lit-vlm report` (no 'sections')")
+    live = {row.label for s in sections for g in s.groups for row in g.rows}
+    by_task = {s.task: s.groups for s in sections}
+    for stored_section in data["sections"]:
+        groups = by_task.setdefault(stored_section["task"], [])
+        for stored_group in stored_section["groups"]:
+            key = json.dumps(stored_group["protocol"], sort_keys=True)
+            group = next((g for g in groups if json.dumps(g.protocol, sort_keys=True) == key), None)
+            if group is None:
+                group = Group(stored_group["protocol"], [], list(stored_group.get("metrics") or []))
+                groups.append(group)
+            for r in stored_group["rows"]:
+                if r["run"] in live:
+                    continue
+                values = {k: float(v) for k, v in r["values"].items()}
+                intervals = {k: Interval(values.get(k, math.nan), v["low"], v["high"], v.get("level", 0.95))
+                             for k, v in (r.get("intervals") or {}).items()}
+                group.rows.append(Row(r["run"], [], values, intervals, dict(r.get("std_over_seeds") or {}),
+                                      dict(r.get("baselines") or {}), r.get("samples"), Path(report),
+                                      {k: v for k, v in (r.get("provenance") or {}).items() if k != "merged_from"}))
+    kept = {task: [g for g in groups if g.rows] for task, groups in by_task.items()}
+    return [_rank(task, groups) for task, groups in sorted(kept.items(), key=lambda item: _task_order(item[0])) if groups]

@@ -21,7 +21,7 @@ from lit_vlm.report.leaderboard import Group, Row, Section
 __all__ = ["fmt", "to_csv", "to_html", "to_json", "to_markdown"]
 
 PROVENANCE = ("parameters", "trainable", "samples_seen", "train_s", "test_samples_per_s", "machine", "commit", "seeds",
-              "config", "data", "date")
+              "config", "data", "date", "merged_from")
 
 
 def fmt(task: str, metric: str, value: float | None) -> str:
@@ -72,8 +72,9 @@ def _protocol_line(group: Group) -> str:
     return "; ".join(parts)
 
 
-def to_json(sections: list[Section]) -> dict[str, Any]:
-    """Plain data: every section, group, row, value, interval, spread, baseline and provenance."""
+def to_json(sections: list[Section], examples: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Plain data: every section, group, row, value, interval, spread, baseline and provenance, and the
+    qualitative examples (so that a later report can merge this one, examples included)."""
     out = []
     for section in sections:
         groups = []
@@ -85,7 +86,7 @@ def to_json(sections: list[Section]) -> dict[str, Any]:
             } for rank, row in enumerate(group.rows, 1)]
             groups.append({"protocol": group.protocol, "differs_from_first": group.differs, "metrics": group.metrics, "rows": rows})
         out.append({"task": section.task, "headline": section.headline, "groups": groups})
-    return {"schema_version": 1, "sections": out}
+    return {"schema_version": 2, "sections": out, "examples": examples or {}}
 
 
 def to_csv(sections: list[Section]) -> str:
