@@ -2,6 +2,7 @@
 
 from lit_vlm.callbacks.base import EvalCallback
 from lit_vlm.callbacks.captioning import CaptionEvaluation
+from lit_vlm.callbacks.compositional import CompositionalEvaluation
 from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
 from lit_vlm.callbacks.predictions import PredictionWriter
 from lit_vlm.callbacks.results import Checkpoint, ResultsWriter
@@ -13,6 +14,7 @@ from lit_vlm.callbacks.zeroshot import ZeroShotEvaluation
 __all__ = [
     "CaptionEvaluation",
     "Checkpoint",
+    "CompositionalEvaluation",
     "DataStats",
     "EvalCallback",
     "NonFiniteLoss",

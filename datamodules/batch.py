@@ -66,6 +66,10 @@ class ImageTextBatch(Batch, total=False):
     qa_mask: torch.Tensor  # [Q, L] bool, real tokens
     qa_answer_mask: torch.Tensor  # [Q, L] bool, the answer and end token
     qa_owner: torch.Tensor  # [Q] long, each question's image row
+    # with hard_negatives = K only:
+    negative_ids: torch.Tensor  # [B, K, L] long, hard negatives of each caption (padding rows empty)
+    negative_mask: torch.Tensor  # [B, K, L] bool, real tokens
+    negative_valid: torch.Tensor  # [B, K] bool, rows that hold a negative
 
 
 class ImageTextEvalBatch(ImageTextBatch, total=False):

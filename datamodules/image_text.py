@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lit_vlm.datamodules import convert, manifests, synth
+from lit_vlm.datamodules import convert, manifests, negatives, synth
 from lit_vlm.datamodules.corpus import Corpus, Split
 from lit_vlm.datamodules.shards import ShardDataModule
 from lit_vlm.datamodules.stream import BadSample
@@ -118,6 +118,8 @@ class ImageTextDecoder:
         require_caption: bool = True,
         image_root: str | None = None,
         train_vqa: bool | int = False,
+        hard_negatives: int = 0,
+        negative_kinds: Sequence[str] = negatives.NEGATIVE_KINDS,
     ) -> None:
         if caption_sampling not in _CAPTION_SAMPLING:
             raise UserError(f"caption_sampling must be one of {_CAPTION_SAMPLING}, got {caption_sampling!r}")
@@ -130,6 +132,8 @@ class ImageTextDecoder:
         self.require_caption = require_caption
         self.image_root = None if image_root is None else Path(image_root)
         self.train_vqa = int(train_vqa)
+        self.hard_negatives = int(hard_negatives)
+        self.negative_kinds = list(negative_kinds)
 
     @staticmethod
     def _train_questions(meta: dict[str, Any], generator: torch.Generator, k: int) -> list[tuple[str, str]]:
@@ -269,6 +273,14 @@ class ImageTextDecoder:
             raise BadSample("missing_caption", "no txt member and no captions in the json")
         return []
 
+    @staticmethod
+    def _stored_negatives(meta: dict[str, Any], captions: list[str], index: int) -> dict[str, str] | None:
+        """The JSON ``negatives`` of caption ``index`` (the synthetic world's, exact), if the sample has them."""
+        stored = meta.get("negatives")
+        if not isinstance(stored, list) or len(stored) != len(captions) or not isinstance(stored[index], dict):
+            return None
+        return {k: v for k, v in stored[index].items() if isinstance(v, str)}
+
     def __call__(self, raw: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         meta = self._metadata(raw)
         source = self._image_source(raw, meta)
@@ -286,11 +298,14 @@ class ImageTextDecoder:
         elif isinstance(label, bool) or not isinstance(label, int):
             raise BadSample("bad_json", f"json 'label' is {label!r}, not an integer class index")
         if self.train:
+            index = 0
             if self.caption_sampling == "random" and len(captions) > 1:
-                caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
-            else:
-                caption = captions[0]
+                index = int(torch.randint(len(captions), (1,), generator=generator))
+            caption = captions[index]
             sample = {"image": image, "caption": caption, "label": label}
+            if self.hard_negatives:
+                sample["negatives"] = negatives.pick(caption, self._stored_negatives(meta, captions, index),
+                                                     self.hard_negatives, self.negative_kinds, generator)
             if self.train_vqa:
                 sample["qa"] = self._train_questions(meta, generator, self.train_vqa)
             return sample
@@ -307,10 +322,11 @@ class ImageTextCollator:
         train: Training layout (one caption per image) or evaluation layout (all captions).
     """
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int, train: bool) -> None:
+    def __init__(self, tokenizer: Tokenizer, context_length: int, train: bool, hard_negatives: int = 0) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.train = train
+        self.hard_negatives = hard_negatives
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {
@@ -321,6 +337,14 @@ class ImageTextCollator:
             batch["text_ids"], batch["text_mask"] = self.tokenizer.encode(
                 [s["caption"] for s in samples], self.context_length
             )
+            if self.hard_negatives:  # K rows per image, empty ones masked out (the same K on every rank)
+                k = self.hard_negatives
+                texts = [(s.get("negatives") or [])[:k] for s in samples]
+                padded = [t for row in texts for t in row + [""] * (k - len(row))]
+                ids, mask = self.tokenizer.encode(padded, self.context_length)  # [B*K, L]
+                batch["negative_ids"] = ids.view(len(samples), k, -1)  # [B, K, L]
+                batch["negative_mask"] = mask.view(len(samples), k, -1)  # [B, K, L]
+                batch["negative_valid"] = torch.tensor([[j < len(row) for j in range(k)] for row in texts])  # [B, K]
             if any("qa" in s for s in samples):
                 qa = [(row, pair) for row, s in enumerate(samples) for pair in s.get("qa") or []]
                 batch["question"] = [q for _, (q, _) in qa]
@@ -357,6 +381,7 @@ EVAL_ANNOTATION_KINDS: dict[str, str] = {
     "captions": "captions_{split}",
     "vqa_questions": "vqa_{split}_questions",
     "vqa_annotations": "vqa_{split}_annotations",
+    "compositional": "compositional_{split}",
 }
 
 
@@ -383,6 +408,8 @@ class ImageTextCorpus(Corpus):
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_root: str | None = None,
         train_vqa: bool | int = False,
+        hard_negatives: int = 0,
+        negative_kinds: list[str] | None = None,
         synthesize: bool = True,
         synth_config: dict[str, Any] | None = None,
     ) -> None:
@@ -400,6 +427,13 @@ class ImageTextCorpus(Corpus):
         if not isinstance(train_vqa, int) or train_vqa < 0:
             raise UserError(f"data train_vqa must be true/false or a number of questions per image >= 0, got {train_vqa!r}")
         self.train_vqa = train_vqa
+        if not isinstance(hard_negatives, int) or isinstance(hard_negatives, bool) or hard_negatives < 0:
+            raise UserError(f"data hard_negatives must be a number of negatives per caption >= 0, got {hard_negatives!r}")
+        self.hard_negatives = hard_negatives
+        try:
+            self.negative_kinds = negatives.check_kinds(list(negative_kinds or negatives.NEGATIVE_KINDS), "data negative_kinds")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         self.synthesize = synthesize
         self.synth_config = dict(synth_config or {})
         self._check_settings()
@@ -522,10 +556,13 @@ class ImageTextCorpus(Corpus):
             require_caption=split.name != "predict",
             image_root=self._image_root(split),
             train_vqa=self.train_vqa if split.train else 0,
+            hard_negatives=self.hard_negatives if split.train else 0,
+            negative_kinds=self.negative_kinds,
         )
 
     def collator(self, split: Split) -> ImageTextCollator:
-        return ImageTextCollator(self.tokenizer, self.context_length, train=split.train)
+        return ImageTextCollator(self.tokenizer, self.context_length, train=split.train,
+                                 hard_negatives=self.hard_negatives if split.train else 0)
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
@@ -616,6 +653,12 @@ class ImageTextDataModule(ShardDataModule):
             generation (``vqa_weight`` of BLIP, CoCa, PrefixLM); see the batch contract. More
             questions per image add question-answering signal for the cost of short text
             sequences only: the image is encoded once.
+        hard_negatives: Give every training caption up to this many compositional hard negatives
+            (the caption with one thing changed; NegCLIP, Yuksekgonul et al. 2023), which the
+            contrastive families score as extra texts: the synthetic world's exact ones from each
+            scene, else rule-based from the text (:mod:`lit_vlm.datamodules.negatives`).
+        negative_kinds: Which kinds to draw them from (default all: ``replace_object``,
+            ``replace_attribute``, ``swap_attributes``, ``swap_objects``).
     """
 
     def __init__(
@@ -650,12 +693,14 @@ class ImageTextDataModule(ShardDataModule):
         val_annotations: dict[str, str] | None = None,
         test_annotations: dict[str, str] | None = None,
         train_vqa: bool | int = False,
+        hard_negatives: int = 0,
+        negative_kinds: list[str] | None = None,
     ) -> None:
         corpus = ImageTextCorpus(
             image_size=image_size, mean=mean, std=std, train_crop_scale=train_crop_scale, tokenizer=tokenizer,
             context_length=context_length, caption_sampling=caption_sampling, image_keys=image_keys,
             max_image_pixels=max_image_pixels, image_root=image_root, train_vqa=train_vqa,
-            synthesize=synthesize, synth_config=synth_config,
+            hard_negatives=hard_negatives, negative_kinds=negative_kinds, synthesize=synthesize, synth_config=synth_config,
         )  # fmt: skip
         super().__init__(
             corpus, root=root, train_shards=train_shards, train_weights=train_weights, val_shards=val_shards,

@@ -15,6 +15,7 @@ It is written in the formats real corpora use, so the same loaders serve both::
       test/shard-000000.tar ...
       annotations/captions_{val,test}.json                    COCO caption format
       annotations/vqa_{val,test}_{questions,annotations}.json VQAv2 format
+      annotations/compositional_{val,test}.json               true caption against one-change negatives
       zeroshot.json                       {"classnames": [...], "templates": [...]}
 
 Determinism: every sample draws from its own random streams, derived from
@@ -27,7 +28,8 @@ Each sample's ``KEY.json`` holds ``key``, ``image_id`` (train 1..N, val 1_000_00
 ``KEY.txt``), ``captions``, ``label``, ``classname``, ``objects`` (shape, colour, size, row,
 col), ``background`` and ``questions`` (question_id = image_id * 10 + j, question, answers,
 answer_type, question_type, multiple_choice_answer and answer_confidences, the latter so
-that the VQAv2 annotation file can be rebuilt from the shards).
+that the VQAv2 annotation file can be rebuilt from the shards) and ``negatives`` (per caption,
+``{kind: text}``: compositional hard negatives, exact from the scene; see :func:`perturb`).
 
 Usage::
 
@@ -79,6 +81,9 @@ __all__ = [
     "make_scene",
     "render",
     "captions",
+    "captions_with_negatives",
+    "perturb",
+    "NEGATIVE_KINDS",
     "questions",
     "vocabulary",
     "tokenize",
@@ -753,7 +758,9 @@ class _CaptionBuilder:
             makers.append(self.relational)
             weights.append(2.5)
         p = np.asarray(weights) / sum(weights)
-        return makers[int(self.rng.choice(len(makers), p=p))]() + "."
+        maker = makers[int(self.rng.choice(len(makers), p=p))]
+        self.form = maker.__name__
+        return maker() + "."
 
 
 def captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
@@ -774,6 +781,93 @@ def captions(scene: Scene, rng: np.random.Generator, n: int) -> list[str]:
     if len(out) == n:
         return out
     raise RuntimeError(f"could only draw {len(out)} distinct captions out of {n} for scene {scene.signature}")
+
+
+# --------------------------------------------------------------------------------------
+# Compositional hard negatives
+# --------------------------------------------------------------------------------------
+
+#: Kinds of hard negative, each changing one thing of the scene, named as SugarCrepe's (Hsieh et
+#: al., 2023): another shape (object) or colour (attribute) for one object, two objects' colours
+#: exchanged, two objects' places exchanged (what ARO's relation-order test probes).
+NEGATIVE_KINDS: tuple[str, ...] = ("replace_object", "replace_attribute", "swap_attributes", "swap_objects")
+#: Caption forms that state where every object is (or, with two objects, how they lie): the only
+#: ones a swap of places makes false.
+_PLACED_FORMS = ("positional", "position_first", "relational")
+
+
+def perturb(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
+    """``scene`` with one thing changed such that no caption of the result is true of ``scene``
+    (None when ``kind`` cannot apply). Replacements and colour swaps produce a colour-shape pair
+    ``scene`` lacks (every caption names every pair); place swaps move two objects whose pairs are
+    unique, so every stated place or relation of the two becomes false."""
+    objs = list(scene.objects)
+    pairs = Counter((o.colour, o.shape) for o in objs)
+    if kind in ("replace_object", "replace_attribute"):
+        field_name, values = ("shape", SHAPES) if kind == "replace_object" else ("colour", COLOURS)
+        options = [(i, dataclasses.replace(o, **{field_name: v})) for i, o in enumerate(objs) for v in values
+                   if (o.colour if field_name == "shape" else v, v if field_name == "shape" else o.shape) not in pairs]
+        if not options:
+            return None
+        i, changed = options[int(rng.integers(len(options)))]
+        objs[i] = changed
+    elif kind == "swap_attributes":
+        options = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))
+                   if objs[i].colour != objs[j].colour and objs[i].shape != objs[j].shape
+                   and ((objs[j].colour, objs[i].shape) not in pairs or (objs[i].colour, objs[j].shape) not in pairs)]
+        if not options:
+            return None
+        i, j = options[int(rng.integers(len(options)))]
+        objs[i], objs[j] = (dataclasses.replace(objs[i], colour=objs[j].colour), dataclasses.replace(objs[j], colour=objs[i].colour))
+    elif kind == "swap_objects":
+        unique = [i for i, o in enumerate(objs) if pairs[(o.colour, o.shape)] == 1]
+        options = [(i, j) for a, i in enumerate(unique) for j in unique[a + 1:]]
+        if not options:
+            return None
+        i, j = options[int(rng.integers(len(options)))]
+        objs[i], objs[j] = (dataclasses.replace(objs[i], row=objs[j].row, col=objs[j].col),
+                            dataclasses.replace(objs[j], row=objs[i].row, col=objs[i].col))
+    else:
+        raise UserError(f"unknown hard-negative kind {kind!r}; the kinds are {', '.join(NEGATIVE_KINDS)}")
+    return Scene(tuple(objs), scene.background)
+
+
+def captions_with_negatives(scene: Scene, rng: np.random.Generator, n: int, negative_rng: np.random.Generator,
+                            kinds: Sequence[str] = NEGATIVE_KINDS) -> tuple[list[str], list[dict[str, str]]]:
+    """:func:`captions` (the same texts from the same ``rng``) and, per caption, one hard negative per
+    kind that applies: the caption the same template draws (same random choices) for the
+    :func:`perturb`-ed scene, kept only when it differs from the caption. Exact by construction:
+    each negative is false of ``scene``. ``negative_rng`` picks the perturbations."""
+    builder = _CaptionBuilder(scene, rng)
+    out: list[str] = []
+    negatives: list[dict[str, str]] = []
+    for _ in range(500 * max(n, 1)):
+        if len(out) == n:
+            break
+        state = rng.bit_generator.state
+        text = builder.caption()
+        if text in out:
+            continue
+        out.append(text)
+        found: dict[str, str] = {}
+        for kind in kinds:
+            if kind == "swap_objects" and (builder.form not in _PLACED_FORMS
+                                             or (builder.form == "relational" and len(scene.objects) != 2)):
+                continue
+            for _attempt in range(3):
+                other = perturb(scene, kind, negative_rng)
+                if other is None:
+                    break
+                replay = np.random.Generator(type(rng.bit_generator)())
+                replay.bit_generator.state = state
+                negative = _CaptionBuilder(other, replay).caption()
+                if negative != text:
+                    found[kind] = negative
+                    break
+        negatives.append(found)
+    if len(out) != n:
+        raise RuntimeError(f"could only draw {len(out)} distinct captions out of {n} for scene {scene.signature}")
+    return out, negatives
 
 
 # --------------------------------------------------------------------------------------
@@ -998,8 +1092,8 @@ _MAX_SCENE_TRIES = 100_000
 
 
 def _streams(seed: int, split: str, index: int) -> list[np.random.Generator]:
-    """Independent generators (scene, render, captions, questions) of one sample."""
-    children = np.random.SeedSequence([seed, _SPLIT_INDEX[split], index]).spawn(4)
+    """Independent generators (scene, render, captions, questions, hard negatives) of one sample."""
+    children = np.random.SeedSequence([seed, _SPLIT_INDEX[split], index]).spawn(5)
     return [np.random.default_rng(c) for c in children]
 
 
@@ -1039,13 +1133,13 @@ def _plan_eval_scenes(config: SynthConfig) -> dict[str, list[Scene]]:
 def _build_sample(config: SynthConfig, split: str, index: int, scene: Scene | None,
                   exclude: frozenset) -> tuple[dict[str, bytes], dict]:
     """Encode one sample: its tar members (by extension) and its JSON record."""
-    scene_rng, render_rng, caption_rng, question_rng = _streams(config.seed, split, index)
+    scene_rng, render_rng, caption_rng, question_rng, negative_rng = _streams(config.seed, split, index)
     if scene is None:  # train: drawn here, without holdout pairs and (optionally) eval signatures
         scene = _draw_unique_scene(scene_rng, config, False, exclude, f"{split}[{index}]")
     image = render(scene, config.image_size, render_rng)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=config.jpeg_quality)
-    caps = captions(scene, caption_rng, config.num_captions)
+    caps, negatives = captions_with_negatives(scene, caption_rng, config.num_captions, negative_rng)
     image_id = _image_id(split, index)
     qs = []
     for j, q in enumerate(questions(scene, question_rng, config.min_questions, config.max_questions)):
@@ -1062,6 +1156,7 @@ def _build_sample(config: SynthConfig, split: str, index: int, scene: Scene | No
         "height": config.image_size,
         "caption": caps[0],
         "captions": caps,
+        "negatives": negatives,
         "label": scene.label,
         "classname": scene.classname,
         "objects": [o.to_json() for o in scene.objects],
@@ -1143,6 +1238,22 @@ def _coco_captions(split: str, records: list[dict]) -> dict:
                    for r in records for j, c in enumerate(r["captions"])]
     return {"info": {**_INFO, "description": f"lit-vlm synthetic world captions ({split})"}, "licenses": [],
             "images": images, "annotations": annotations}
+
+
+def _compositional(split: str, records: list[dict], holdout: Iterable[str]) -> dict:
+    """The compositional benchmark of a split: per image and negative kind, the first caption that
+    has a negative of that kind, beside it (``heldout``: the scene has a held-out colour-shape pair)."""
+    held = _holdout_pairs(holdout)
+    items = []
+    for r in records:
+        heldout = any((o["colour"], o["shape"]) in held for o in r["objects"])
+        for kind in NEGATIVE_KINDS:
+            found = next(((c, n[kind]) for c, n in zip(r["captions"], r["negatives"]) if kind in n), None)
+            if found:
+                items.append({"id": len(items), "image_id": r["image_id"], "key": r["key"], "kind": kind,
+                              "caption": found[0], "negative": found[1], "heldout": heldout})
+    return {"info": {**_INFO, "description": f"lit-vlm synthetic world compositional benchmark ({split})"},
+            "kinds": list(NEGATIVE_KINDS), "holdout": sorted(" ".join(p) for p in held), "items": items}
 
 
 def _vqa_files(split: str, records: list[dict]) -> tuple[dict, dict]:
@@ -1322,7 +1433,8 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig | None = None, num_
         recs = [r for i in sorted(records[split]) for r in records[split][i]]
         q_json, a_json = _vqa_files(split, recs)
         for name, obj in ((f"captions_{split}", _coco_captions(split, recs)),
-                          (f"vqa_{split}_questions", q_json), (f"vqa_{split}_annotations", a_json)):
+                          (f"vqa_{split}_questions", q_json), (f"vqa_{split}_annotations", a_json),
+                          (f"compositional_{split}", _compositional(split, recs, config.holdout))):
             annotations[name] = f"annotations/{name}.json"
             _write_json_atomic(out / annotations[name], obj)
     _write_json_atomic(out / "zeroshot.json", {"classnames": CLASSNAMES, "templates": TEMPLATES}, indent=2)

@@ -32,6 +32,26 @@ from lit_vlm.distributed import gather_no_grad, gather_with_grad, ppermute, rank
 from lit_vlm.errors import UserError
 
 
+def hard_negative_columns(
+    negative_emb: torch.Tensor | None,  # [B, K, D] L2-normalised hard-negative texts of this rank's captions
+    negative_valid: torch.Tensor | None,  # [B, K] bool, rows that hold a negative
+    gather: bool = True,
+) -> torch.Tensor | None:
+    """Every rank's hard negatives as extra text columns, [M, D] (M valid rows of the global batch),
+    gathered with gradients under DDP as the texts are; None without negatives. NegCLIP
+    (Yuksekgonul et al., 2023) appends them to the texts each image is scored against, so they act
+    in the image-to-text direction only (they have no image of their own)."""
+    if negative_emb is None:
+        return None
+    flat = negative_emb.flatten(0, 1)  # [B*K, D]
+    valid = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device) if negative_valid is None else negative_valid.flatten()
+    _, world = rank_and_world() if gather else (0, 1)
+    if world > 1:
+        flat = gather_with_grad(flat)  # [W*B*K, D]
+        valid = gather_no_grad(valid)  # [W*B*K]
+    return flat[valid.bool()]  # [M, D]
+
+
 def _symmetric_infonce(
     logits_i2t: torch.Tensor,  # [B, N] this rank's images against every text
     logits_t2i: torch.Tensor,  # [B, N] this rank's texts against every image
@@ -57,12 +77,15 @@ def clip_loss(
     text_emb: torch.Tensor,  # [B, D] L2-normalised text embeddings of this rank (row i pairs with image i)
     logit_scale: torch.Tensor,  # [] the multiplier exp(t), already exponentiated
     gather: bool = True,
+    negative_emb: torch.Tensor | None = None,  # [B, K, D] hard negatives of each caption (optional)
+    negative_valid: torch.Tensor | None = None,  # [B, K] bool
 ) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE of CLIP (Radford et al., 2021).
 
     loss = (CE(s * I T^T, diag) + CE(s * T I^T, diag)) / 2, each cross-entropy averaged over rows.
     Under DDP (``gather=True``) the local rows are scored against the global batch; the returned
     ``loss`` is this rank's local mean, whose DDP average is the global-batch loss.
+    Hard negatives (:func:`hard_negative_columns`) are extra columns of the image-to-text logits.
 
     Returns: {"loss", "loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"} (accuracies are of this rank's rows).
     """
@@ -72,6 +95,9 @@ def clip_loss(
     all_text = gather_with_grad(text_emb) if world > 1 else text_emb  # [W*B, D]
     logits_i2t = logit_scale * image_emb @ all_text.T  # [B, W*B]
     logits_t2i = logit_scale * text_emb @ all_image.T  # [B, W*B]
+    negatives = hard_negative_columns(negative_emb, negative_valid, gather)  # [M, D] or None
+    if negatives is not None:
+        logits_i2t = torch.cat([logits_i2t, logit_scale * image_emb @ negatives.T], 1)  # [B, W*B + M]
     labels = torch.arange(batch, device=image_emb.device) + rank * batch  # [B] positives' columns
     return _symmetric_infonce(logits_i2t, logits_t2i, labels)
 
@@ -206,6 +232,8 @@ def siglip_loss(
     gather: bool = True,
     mode: str = "gather",
     chunk_size: int | None = None,
+    negative_emb: torch.Tensor | None = None,  # [B, K, D] hard negatives of each caption (optional)
+    negative_valid: torch.Tensor | None = None,  # [B, K] bool
 ) -> dict[str, torch.Tensor]:
     """Pairwise sigmoid loss of SigLIP (Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training", Eq. 1).
 
@@ -243,6 +271,8 @@ def siglip_loss(
         gather: under DDP, score the local images against the global batch; no-op in one process.
         mode: "gather" (all-gather the texts) or "ring" (pass text blocks round the ring).
         chunk_size: text columns per logit chunk; ``None`` for one block.
+        negative_emb, negative_valid: hard negatives (:func:`hard_negative_columns`), each one more
+            negative pair (z = -1) for every local image.
 
     Returns: {"loss"} — this rank's local loss (the global-batch loss in one process).
     """
@@ -269,6 +299,9 @@ def siglip_loss(
         for _ in range(world - 1):
             block = ppermute(block, shift=1)  # [B, D] texts of rank (rank - step) % W: negatives only
             total = total + _pairs_sum(image_emb, block, logit_scale, logit_bias, None, chunk_size)
+    negatives = hard_negative_columns(negative_emb, negative_valid, gather)  # [M, D] or None
+    if negatives is not None and negatives.shape[0]:
+        total = total + _pairs_sum(image_emb, negatives, logit_scale, logit_bias, None, chunk_size)
     return {"loss": total / batch}
 
 
@@ -286,6 +319,8 @@ def focal_clip_loss(
     gamma: float = 2.0,
     gather: bool = True,
     form: str = "sigmoid",
+    negative_emb: torch.Tensor | None = None,  # [B, K, D] hard negatives of each caption (optional)
+    negative_valid: torch.Tensor | None = None,  # [B, K] bool
 ) -> dict[str, torch.Tensor]:
     """Focal contrastive loss of RO-ViT (Kim, Angelova and Kuo, CVPR 2023), adopted by MaMMUT (Kuo et al., 2023).
 
@@ -318,6 +353,8 @@ def focal_clip_loss(
         gamma: the focusing parameter (>= 0); 0 turns the focal term off.
         gather: under DDP, score the local rows against the global batch; no-op in one process.
         form: "sigmoid" (pairwise, the RO-ViT/MaMMUT definition) or "softmax" (focal InfoNCE).
+        negative_emb, negative_valid: hard negatives (:func:`hard_negative_columns`), extra columns
+            of the image-to-text logits.
 
     Returns: {"loss", "loss_i2t", "loss_t2i"} (softmax form: the two directions' local means; sigmoid
     form: ``loss_i2t`` is the local images' rows, ``loss_t2i`` the local texts' rows, equal on average).
@@ -332,6 +369,9 @@ def focal_clip_loss(
     all_text = gather_with_grad(text_emb) if world > 1 else text_emb  # [W*B, D]
     logits_i2t = logit_scale * image_emb @ all_text.T  # [B, W*B]
     logits_t2i = logit_scale * text_emb @ all_image.T  # [B, W*B]
+    negatives = hard_negative_columns(negative_emb, negative_valid, gather)  # [M, D] or None
+    if negatives is not None:
+        logits_i2t = torch.cat([logits_i2t, logit_scale * image_emb @ negatives.T], 1)  # [B, W*B + M]
     labels = torch.arange(batch, device=image_emb.device) + rank * batch  # [B] positives' columns
 
     if form == "softmax":

@@ -457,6 +457,7 @@ def describe_metric(name: str) -> dict[str, Any]:
     if leaf in ("rsum", "CIDEr") or leaf.startswith("CIDEr"):
         return {"higher_is_better": True, "unit": "score"}
     fractions = ("R@", "rmean", "top1", "top5", "recall", "acc", "BLEU", "METEOR", "ROUGE", "overall", "SPICE")
-    if any(tag in leaf for tag in fractions) or "/answer_type/" in name or "/question_type/" in name:
+    compositional = "/compositional/" in f"/{name}"  # accuracy per negative kind (CompositionalEvaluation)
+    if any(tag in leaf for tag in fractions) or "/answer_type/" in name or "/question_type/" in name or compositional:
         return {"higher_is_better": True, "unit": "fraction"}
     return {"higher_is_better": None, "unit": "score"}

@@ -288,6 +288,27 @@ def test_filip_rejects_empty_and_misshaped_masks():
 # ------------------------------------------------------------------ lookup
 
 
+def test_hard_negatives_are_extra_image_to_text_columns_hand_computed():
+    # IMG x TXT dot products [[1, 0.6], [0, 0.8]]; one negative per caption, the second row masked out
+    neg = torch.tensor([[[0.8, 0.6]], [[0.0, -1.0]]])  # [B=2, K=1, D]
+    valid = torch.tensor([[True], [False]])
+    out = clip_loss(IMG, TXT, torch.tensor(1.0), negative_emb=neg, negative_valid=valid)
+    # image 0: logits [1, 0.6 | 0.8]; image 1: [0, 0.8 | 0.6] (the masked negative is not a column)
+    i2t = (-math.log(math.e / (math.e + math.exp(0.6) + math.exp(0.8)))
+           - math.log(math.exp(0.8) / (1 + math.exp(0.8) + math.exp(0.6)))) / 2
+    t2i = (-math.log(math.e / (math.e + 1)) - math.log(math.exp(0.8) / (math.exp(0.6) + math.exp(0.8)))) / 2  # unchanged
+    assert out["loss_i2t"].item() == pytest.approx(i2t, abs=1e-6)
+    assert out["loss_t2i"].item() == pytest.approx(t2i, abs=1e-6)
+    assert out["loss"].item() == pytest.approx((i2t + t2i) / 2, abs=1e-6)
+    # SigLIP: one more negative pair per image (bias 0, scale 1): -log sigmoid(-0.8) - log sigmoid(-0.6), / B
+    base = siglip_loss(IMG, TXT, 1.0, 0.0)["loss"].item()
+    more = siglip_loss(IMG, TXT, 1.0, 0.0, negative_emb=neg, negative_valid=valid)["loss"].item()
+    assert more - base == pytest.approx(-(log_sigmoid(-0.8) + log_sigmoid(-0.6)) / 2, abs=1e-6)
+    # focal softmax with gamma 0 is CLIP, negatives included
+    focal = focal_clip_loss(IMG, TXT, torch.tensor(1.0), gamma=0.0, form="softmax", negative_emb=neg, negative_valid=valid)
+    assert focal["loss"].item() == pytest.approx(out["loss"].item(), abs=1e-6)
+
+
 def test_get_loss_by_name_and_errors_name_the_choices():
     assert get_loss("clip") is clip_loss
     assert get_loss("siglip") is siglip_loss

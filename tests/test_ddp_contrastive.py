@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from ddp_procs import run_ranks
 
-from lit_vlm.losses import filip_loss, focal_clip_loss, siglip_loss
+from lit_vlm.losses import clip_loss, filip_loss, focal_clip_loss, siglip_loss
 
 pytestmark = pytest.mark.ddp
 
@@ -37,9 +37,14 @@ CASES = {
     "focal_softmax": lambda m, b: focal_clip_loss(*m.embed(b), m.scale(), gamma=2.0, form="softmax"),
     "filip": lambda m, b: filip_loss(*m.embed_tokens(b), b["text_mask"], m.scale()),
     "filip_chunk3": lambda m, b: filip_loss(*m.embed_tokens(b), b["text_mask"], m.scale(), chunk_size=3),
+    # hard negatives (some rows empty) as extra texts
+    "clip_negatives": lambda m, b: clip_loss(*m.embed(b), m.scale(), **m.negatives(b)),
+    "siglip_negatives": lambda m, b: siglip_loss(*m.embed(b), m.scale(), m.bias, chunk_size=3, **m.negatives(b)),
+    "focal_sigmoid_negatives": lambda m, b: focal_clip_loss(*m.embed(b), m.scale(), form="sigmoid", **m.negatives(b)),
+    "focal_softmax_negatives": lambda m, b: focal_clip_loss(*m.embed(b), m.scale(), form="softmax", **m.negatives(b)),
 }
 RING_CASES = ("siglip_ring", "siglip_ring_chunk3")
-INPUTS = ("image", "text", "image_tokens", "text_tokens")
+INPUTS = ("image", "text", "image_tokens", "text_tokens", "negatives")
 
 
 class TinyTowers(torch.nn.Module):
@@ -57,6 +62,9 @@ class TinyTowers(torch.nn.Module):
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.image(batch["image"]), dim=-1), F.normalize(self.text(batch["text"]), dim=-1)
+
+    def negatives(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"negative_emb": F.normalize(self.text(batch["negatives"]), dim=-1), "negative_valid": batch["negative_valid"]}
 
     def embed_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         image = F.normalize(self.image(batch["image_tokens"]), dim=-1)  # [B, P, D]
@@ -83,6 +91,8 @@ def make_batch() -> dict[str, torch.Tensor]:
         "image_tokens": torch.randn(GLOBAL_BATCH, PATCHES, D_IN, generator=g),
         "text_tokens": torch.randn(GLOBAL_BATCH, TOKENS, D_IN, generator=g),
         "text_mask": torch.arange(TOKENS)[None, :] < lengths[:, None],  # [B, L] padding on the right
+        "negatives": text[:, None, :] + 0.3 * torch.randn(GLOBAL_BATCH, 2, D_IN, generator=g),  # [B, K, D_IN] near the caption
+        "negative_valid": torch.arange(2)[None, :] < (lengths[:, None] % 3),  # [B, K]: 0, 1 or 2 negatives per row
     }
 
 

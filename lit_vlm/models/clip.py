@@ -213,11 +213,18 @@ class CLIP(VLMModule):
 
     # ---- training --------------------------------------------------------------------------
     def features(self, batch: dict) -> dict[str, torch.Tensor | None]:
-        """{"image": [B, E], "text": [B, E]}: the normalised embeddings the loss compares."""
-        return {
+        """{"image": [B, E], "text": [B, E]}: the normalised embeddings the loss compares, and with
+        the data's ``hard_negatives`` = K, {"negatives": [B, K, E], "negative_valid": [B, K]}."""
+        out = {
             "image": self.encode_image(batch["image"]),  # [B, E]
             "text": self.encode_text(batch["text_ids"], batch["text_mask"]),  # [B, E]
         }
+        if "negative_ids" in batch:
+            b, k, length = batch["negative_ids"].shape
+            flat = self.encode_text(batch["negative_ids"].reshape(b * k, length), batch["negative_mask"].reshape(b * k, length))
+            out["negatives"] = flat.view(b, k, -1)  # [B, K, E]
+            out["negative_valid"] = batch["negative_valid"]  # [B, K]
+        return out
 
     def _scalars(self, detach: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         scale = self.logit_scale.exp()  # []
@@ -237,12 +244,14 @@ class CLIP(VLMModule):
         image_emb, text_emb = features["image"], features["text"]  # [B, E], [B, E]
         scale, bias = self._scalars(detach_scalars)
         fn = get_loss(self.loss)
+        hard = {"negative_emb": features.get("negatives"), "negative_valid": features.get("negative_valid")}
         if self.loss == "siglip":
-            terms = fn(image_emb, text_emb, scale, bias, gather=gather, mode=self.siglip_mode, chunk_size=self.loss_chunk_size)
+            terms = fn(image_emb, text_emb, scale, bias, gather=gather, mode=self.siglip_mode, chunk_size=self.loss_chunk_size,
+                       **hard)
         elif self.loss == "focal":
-            terms = fn(image_emb, text_emb, scale, gamma=self.focal_gamma, gather=gather, form=self.focal_form)
+            terms = fn(image_emb, text_emb, scale, gamma=self.focal_gamma, gather=gather, form=self.focal_form, **hard)
         else:
-            terms = fn(image_emb, text_emb, scale, gather=gather)
+            terms = fn(image_emb, text_emb, scale, gather=gather, **hard)
         if "acc_i2t" not in terms or "acc_t2i" not in terms:
             with torch.no_grad():
                 terms.update(in_batch_accuracy(image_emb @ text_emb.T))

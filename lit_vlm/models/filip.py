@@ -123,6 +123,9 @@ class FILIP(CLIP):
     def features(self, batch: dict) -> dict[str, torch.Tensor | None]:
         """{"image_tokens": [B, P, E], "text_tokens": [B, L, E], "text_mask": [B, L]}; texts keep the
         batch's (fixed) length L, which ``filip_loss`` needs equal on every rank under DDP."""
+        if "negative_ids" in batch:
+            raise UserError("FILIP does not score hard negatives (its token-wise loss would need their token features): "
+                            "leave data hard_negatives at 0 for FILIP")
         image_tokens, _ = self.encode_image_tokens(batch["image"])
         text_tokens, text_mask = self.encode_text_tokens(batch["text_ids"], batch["text_mask"], trim=False)
         return {"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": text_mask}

@@ -30,7 +30,7 @@ from lit_vlm.report.uncertainty import Interval, bootstrap, seed_summary
 __all__ = ["HEADLINE", "Group", "Row", "Section", "build", "merge"]
 
 #: The metric a task's rows are ranked by (else its first metric).
-HEADLINE = {"retrieval": "mean_R@1", "zeroshot": "top1", "vqa": "overall", "caption": "CIDEr"}
+HEADLINE = {"retrieval": "mean_R@1", "zeroshot": "top1", "vqa": "overall", "caption": "CIDEr", "compositional": "mean"}
 _HIDDEN = ("num_samples", "num_questions")
 
 
@@ -93,7 +93,11 @@ class Section:
 
 
 def _chance(task: str, metric: str, run: Run) -> float | None:
-    """Chance level of a retrieval or zero-shot metric, from the evaluated set's sizes."""
+    """Chance level of a retrieval or zero-shot metric, from the evaluated set's sizes; 1/2 for a
+    compositional accuracy (true caption against one negative)."""
+    callback = ((((run.results.get("evaluations") or {}).get(task) or {}).get("protocol") or {}).get("callback"))
+    if callback == "CompositionalEvaluation":
+        return 0.5
     if task == "zeroshot":
         classes = (((run.results.get("evaluations") or {}).get(task) or {}).get("protocol") or {}).get("classes")
         k = {"top1": 1, "top5": 5}.get(metric)
