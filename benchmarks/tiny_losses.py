@@ -4,7 +4,8 @@
     python benchmarks/tiny_losses.py --check before.json        # compare (exit 1 on a difference)
 
 ``benchmarks/tiny_losses_reference.json`` holds the figures of commit b969211 (before the seams
-restructure of issue 14), measured on the 2-core CPU machine.
+restructure of issue 14), measured on the 2-core CPU machine; focal's were re-recorded when its
+``focal_form`` default became ``softmax`` (issue 16), a change of behaviour on purpose.
 
 Each ``configs/<family>/tiny.yaml`` is fitted for ``--steps`` optimiser steps on its own tiny
 synthetic world (validation off), through the same CLI as ``lit-vlm fit``; the loss of every step

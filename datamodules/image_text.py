@@ -499,6 +499,12 @@ class ImageTextCorpus(Corpus):
             logger.info("generating the synthetic world in %s (%s)", root, self.synth_config or "defaults")
             synth.generate(root, synth.SynthConfig(**self.synth_config))
             return
+        version = synth.generated_version(root)
+        if version != synth.VERSION:
+            config = synth.SynthConfig.from_dict(json.loads((Path(root) / manifests.MANIFEST).read_text(encoding="utf-8"))["config"])
+            logger.warning("root=%s holds a synthetic world written by an older lit-vlm (version %s; this one writes %s): "
+                           "regenerating it in place", root, version, synth.VERSION)
+            synth.generate(root, config)
         existing = synth.load_manifest(root).get("config", {})
         normalise = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples vs lists
         different = {

@@ -89,6 +89,7 @@ __all__ = [
     "tokenize",
     "generate",
     "is_generated",
+    "generated_version",
     "load_manifest",
     "shard_paths",
     "main",
@@ -99,7 +100,11 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 FORMAT = "lit-vlm-synth"
-VERSION = 1
+#: Layout version of the files a world consists of. 2 added each caption's hard negatives
+#: (``KEY.json`` ``negatives``) and ``annotations/compositional_{val,test}.json``; the images,
+#: captions and questions of a config are those of version 1. An older world is regenerated in
+#: place when a DataModule prepares it.
+VERSION = 2
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 SHAPES: tuple[str, ...] = (
@@ -796,17 +801,19 @@ NEGATIVE_KINDS: tuple[str, ...] = ("replace_object", "replace_attribute", "swap_
 _PLACED_FORMS = ("positional", "position_first", "relational")
 
 
-def perturb(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
+def perturb(scene: Scene, kind: str, rng: np.random.Generator, banned: frozenset = frozenset()) -> Scene | None:
     """``scene`` with one thing changed such that no caption of the result is true of ``scene``
     (None when ``kind`` cannot apply). Replacements and colour swaps produce a colour-shape pair
     ``scene`` lacks (every caption names every pair); place swaps move two objects whose pairs are
-    unique, so every stated place or relation of the two becomes false."""
+    unique, so every stated place or relation of the two becomes false. No result holds a pair of
+    ``banned`` (training scenes: the held-out pairs never appear, not even in a negative)."""
     objs = list(scene.objects)
     pairs = Counter((o.colour, o.shape) for o in objs)
+    taken = set(pairs) | set(banned)
     if kind in ("replace_object", "replace_attribute"):
         field_name, values = ("shape", SHAPES) if kind == "replace_object" else ("colour", COLOURS)
         options = [(i, dataclasses.replace(o, **{field_name: v})) for i, o in enumerate(objs) for v in values
-                   if (o.colour if field_name == "shape" else v, v if field_name == "shape" else o.shape) not in pairs]
+                   if (o.colour if field_name == "shape" else v, v if field_name == "shape" else o.shape) not in taken]
         if not options:
             return None
         i, changed = options[int(rng.integers(len(options)))]
@@ -814,7 +821,8 @@ def perturb(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
     elif kind == "swap_attributes":
         options = [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs))
                    if objs[i].colour != objs[j].colour and objs[i].shape != objs[j].shape
-                   and ((objs[j].colour, objs[i].shape) not in pairs or (objs[i].colour, objs[j].shape) not in pairs)]
+                   and ((objs[j].colour, objs[i].shape) not in pairs or (objs[i].colour, objs[j].shape) not in pairs)
+                   and not {(objs[j].colour, objs[i].shape), (objs[i].colour, objs[j].shape)} & set(banned)]
         if not options:
             return None
         i, j = options[int(rng.integers(len(options)))]
@@ -833,11 +841,13 @@ def perturb(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
 
 
 def captions_with_negatives(scene: Scene, rng: np.random.Generator, n: int, negative_rng: np.random.Generator,
-                            kinds: Sequence[str] = NEGATIVE_KINDS) -> tuple[list[str], list[dict[str, str]]]:
+                            kinds: Sequence[str] = NEGATIVE_KINDS, banned: frozenset = frozenset()
+                            ) -> tuple[list[str], list[dict[str, str]]]:
     """:func:`captions` (the same texts from the same ``rng``) and, per caption, one hard negative per
     kind that applies: the caption the same template draws (same random choices) for the
     :func:`perturb`-ed scene, kept only when it differs from the caption. Exact by construction:
-    each negative is false of ``scene``. ``negative_rng`` picks the perturbations."""
+    each negative is false of ``scene``. ``negative_rng`` picks the perturbations; ``banned`` pairs
+    never appear in a negative."""
     builder = _CaptionBuilder(scene, rng)
     out: list[str] = []
     negatives: list[dict[str, str]] = []
@@ -855,7 +865,7 @@ def captions_with_negatives(scene: Scene, rng: np.random.Generator, n: int, nega
                                              or (builder.form == "relational" and len(scene.objects) != 2)):
                 continue
             for _attempt in range(3):
-                other = perturb(scene, kind, negative_rng)
+                other = perturb(scene, kind, negative_rng, banned)
                 if other is None:
                     break
                 replay = np.random.Generator(type(rng.bit_generator)())
@@ -1134,12 +1144,14 @@ def _build_sample(config: SynthConfig, split: str, index: int, scene: Scene | No
                   exclude: frozenset) -> tuple[dict[str, bytes], dict]:
     """Encode one sample: its tar members (by extension) and its JSON record."""
     scene_rng, render_rng, caption_rng, question_rng, negative_rng = _streams(config.seed, split, index)
+    banned: frozenset = frozenset()
     if scene is None:  # train: drawn here, without holdout pairs and (optionally) eval signatures
         scene = _draw_unique_scene(scene_rng, config, False, exclude, f"{split}[{index}]")
+        banned = frozenset(_holdout_pairs(config.holdout))
     image = render(scene, config.image_size, render_rng)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=config.jpeg_quality)
-    caps, negatives = captions_with_negatives(scene, caption_rng, config.num_captions, negative_rng)
+    caps, negatives = captions_with_negatives(scene, caption_rng, config.num_captions, negative_rng, banned=banned)
     image_id = _image_id(split, index)
     qs = []
     for j, q in enumerate(questions(scene, question_rng, config.min_questions, config.max_questions)):
@@ -1291,6 +1303,14 @@ def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
 def is_generated(out_dir: str | os.PathLike) -> bool:
     """True if ``out_dir/manifest.json`` exists and describes a complete lit-vlm-synth world."""
     return manifest_format(Path(out_dir) / _MANIFEST) == FORMAT
+
+
+def generated_version(out_dir: str | os.PathLike) -> Any:
+    """The ``version`` a generated world's manifest records (None when unreadable)."""
+    try:
+        return json.loads((Path(out_dir) / _MANIFEST).read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict:

@@ -10,6 +10,7 @@ tests/test_ddp_contrastive.py prove it with 2 CPU processes).
 * :func:`siglip_loss` — pairwise sigmoid loss (SigLIP), "gather" or "ring" exchange, optionally
   chunked so that memory grows with the chunk rather than with the global batch squared.
 * :func:`focal_clip_loss` — focal contrastive loss (RO-ViT / MaMMUT), sigmoid or softmax form.
+* :func:`hard_negative_columns` — compositional hard negatives as extra text columns (NegCLIP).
 * :func:`filip_similarity`, :func:`filip_loss` — FILIP token-wise late interaction.
 * :func:`token_cross_entropy`, :func:`caption_loss`, :func:`global_token_mean` — the
   captioning (language-modelling) loss as per-sample sums and counts.
@@ -321,6 +322,7 @@ def focal_clip_loss(
     form: str = "sigmoid",
     negative_emb: torch.Tensor | None = None,  # [B, K, D] hard negatives of each caption (optional)
     negative_valid: torch.Tensor | None = None,  # [B, K] bool
+    logit_bias: torch.Tensor | None = None,  # [] sigmoid form only: SigLIP's bias b
 ) -> dict[str, torch.Tensor]:
     """Focal contrastive loss of RO-ViT (Kim, Angelova and Kuo, CVPR 2023), adopted by MaMMUT (Kuo et al., 2023).
 
@@ -335,8 +337,8 @@ def focal_clip_loss(
 
     and L_T2I is the same with the roles of images and texts swapped. Over the global batch
     L_T2I == L_I2T exactly (the same pairs, transposed), so ``loss`` = (L_I2T + L_T2I) / 2 = L_I2T
-    (the paper adds the two directions: twice this value, a constant factor). Unlike SigLIP there is
-    no bias. With gamma = 0 it is the SigLIP loss with b = 0.
+    (the paper adds the two directions: twice this value, a constant factor). The paper has no bias;
+    ``logit_bias`` b adds SigLIP's (p_ij from s * v_i . l_j + b). With gamma = 0 it is the SigLIP loss.
 
     ``form="softmax"``: the focal term on the softmax probability of the positive, symmetric as CLIP:
     L_I2T = -1/B sum_i (1 - p_i)^gamma log p_i, p_i = softmax_j(s v_i . l_j)[i], and L_T2I likewise
@@ -355,6 +357,7 @@ def focal_clip_loss(
         form: "sigmoid" (pairwise, the RO-ViT/MaMMUT definition) or "softmax" (focal InfoNCE).
         negative_emb, negative_valid: hard negatives (:func:`hard_negative_columns`), extra columns
             of the image-to-text logits.
+        logit_bias: sigmoid form only: a bias added to every logit (None: none, as published).
 
     Returns: {"loss", "loss_i2t", "loss_t2i"} (softmax form: the two directions' local means; sigmoid
     form: ``loss_i2t`` is the local images' rows, ``loss_t2i`` the local texts' rows, equal on average).
@@ -363,6 +366,8 @@ def focal_clip_loss(
         raise UserError(f"focal_clip_loss: form must be one of {FOCAL_FORMS}, got {form!r}")
     if gamma < 0:
         raise UserError(f"focal_clip_loss: gamma must be >= 0, got {gamma!r}")
+    if logit_bias is not None and form != "sigmoid":
+        raise UserError("focal_clip_loss: logit_bias belongs to the sigmoid form (the softmax form is shift-invariant)")
     rank, world = rank_and_world() if gather else (0, 1)
     batch = image_emb.shape[0]
     all_image = gather_with_grad(image_emb) if world > 1 else image_emb  # [W*B, D]
@@ -387,7 +392,7 @@ def focal_clip_loss(
         def direction(logits: torch.Tensor) -> torch.Tensor:  # [B, W*B] -> []
             signs = torch.full_like(logits, -1.0)  # [B, W*B]
             signs[torch.arange(batch, device=logits.device), labels] = 1.0
-            u = signs * logits  # [B, W*B] log p_ij = log sigmoid(u), 1 - p_ij = sigmoid(-u)
+            u = signs * (logits if logit_bias is None else logits + logit_bias)  # [B, W*B] log p_ij = log sigmoid(u)
             terms = -F.logsigmoid(u)  # [B, W*B]
             if gamma != 0:
                 terms = terms * torch.exp(gamma * F.logsigmoid(-u))  # (1 - p_ij)^gamma, stable
@@ -495,6 +500,9 @@ def filip_loss(
     gather: bool = True,
     image_mask: torch.Tensor | None = None,  # [B, P] bool or None
     chunk_size: int | None = None,
+    negative_tokens: torch.Tensor | None = None,  # [B, K, L, D] token features of each caption's hard negatives
+    negative_mask: torch.Tensor | None = None,  # [B, K, L] bool, real tokens
+    negative_valid: torch.Tensor | None = None,  # [B, K] bool, rows that hold a negative
 ) -> dict[str, torch.Tensor]:
     """FILIP contrastive loss (Yao et al., 2021): InfoNCE over token-wise late-interaction similarities.
 
@@ -516,6 +524,8 @@ def filip_loss(
         gather: under DDP, score the local rows against the global batch; no-op in one process.
         image_mask: optional [B, P] boolean, True on patches to use.
         chunk_size: texts per chunk in :func:`filip_similarity` (bounds its [I, c, P, L] scores).
+        negative_tokens, negative_mask, negative_valid: hard negatives, scored token-wise as extra
+            image-to-text columns (gathered from every rank like the texts; see :func:`hard_negative_columns`).
 
     Returns: {"loss", "loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"} (accuracies of this rank's rows).
     """
@@ -535,6 +545,16 @@ def filip_loss(
         _, sim_t2i = filip_similarity(all_image, text_tokens, text_mask, all_image_mask, chunk_size)  # [W*B, B]
         logits_i2t = logit_scale * sim_i2t  # [B, W*B] local images against all texts
         logits_t2i = logit_scale * sim_t2i.T  # [B, W*B] local texts against all images
+    if negative_tokens is not None:
+        b, k, length, dim = negative_tokens.shape
+        tokens = negative_tokens.reshape(b * k, length, dim)  # [B*K, L, D]
+        mask = negative_mask.reshape(b * k, length).bool()  # [B*K, L]
+        valid = torch.ones(b * k, dtype=torch.bool, device=tokens.device) if negative_valid is None else negative_valid.flatten().bool()
+        if world > 1:
+            tokens, mask, valid = gather_with_grad(tokens), gather_no_grad(mask), gather_no_grad(valid)  # [W*B*K, ...]
+        if valid.any():
+            sim_neg, _ = filip_similarity(image_tokens, tokens[valid], mask[valid], image_mask, chunk_size)  # [B, M]
+            logits_i2t = torch.cat([logits_i2t, logit_scale * sim_neg], 1)  # [B, W*B + M]
     return _symmetric_infonce(logits_i2t, logits_t2i, labels)
 
 

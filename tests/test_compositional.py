@@ -180,3 +180,22 @@ def test_tiny_clip_on_a_world_with_held_out_pairs(tmp_path):
     assert {"val/compositional/seen/mean", "val/compositional/heldout/mean"} <= set(result)
     data = json.loads((tmp_path / "world" / "annotations" / "compositional_val.json").read_text())
     assert any(i["heldout"] for i in data["items"]) and not all(i["heldout"] for i in data["items"])
+    with tarfile.open(next((tmp_path / "world" / "train").glob("*.tar"))) as tar:  # training text never names a held-out pair
+        texts = [t for m in tar.getmembers() if m.name.endswith(".json")
+                 for rec in [json.loads(tar.extractfile(m).read())] for t in [*rec["captions"], *(v for n in rec["negatives"] for v in n.values())]]
+    assert texts and not any(re.search(r"\bred\b", t) for t in texts)
+
+
+def test_a_world_of_an_older_version_is_regenerated_in_place(tmp_path):
+    from lit_vlm.datamodules import ImageTextDataModule, synth
+
+    config = {"num_train": 8, "num_val": 4, "num_test": 4, "shard_size": 8, "image_size": 32}
+    synth.generate(tmp_path / "world", synth.SynthConfig(**config), progress=False)
+    manifest = json.loads((tmp_path / "world" / "manifest.json").read_text())
+    manifest["version"] = 1  # as release 0.1 wrote it: no negatives, no compositional files
+    (tmp_path / "world" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "world" / "annotations" / "compositional_test.json").unlink()
+    dm = ImageTextDataModule(root=str(tmp_path / "world"), synth_config=config, image_size=32, num_workers=0)
+    dm.prepare_data()
+    assert synth.load_manifest(tmp_path / "world")["version"] == synth.VERSION
+    assert (tmp_path / "world" / "annotations" / "compositional_test.json").is_file()

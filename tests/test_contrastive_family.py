@@ -89,15 +89,23 @@ def test_loss_options_and_siglip_parameters():
         assert terms["loss"].item() == pytest.approx(-torch.nn.functional.logsigmoid(labels * logits).sum().item() / 6, rel=1e-5)
         assert terms["loss"].item() == pytest.approx(siglip_loss(img, txt, torch.tensor(10.0), torch.tensor(-10.0))["loss"].item(), rel=1e-6)
         assert {"acc_i2t", "acc_t2i", "logit_bias"} <= set(terms)
-    focal = make(loss="focal", focal_gamma=1.5).eval()
+    focal = make(loss="focal", focal_gamma=1.5).eval()  # the softmax form by default, no bias
+    assert focal.focal_form == "softmax" and focal.logit_bias is None
     with torch.no_grad():
         img, txt = focal.encode_image(batch["image"]), focal.encode_text(batch["text_ids"], batch["text_mask"])
-        want = focal_clip_loss(img, txt, focal.logit_scale.exp(), gamma=1.5)["loss"]
+        want = focal_clip_loss(img, txt, focal.logit_scale.exp(), gamma=1.5, form="softmax")["loss"]
         assert focal(batch)["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    pairwise = make(loss="focal", focal_form="sigmoid").eval()  # SigLIP's bias and scale
+    assert (pairwise.logit_bias.item(), pairwise.logit_scale.exp().item()) == pytest.approx((-10.0, 10.0))
+    with torch.no_grad():
+        img, txt = pairwise.encode_image(batch["image"]), pairwise.encode_text(batch["text_ids"], batch["text_mask"])
+        want = focal_clip_loss(img, txt, torch.tensor(10.0), form="sigmoid", logit_bias=torch.tensor(-10.0))["loss"]
+        assert pairwise(batch)["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert make(loss="focal", focal_form="sigmoid", focal_bias=False).logit_bias is None  # the published, bias-free form
     # bad options name themselves
     with pytest.raises(ValueError, match="loss must be one of"):
         make(loss="infonce")
-    with pytest.raises(ValueError, match="init_logit_bias is only used by loss='siglip'"):
+    with pytest.raises(ValueError, match="init_logit_bias is only used by the sigmoid losses"):
         make(init_logit_bias=-10.0)
     with pytest.raises(ValueError, match="siglip_mode"):
         make(loss="siglip", siglip_mode="all")

@@ -41,6 +41,8 @@ CASES = {
     "clip_negatives": lambda m, b: clip_loss(*m.embed(b), m.scale(), **m.negatives(b)),
     "siglip_negatives": lambda m, b: siglip_loss(*m.embed(b), m.scale(), m.bias, chunk_size=3, **m.negatives(b)),
     "focal_sigmoid_negatives": lambda m, b: focal_clip_loss(*m.embed(b), m.scale(), form="sigmoid", **m.negatives(b)),
+    "filip_negatives": lambda m, b: filip_loss(*m.embed_tokens(b), b["text_mask"], m.scale(), **m.negative_tokens(b)),
+    "focal_sigmoid_bias": lambda m, b: focal_clip_loss(*m.embed(b), m.scale(), form="sigmoid", logit_bias=m.bias),
     "focal_softmax_negatives": lambda m, b: focal_clip_loss(*m.embed(b), m.scale(), form="softmax", **m.negatives(b)),
 }
 RING_CASES = ("siglip_ring", "siglip_ring_chunk3")
@@ -65,6 +67,12 @@ class TinyTowers(torch.nn.Module):
 
     def negatives(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"negative_emb": F.normalize(self.text(batch["negatives"]), dim=-1), "negative_valid": batch["negative_valid"]}
+
+    def negative_tokens(self, batch: dict) -> dict[str, torch.Tensor]:
+        tokens = F.normalize(self.text(batch["negatives"]), dim=-1)[:, :, None, :].expand(-1, -1, TOKENS, -1)  # [B, K, L, D]
+        mask = torch.arange(TOKENS)[None, None, :] < 2  # [1, 1, L]: two real tokens each
+        return {"negative_tokens": tokens, "negative_mask": mask.expand(tokens.shape[0], 2, TOKENS),
+                "negative_valid": batch["negative_valid"]}
 
     def embed_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         image = F.normalize(self.image(batch["image_tokens"]), dim=-1)  # [B, P, D]

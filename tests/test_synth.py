@@ -136,7 +136,7 @@ def test_per_sample_rng_is_order_independent():
 def test_manifest_layout(world):
     assert is_generated(world)
     m = load_manifest(world)
-    assert m["format"] == "lit-vlm-synth" and m["version"] == 1
+    assert m["format"] == "lit-vlm-synth" and m["version"] == 2
     assert m["config"] == {**SynthConfig().to_dict(), **TINY, "holdout": ["red star", "blue heart"]}
     assert m["classnames"] == CLASSNAMES == list(SHAPES)
     assert m["templates"] == TEMPLATES and all("{}" in t for t in TEMPLATES)
@@ -147,7 +147,7 @@ def test_manifest_layout(world):
         assert info["shards"] == [f"{split}/shard-{i:06d}.tar" for i in range(-(-n // 16))]
         assert sorted(p.name for p in (world / split).iterdir()) == [Path(s).name for s in info["shards"]]
     for name in ("captions_val", "captions_test", "vqa_val_questions", "vqa_val_annotations",
-                 "vqa_test_questions", "vqa_test_annotations"):
+                 "vqa_test_questions", "vqa_test_annotations", "compositional_val", "compositional_test"):
         assert m["annotations"][name] == f"annotations/{name}.json"
         assert (world / m["annotations"][name]).is_file()
     assert not (world / synth._MARKER).exists()
@@ -174,7 +174,8 @@ def test_sample_json_schema(world):
         for i, s in enumerate(samples(world, split)):
             r = s["json"]
             assert set(r) == {"key", "image_id", "split", "width", "height", "caption", "captions", "label",
-                              "classname", "objects", "background", "questions"}
+                              "classname", "objects", "background", "questions", "negatives"}
+            assert len(r["negatives"]) == len(r["captions"]) and all(isinstance(n, dict) for n in r["negatives"])
             assert r["key"] == f"{split}_{i:07d}" and "." not in r["key"]
             assert r["image_id"] == offset + i and r["split"] == split
             assert r["width"] == r["height"] == 64

@@ -15,7 +15,8 @@ way and every option combines with the others:
   ``logit_bias`` (init -10) and logit scale init log(10); ``siglip_mode`` "gather" or "ring" for
   DDP, ``loss_chunk_size`` bounds its memory. ``configs/siglip/``.
 - **Focal contrastive** (RO-ViT, MaMMUT): ``loss="focal"``, the focal modulation (1 - p)^gamma
-  on every pair's probability (``focal_gamma``, ``focal_form``). ``configs/focal/``.
+  on every pair's probability (``focal_gamma``, ``focal_form``); the sigmoid form has SigLIP's
+  bias (``focal_bias``). ``configs/focal/``.
 - **LiT** (Zhai et al., 2022): ``lock_image=True`` freezes the image tower and projection (no
   gradients, not in the optimiser, run in eval mode), ``lock_image_unlocked_groups`` leaves the last
   groups trainable as open_clip's ``lock_image_tower`` does, ``lock_image_unlock_norms`` keeps the
@@ -50,9 +51,12 @@ from lit_vlm.modules.freeze import lock, vit_groups
 LOSSES = ("clip", "siglip", "focal")
 #: Terms logged on the validation and test splits.
 EVAL_TERMS = ("loss", "acc_i2t", "acc_t2i")
-#: Initial log logit scale per loss when ``init_logit_scale`` is left unset.
+#: Initial log logit scale per loss when ``init_logit_scale`` is left unset (the pairwise sigmoid
+#: losses, SigLIP and the sigmoid focal form, start at SigLIP's log 10).
 DEFAULT_INIT_LOGIT_SCALE = {"clip": math.log(1 / 0.07), "focal": math.log(1 / 0.07), "siglip": math.log(10.0)}
-#: Initial logit bias of SigLIP when ``init_logit_bias`` is left unset (the paper's -10).
+#: Initial logit bias of the sigmoid losses when ``init_logit_bias`` is left unset (the SigLIP
+#: paper's -10; -log(N - 1), where the loss of a model that scores every pair alike is lowest, was
+#: slower here at N = 128: ``benchmarks/README.md``).
 DEFAULT_INIT_LOGIT_BIAS = -10.0
 
 
@@ -71,16 +75,24 @@ class CLIP(VLMModule):
         learn_logit_scale: Train t; False keeps it fixed at ``init_logit_scale``.
         loss: "clip" (symmetric InfoNCE), "siglip" (pairwise sigmoid loss with a learnable bias) or
             "focal" (focal contrastive loss).
-        init_logit_bias: Initial learnable logit bias b of ``loss="siglip"`` (logits are
-            exp(t) * cos + b); unset: -10 as in the SigLIP paper. Only SigLIP has this parameter.
+        init_logit_bias: Initial learnable logit bias b of the sigmoid losses (``loss="siglip"``, and
+            ``loss="focal"`` with ``focal_form="sigmoid"``; logits are exp(t) * cos + b); unset: -10
+            as in the SigLIP paper.
         siglip_mode: How ``loss="siglip"`` meets the other ranks' samples under DDP: "gather"
             (all-gather the embeddings) or "ring" (pass text chunks around the ranks, as in the paper).
         loss_chunk_size: ``loss="siglip"`` only: score this many negative columns at a time to bound
             memory (None: all at once).
         focal_gamma: Focusing exponent gamma of ``loss="focal"``.
-        focal_form: ``loss="focal"`` only: "sigmoid" (every image-text pair a binary problem, the
-            RO-ViT/MaMMUT definition; gamma=0 is SigLIP without bias) or "softmax" (the focal term
-            on the softmax probability of the positive; gamma=0 is CLIP's InfoNCE).
+        focal_form: ``loss="focal"`` only: "softmax" (default: the focal term on the softmax
+            probability of the positive; gamma=0 is CLIP's InfoNCE) or "sigmoid" (every image-text
+            pair a binary problem, the RO-ViT/MaMMUT definition; gamma=0 is SigLIP). The default is
+            the form that learns at a small batch and budget: at batch 128 for 42k samples the
+            softmax form reached CLIP's recall while the sigmoid form stayed near chance without a
+            bias and learned as slowly as SigLIP with one (``benchmarks/README.md``).
+        focal_bias: ``focal_form="sigmoid"`` only: add SigLIP's learnable logit bias and its scale
+            init (default). The papers write the loss without one; then the N - 1 negatives of each
+            image can only lower their loss by negative cosines, which N vectors cannot all have.
+            False gives the bias-free form as published.
         lock_image: LiT: freeze the image tower and the image projection (requires_grad=False, not
             in the optimiser, eval mode even while training). Pair it with ``init_from``.
         lock_image_unlocked_groups: With ``lock_image``, leave the last n layer groups trainable,
@@ -114,7 +126,8 @@ class CLIP(VLMModule):
         siglip_mode: str = "gather",
         loss_chunk_size: int | None = None,
         focal_gamma: float = 2.0,
-        focal_form: str = "sigmoid",
+        focal_form: str = "softmax",
+        focal_bias: bool = True,
         lock_image: bool = False,
         lock_image_unlocked_groups: int = 0,
         lock_image_unlock_norms: bool = False,
@@ -125,8 +138,10 @@ class CLIP(VLMModule):
         super().__init__(**kwargs)
         if loss not in LOSSES:
             raise UserError(f"model loss must be one of {LOSSES}, got {loss!r}")
-        if init_logit_bias is not None and loss != "siglip":
-            raise UserError(f"model init_logit_bias is only used by loss='siglip' (loss={loss!r})")
+        sigmoid = loss == "siglip" or (loss == "focal" and focal_form == "sigmoid" and focal_bias)
+        if init_logit_bias is not None and not sigmoid:
+            raise UserError(f"model init_logit_bias is only used by the sigmoid losses (loss='siglip', or 'focal' with "
+                            f"focal_form='sigmoid' and focal_bias true); here loss={loss!r}")
         if siglip_mode not in ("gather", "ring"):
             raise UserError(f"model siglip_mode must be 'gather' or 'ring', got {siglip_mode!r}")
         if loss_chunk_size is not None and loss_chunk_size < 1:
@@ -146,9 +161,9 @@ class CLIP(VLMModule):
         nn.init.normal_(self.image_projection.weight, std=vision.width**-0.5)
         nn.init.normal_(self.text_projection.weight, std=text.width**-0.5)
         if init_logit_scale is None:
-            init_logit_scale = DEFAULT_INIT_LOGIT_SCALE[loss]
+            init_logit_scale = DEFAULT_INIT_LOGIT_SCALE["siglip" if sigmoid else loss]
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learn_logit_scale)
-        if loss == "siglip":
+        if sigmoid:
             bias = DEFAULT_INIT_LOGIT_BIAS if init_logit_bias is None else float(init_logit_bias)
             self.logit_bias = nn.Parameter(torch.tensor(bias))
         else:
@@ -167,6 +182,13 @@ class CLIP(VLMModule):
             self.lock_image_tower(lock_image_unlocked_groups, lock_image_unlock_norms)
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A sigmoid focal checkpoint from before ``focal_bias`` loads with b = 0: the same logits."""
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and self.logit_bias is not None and self.loss == "focal" and "logit_bias" not in state:
+            state["logit_bias"] = torch.zeros(())
 
     # ---- LiT -----------------------------------------------------------------------------------
     def lock_image_tower(self, unlocked_groups: int = 0, unlock_norms: bool = False) -> None:
@@ -249,7 +271,8 @@ class CLIP(VLMModule):
             terms = fn(image_emb, text_emb, scale, bias, gather=gather, mode=self.siglip_mode, chunk_size=self.loss_chunk_size,
                        **hard)
         elif self.loss == "focal":
-            terms = fn(image_emb, text_emb, scale, gamma=self.focal_gamma, gather=gather, form=self.focal_form, **hard)
+            terms = fn(image_emb, text_emb, scale, gamma=self.focal_gamma, gather=gather, form=self.focal_form,
+                       logit_bias=bias, **hard)
         else:
             terms = fn(image_emb, text_emb, scale, gather=gather, **hard)
         if "acc_i2t" not in terms or "acc_t2i" not in terms:

@@ -123,12 +123,17 @@ class FILIP(CLIP):
     def features(self, batch: dict) -> dict[str, torch.Tensor | None]:
         """{"image_tokens": [B, P, E], "text_tokens": [B, L, E], "text_mask": [B, L]}; texts keep the
         batch's (fixed) length L, which ``filip_loss`` needs equal on every rank under DDP."""
-        if "negative_ids" in batch:
-            raise UserError("FILIP does not score hard negatives (its token-wise loss would need their token features): "
-                            "leave data hard_negatives at 0 for FILIP")
         image_tokens, _ = self.encode_image_tokens(batch["image"])
         text_tokens, text_mask = self.encode_text_tokens(batch["text_ids"], batch["text_mask"], trim=False)
-        return {"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": text_mask}
+        out = {"image_tokens": image_tokens, "text_tokens": text_tokens, "text_mask": text_mask}
+        if "negative_ids" in batch:  # the data's hard_negatives = K
+            b, k, length = batch["negative_ids"].shape
+            tokens, mask = self.encode_text_tokens(batch["negative_ids"].reshape(b * k, length),
+                                                   batch["negative_mask"].reshape(b * k, length), trim=False)  # [B*K, L, E]
+            out["negative_tokens"] = tokens.view(b, k, length, -1)  # [B, K, L, E]
+            out["negative_token_mask"] = mask.view(b, k, length)  # [B, K, L]
+            out["negative_valid"] = batch["negative_valid"]  # [B, K]
+        return out
 
     def loss_from_features(
         self, features: dict[str, torch.Tensor | None], gather: bool = True, detach_scalars: bool = False
@@ -138,7 +143,9 @@ class FILIP(CLIP):
 
         scale, _ = self._scalars(detach_scalars)
         image_tokens, text_tokens, text_mask = features["image_tokens"], features["text_tokens"], features["text_mask"]
-        terms = filip_loss(image_tokens, text_tokens, text_mask, scale, gather=gather)
+        terms = filip_loss(image_tokens, text_tokens, text_mask, scale, gather=gather,
+                           negative_tokens=features.get("negative_tokens"), negative_mask=features.get("negative_token_mask"),
+                           negative_valid=features.get("negative_valid"))
         if "acc_i2t" not in terms or "acc_t2i" not in terms:
             with torch.no_grad():
                 sim_i2t, sim_t2i = filip_similarity(image_tokens, text_tokens, text_mask)  # [B, B] each
