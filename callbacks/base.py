@@ -195,6 +195,17 @@ def _tensorboard_writer(trainer: pl.Trainer) -> Any:
     return None
 
 
+def annotation_file(trainer: pl.Trainer, stage: str, given: str | dict[str, str] | None, kind: str) -> str | None:
+    """The annotation file an evaluation reads for ``stage``: ``given`` (one path, or ``{stage: path}``),
+    else the DataModule's ``eval_annotations(stage)[kind]``, else None."""
+    if isinstance(given, dict):
+        return given.get(stage)
+    if given:
+        return given
+    offer = getattr(trainer.datamodule, "eval_annotations", None)
+    return (offer(stage) or {}).get(kind) if callable(offer) else None
+
+
 def require_capability(pl_module: pl.LightningModule, *names: str, by: str = "this evaluation") -> None:
     """Raise one paragraph if the family lacks a capability an evaluation needs
     (:func:`lit_vlm.capabilities.require`)."""

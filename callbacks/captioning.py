@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
+from lit_vlm.callbacks.base import EvalCallback, annotation_file, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
 from lit_vlm.captioning import align_captions, caption_metrics, load_caption_references, require_java
 from lit_vlm.distributed import rank_and_world
@@ -125,20 +125,10 @@ class CaptionEvaluation(EvalCallback):
         self.last_predictions_path: Path | None = None  # rank 0: the last predictions file written
 
     # ---- setup ----------------------------------------------------------------------------
-    def _reference_file(self, trainer: pl.Trainer, stage: str) -> str | None:
-        if isinstance(self.references, dict):
-            return self.references.get(stage)
-        if self.references:
-            return self.references
-        offer = getattr(trainer.datamodule, "eval_annotations", None)
-        if callable(offer):
-            return (offer(stage) or {}).get("captions")
-        return None
-
     def setup_epoch(self, trainer, pl_module, stage):
         require_capability(pl_module, "generate", by="CaptionEvaluation")
         require_java()  # fail before generating a whole split, not after
-        path = self._reference_file(trainer, stage)
+        path = annotation_file(trainer, stage, self.references, "captions")
         self._file_refs_path = str(path) if path else None
         self._file_refs = load_caption_references(path) if path else None
         self._results = None

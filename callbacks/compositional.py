@@ -23,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lit_vlm.callbacks.base import EvalCallback, require_capability
+from lit_vlm.callbacks.base import EvalCallback, annotation_file, require_capability
 from lit_vlm.errors import UserError
 
 __all__ = ["CompositionalEvaluation", "load_compositional"]
@@ -69,18 +69,10 @@ class CompositionalEvaluation(EvalCallback):
         self._kinds: list[str] = []
         self._path: str | None = None
 
-    def _file(self, trainer: pl.Trainer, stage: str) -> str | None:
-        if isinstance(self.annotations, dict):
-            return self.annotations.get(stage)
-        if self.annotations:
-            return self.annotations
-        offer = getattr(trainer.datamodule, "eval_annotations", None)
-        return (offer(stage) or {}).get("compositional") if callable(offer) else None
-
     @torch.no_grad()
     def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
         require_capability(pl_module, "encode_image", "encode_text", by="CompositionalEvaluation")
-        path = self._file(trainer, stage)
+        path = annotation_file(trainer, stage, self.annotations, "compositional")
         if not path:
             raise UserError(
                 f"CompositionalEvaluation: no compositional annotation file for the {stage} split: give "

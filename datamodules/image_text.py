@@ -499,12 +499,11 @@ class ImageTextCorpus(Corpus):
             logger.info("generating the synthetic world in %s (%s)", root, self.synth_config or "defaults")
             synth.generate(root, synth.SynthConfig(**self.synth_config))
             return
-        version = synth.generated_version(root)
-        if version != synth.VERSION:
-            config = synth.SynthConfig.from_dict(json.loads((Path(root) / manifests.MANIFEST).read_text(encoding="utf-8"))["config"])
+        recorded = json.loads((Path(root) / manifests.MANIFEST).read_text(encoding="utf-8"))  # any version
+        if recorded.get("version") != synth.VERSION:
             logger.warning("root=%s holds a synthetic world written by an older lit-vlm (version %s; this one writes %s): "
-                           "regenerating it in place", root, version, synth.VERSION)
-            synth.generate(root, config)
+                           "regenerating it in place", root, recorded.get("version"), synth.VERSION)
+            synth.generate(root, synth.SynthConfig.from_dict(recorded["config"]))
         existing = synth.load_manifest(root).get("config", {})
         normalise = lambda value: json.loads(json.dumps(value))  # noqa: E731 - tuples vs lists
         different = {

@@ -39,6 +39,7 @@ OBJECT_WORDS: tuple[str, ...] = (*SHAPES, "person", "man", "woman", "child", "bi
                                  "sink", "refrigerator", "book", "clock", "vase", "scissors", "toothbrush")
 _RELATIONS: tuple[tuple[str, str], ...] = (("left", "right"), ("above", "below"), ("top", "bottom"),
                                            ("in front of", "behind"), ("over", "under"))
+_FLIPPED: dict[str, str] = {**dict(_RELATIONS), **{b: a for a, b in _RELATIONS}}  # each relation word's opposite
 
 
 def check_kinds(kinds: Sequence[str], where: str) -> list[str]:
@@ -87,8 +88,7 @@ def rule_based(caption: str, kind: str, generator: torch.Generator,
             a, b = _draw(pairs, generator)
             return _replace(text, [(a[0], a[1], b[2]), (b[0], b[1], a[2])])
         if kind == "swap_objects":  # no two nouns: reverse a spatial relation instead
-            flips = [(s, e, dict((*_RELATIONS, *((b, a) for a, b in _RELATIONS)))[w])
-                     for s, e, w in _spans(text, [w for pair in _RELATIONS for w in pair])]
+            flips = [(s, e, _FLIPPED[w]) for s, e, w in _spans(text, list(_FLIPPED))]
             if flips:
                 return _replace(text, [_draw(flips, generator)])
         return None

@@ -89,7 +89,6 @@ __all__ = [
     "tokenize",
     "generate",
     "is_generated",
-    "generated_version",
     "load_manifest",
     "shard_paths",
     "main",
@@ -1303,14 +1302,6 @@ def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
 def is_generated(out_dir: str | os.PathLike) -> bool:
     """True if ``out_dir/manifest.json`` exists and describes a complete lit-vlm-synth world."""
     return manifest_format(Path(out_dir) / _MANIFEST) == FORMAT
-
-
-def generated_version(out_dir: str | os.PathLike) -> Any:
-    """The ``version`` a generated world's manifest records (None when unreadable)."""
-    try:
-        return json.loads((Path(out_dir) / _MANIFEST).read_text(encoding="utf-8")).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict:

@@ -34,11 +34,9 @@ def build_report(paths: list[str], out: str | Path, resamples: int = 1000, title
     sections = build(runs, resamples=resamples)
     shown = figures.examples(runs)
     for earlier in merge or []:
-        sections = merge_report(sections, Path(earlier))
-        kept = {row.label for s in sections for g in s.groups for row in g.rows if row.source == Path(earlier)}
-        stored = json.loads(Path(earlier).read_text(encoding="utf-8")).get("examples") or {}
+        sections, stored = merge_report(sections, Path(earlier))
         for task, items in stored.items():
-            shown.setdefault(task, []).extend(item for item in items if item.get("run") in kept)
+            shown.setdefault(task, []).extend(items)
     if not sections:
         raise UserError(f"lit-vlm report: nothing to report in {paths + (merge or [])}")
     out = Path(out)

@@ -200,11 +200,12 @@ def _task_order(task: str) -> tuple[int, str]:
     return (list(HEADLINE).index(task) if task in HEADLINE else 99, task)
 
 
-def merge(sections: list[Section], report: Path) -> list[Section]:
+def merge(sections: list[Section], report: Path) -> tuple[list[Section], dict[str, list[dict[str, Any]]]]:
     """Add the rows of an earlier report (its ``leaderboard.json``) to ``sections``: a row joins the
     group with the same protocol, so it is ranked beside today's runs only when its numbers mean the
     same; a row whose label a run of this report has is replaced by that run. Values, intervals,
-    seeds' spread, baselines and provenance are kept as that report computed them."""
+    seeds' spread, baselines and provenance are kept as that report computed them. Returns the
+    sections and the earlier report's qualitative examples of the rows it kept."""
     try:
         data = json.loads(Path(report).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -231,4 +232,8 @@ def merge(sections: list[Section], report: Path) -> list[Section]:
                                       dict(r.get("baselines") or {}), r.get("samples"), Path(report),
                                       {k: v for k, v in (r.get("provenance") or {}).items() if k != "merged_from"}))
     kept = {task: [g for g in groups if g.rows] for task, groups in by_task.items()}
-    return [_rank(task, groups) for task, groups in sorted(kept.items(), key=lambda item: _task_order(item[0])) if groups]
+    merged = [_rank(task, groups) for task, groups in sorted(kept.items(), key=lambda item: _task_order(item[0])) if groups]
+    labels = {row.label for s in merged for g in s.groups for row in g.rows if row.source == Path(report)}
+    examples = {task: [item for item in items if item.get("run") in labels]
+                for task, items in (data.get("examples") or {}).items()}
+    return merged, examples
