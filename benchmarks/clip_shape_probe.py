@@ -2,8 +2,10 @@
 
     python benchmarks/clip_shape_probe.py --steps 330 --every 55            # the quickstart budget
     python benchmarks/clip_shape_probe.py --steps 1000 --every 100 --pool mean
+    python benchmarks/clip_shape_probe.py --pool mean --vision convnet --text-layers 0 --token-init-std 1  # the quickstart's towers
 
-Trains the quickstart-shaped CLIP (same towers, AdamW groups, warmup + cosine, clipping, logit-scale
+Trains a quickstart-shaped CLIP (by default the ViT and 3-layer text tower the quickstart used
+until issue 16; the last line above gives today's ConvNet and bag of words; same AdamW groups, warmup + cosine, clipping, logit-scale
 clamp as `lit-vlm fit --config configs/clip/quickstart.yaml`) with a plain loop on images decoded
 once into memory (no crop augmentation, no DataLoader), so a run costs only model compute. Every
 ``--every`` steps it prints the val mean R@1 and zero-shot top-1; at the end, linear probes
@@ -32,7 +34,7 @@ from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD
 from lit_vlm.metrics import retrieval_metrics
 from lit_vlm.models.clip import CLIP
-from lit_vlm.modules import TextTransformer, VisionTransformer
+from lit_vlm.modules import ConvNet, TextTransformer, VisionTransformer
 from lit_vlm.optim import build_adamw, param_groups, warmup_cosine
 
 CONTEXT = 56
@@ -97,15 +99,23 @@ def main() -> None:
     p.add_argument("--pool", default="cls", help="vision pooling (cls|mean); the text tower uses eot for cls, mean for mean")
     p.add_argument("--every", type=int, default=55)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vision", default="vit", choices=["vit", "convnet"], help="image tower: the ViT of earlier quickstarts or the ConvNet")
+    p.add_argument("--norm", default="batch", choices=["batch", "group"], help="the ConvNet's normalisation")
+    p.add_argument("--text-layers", type=int, default=3, help="text transformer blocks (0: a bag of words)")
+    p.add_argument("--token-init-std", type=float, default=0.02, help="std of the text token embedding's init")
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     tok = Tokenizer.synthetic()
     root = Path(a.root)
     train, val, test = (load_split(root, s, 64, tok) for s in ("train", "val", "test"))
-    vision = VisionTransformer(preset="small", image_size=64, patch_size=8, width=128, layers=4, heads=4, stem="conv", pool=a.pool)
-    text = TextTransformer(preset="small", width=128, layers=3, heads=4, vocab_size=tok.vocab_size, context_length=CONTEXT,
-                           pad_id=tok.pad_id, pool="mean" if a.pool == "mean" else "eot")
+    if a.vision == "convnet":
+        vision = ConvNet(channels=(32, 64, 128, 128), strides=(2, 2, 2, 1), norm=a.norm, image_size=64)
+    else:
+        vision = VisionTransformer(preset="small", image_size=64, patch_size=8, width=128, layers=4, heads=4, stem="conv", pool=a.pool)
+    text = TextTransformer(preset="small", width=128, layers=a.text_layers, heads=4, vocab_size=tok.vocab_size, context_length=CONTEXT,
+                           pad_id=tok.pad_id, pool="mean" if a.pool == "mean" or a.text_layers == 0 else "eot",
+                           token_init_std=a.token_init_std)
     model = CLIP(vision, text, embed_dim=128, lr=a.lr, weight_decay=0.1)
     opt = build_adamw(param_groups(model, 0.1), a.lr, (0.9, 0.98), 1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.steps, int(0.05 * a.steps), 0.0))

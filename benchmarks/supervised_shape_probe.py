@@ -3,6 +3,7 @@
     python benchmarks/supervised_shape_probe.py --pool mean             # the quickstart's pooling
     python benchmarks/supervised_shape_probe.py --pool cls
     python benchmarks/supervised_shape_probe.py --pool mean --image-size 128 --patch-size 16
+    python benchmarks/supervised_shape_probe.py --tower convnet [--norm group]   # the quickstart's tower
 
 A linear classifier of the zero-shot label (the large object's shape, 8 classes) on the tower's
 pooled features, trained with the tower through the real data pipeline (the DataModule, its
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_vlm.datamodules import ImageTextDataModule, image_text
-from lit_vlm.modules import VisionTransformer
+from lit_vlm.modules import ConvNet, VisionTransformer
 
 
 class _LabelledCollator(image_text.ImageTextCollator):
@@ -35,7 +36,9 @@ class _LabelledCollator(image_text.ImageTextCollator):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data/synth")
-    parser.add_argument("--pool", default="mean", choices=["mean", "cls", "attn"])
+    parser.add_argument("--tower", default="vit", choices=["vit", "convnet"])
+    parser.add_argument("--norm", default="batch", choices=["batch", "group"], help="the ConvNet's normalisation")
+    parser.add_argument("--pool", default="mean", choices=["mean", "cls", "attn"], help="the ViT's pooling")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--image-size", type=int, default=64)
@@ -47,8 +50,11 @@ def main() -> None:
                              eval_batch_size=250, num_workers=1, train_epoch_samples=14000)
     dm.prepare_data()
     dm.setup("fit")
-    tower = VisionTransformer("small", patch_size=args.patch_size, width=128, layers=4, heads=4, stem="conv",
-                              pool=args.pool, image_size=args.image_size)
+    if args.tower == "convnet":
+        tower = ConvNet(channels=(32, 64, 128, 128), strides=(2, 2, 2, 1), norm=args.norm, image_size=args.image_size)
+    else:
+        tower = VisionTransformer("small", patch_size=args.patch_size, width=128, layers=4, heads=4, stem="conv",
+                                  pool=args.pool, image_size=args.image_size)
     head = torch.nn.Linear(128, 8)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)

@@ -7,16 +7,17 @@ import torch
 from ddp_procs import run_ranks
 
 from lit_vlm.models import CLIP
-from lit_vlm.modules import TextTransformer, VisionTransformer
+from lit_vlm.modules import ConvNet, TextTransformer, VisionTransformer
 
 pytestmark = pytest.mark.ddp
 
 GLOBAL_BATCH = 8
 
 
-def make_model() -> CLIP:
+def make_model(tower: str = "vit") -> CLIP:
     torch.manual_seed(0)
-    return CLIP(VisionTransformer("tiny"), TextTransformer("tiny", vocab_size=50, context_length=8), embed_dim=16)
+    vision = VisionTransformer("tiny") if tower == "vit" else ConvNet(channels=(8, 16), strides=(2, 2), image_size=32)
+    return CLIP(vision, TextTransformer("tiny", vocab_size=50, context_length=8), embed_dim=16)
 
 
 def make_batch() -> dict:
@@ -28,21 +29,27 @@ def make_batch() -> dict:
     return {"image": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), "text_ids": ids, "text_mask": mask}
 
 
-def test_clip_ddp_loss_and_grads_equal_global_batch(tmp_path):
+@pytest.mark.parametrize("tower", ["vit", "convnet"])
+def test_clip_ddp_loss_and_grads_equal_global_batch(tmp_path, tower):
     # Two plain processes, one per rank (tests/ddp_worker.py), gloo through a file store in tmp_path;
     # a failing rank ends the other at once (tests/ddp_procs.py), so the suite never hangs.
+    # The ConvNet's BatchNorm must use the global batch's statistics (GlobalBatchNorm2d).
     worker = str(Path(__file__).with_name("ddp_worker.py"))
-    run_ranks([[worker, str(rank), "2", str(tmp_path)] for rank in range(2)])
+    run_ranks([[worker, str(rank), "2", str(tmp_path), tower] for rank in range(2)])
     got = torch.load(tmp_path / "ddp.pt")
 
-    model = make_model().train()
+    model = make_model(tower).train()
     loss = model(make_batch())["loss"]
     loss.backward()
     assert got["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(ref) == set(got["grads"])
     for name, g in ref.items():
-        assert torch.allclose(got["grads"][name], g, atol=1e-5, rtol=0), name
+        assert torch.allclose(got["grads"][name], g, atol=1e-5, rtol=1e-5), name
+    buffers = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+    assert set(buffers) == set(got["buffers"])
+    for name, b in buffers.items():  # BatchNorm running statistics: the global batch's
+        assert torch.allclose(got["buffers"][name], b, atol=1e-5, rtol=1e-5), name
     # the test is meaningful: the global batch differs from what one rank sees alone
     model.zero_grad()
     half = {k: v[: GLOBAL_BATCH // 2] for k, v in make_batch().items()}

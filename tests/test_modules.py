@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lit_vlm.errors import UserError
 from lit_vlm.modules import (
     TEXT_PRESETS,
     VISION_PRESETS,
     Attention,
     AttentionalPooler,
+    ConvNet,
     CrossAttention,
+    GlobalBatchNorm2d,
     TextTransformer,
     Transformer,
     VisionTransformer,
@@ -488,3 +491,35 @@ def test_a_locked_module_pickles():
     again = pickle.loads(pickle.dumps(tower))
     again.train()
     assert not again.training and not any(p.requires_grad for p in again.parameters())
+
+
+def test_convnet_shapes_tokens_and_errors() -> None:
+    torch.manual_seed(0)
+    net = ConvNet(channels=(8, 16, 24), strides=(2, 2, 1), image_size=32).eval()
+    out = net(torch.randn(3, 3, 32, 32))
+    assert net.width == 24 and net.stride == 4
+    assert out.pooled.shape == (3, 24) and out.tokens.shape == (3, 1 + 8 * 8, 24)
+    assert torch.equal(out.tokens[:, 0], out.pooled)  # "class token first", as a ViT's
+    assert torch.allclose(out.tokens[:, 1:].mean(1), out.pooled, atol=1e-6)
+    for kwargs, match in [({"norm": "layer"}, "norm must be one of"), ({"strides": (2,)}, "same non-zero length"),
+                          ({"convs_per_stage": 0}, ">= 1")]:
+        with pytest.raises(UserError, match=match):
+            ConvNet(**kwargs)
+    with pytest.raises(UserError, match="needs a VisionTransformer"):
+        net(torch.randn(1, 3, 32, 32), patch_dropout=0.5)
+
+
+def test_global_batchnorm_is_batchnorm_in_one_process() -> None:
+    torch.manual_seed(0)
+    ours, ref = GlobalBatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(5, 4, 6, 6) * 3 + 1
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    assert torch.allclose(ours.running_var, ref.running_var) and torch.allclose(ours.running_mean, ref.running_mean)
+
+
+def test_text_token_init_std() -> None:
+    torch.manual_seed(0)
+    text = TextTransformer("tiny", vocab_size=500, context_length=8, layers=0, pool="mean", token_init_std=1.0)
+    assert text.token_embedding.weight.std().item() == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(UserError, match="token_init_std"):
+        TextTransformer("tiny", vocab_size=50, context_length=8, token_init_std=0)

@@ -303,7 +303,12 @@ def _given_hparams() -> dict | None:
 
 def _module_arguments(cls: type) -> list[str]:
     """The constructor arguments of ``cls`` (and of the classes it passes ``**kwargs`` to) annotated
-    as ``nn.Module`` subclasses."""
+    as ``nn.Module`` subclasses, or as a union of them (``VisionTransformer | ConvNet``)."""
+
+    def is_module(hint: object) -> bool:
+        options = typing.get_args(hint) or (hint,)
+        return any(isinstance(h, type) and issubclass(h, nn.Module) for h in options)
+
     names = []
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -313,7 +318,7 @@ def _module_arguments(cls: type) -> list[str]:
             hints = typing.get_type_hints(init)
         except Exception:  # noqa: BLE001 - an annotation that does not resolve is not a module
             continue
-        names += [n for n, h in hints.items() if isinstance(h, type) and issubclass(h, nn.Module)]
+        names += [n for n, h in hints.items() if is_module(h)]
     return sorted(set(names))
 
 

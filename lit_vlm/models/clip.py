@@ -44,7 +44,7 @@ from torch import nn
 from lit_vlm.errors import UserError
 from lit_vlm.metrics import in_batch_accuracy
 from lit_vlm.models.base import VLMModule
-from lit_vlm.modules import TextTransformer, VisionTransformer, trim_padding
+from lit_vlm.modules import ConvNet, TextTransformer, VisionTransformer, trim_padding
 from lit_vlm.modules.freeze import lock, vit_groups
 
 #: Loss names accepted by ``CLIP(loss=...)`` (looked up with ``lit_vlm.losses.get_loss``).
@@ -64,8 +64,8 @@ class CLIP(VLMModule):
     """CLIP dual encoder trained with a contrastive loss (InfoNCE, SigLIP's sigmoid, or focal).
 
     Args:
-        vision: The image tower (its pooled output is projected). Its ``image_size`` is taken
-            from the data when left unset.
+        vision: The image tower, a ViT or a :class:`ConvNet` (its pooled output is projected). Its
+            ``image_size`` is taken from the data when left unset.
         text: The text tower (pooled at the end-of-text token). Its ``vocab_size`` and
             ``context_length`` are taken from the data's tokenizer when left unset.
         embed_dim: Dimension of the joint embedding space.
@@ -115,7 +115,7 @@ class CLIP(VLMModule):
 
     def __init__(
         self,
-        vision: VisionTransformer,
+        vision: VisionTransformer | ConvNet,
         text: TextTransformer,
         embed_dim: int = 512,
         init_logit_scale: float | None = None,

@@ -1,5 +1,6 @@
 """Shared neural-network building blocks (plain ``torch.nn``, no Lightning)."""
 
+from .convnet import ConvNet, GlobalBatchNorm2d
 from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .text import TextOutput, TextTransformer, trim_padding
@@ -21,10 +22,12 @@ __all__ = [
     "AttentionalPooler",
     "Block",
     "CLIP_PRESETS",
+    "ConvNet",
     "CrossAttention",
     "DecoderBlock",
     "DecoderCache",
     "DecoderOutput",
+    "GlobalBatchNorm2d",
     "LayerScale",
     "MLP",
     "QuickGELU",

@@ -78,6 +78,10 @@ class TextTransformer(nn.Module):
         norm_eps: Epsilon of every LayerNorm in the tower (1e-5 as in CLIP).
         ls_init: If set, scale both residual branches of every block by a learned per-channel
             LayerScale initialised to this value (open_clip ``ls_init_value``); None disables it.
+        token_init_std: Standard deviation of the token embedding's initialisation (0.02 as in
+            CLIP). With ``layers=0`` and ``pool="mean"`` the tower is a bag of words; 1.0 then
+            starts its words far apart next to the positions (std 0.01), which is what lets the
+            quickstarts learn shape words (``benchmarks/README.md``).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class TextTransformer(nn.Module):
         act_layer: str = "gelu",
         norm_eps: float = 1e-5,
         ls_init: float | None = None,
+        token_init_std: float = 0.02,
     ) -> None:
         super().__init__()
         cfg = resolve_preset(
@@ -105,7 +110,7 @@ class TextTransformer(nn.Module):
         )
         require(cfg, ["vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio"], preset, "TextTransformer")
         width, heads = int(cfg["width"]), int(cfg["heads"])
-        if width % heads != 0:
+        if int(cfg["layers"]) and width % heads != 0:  # heads are unused by a bag of words (layers=0)
             raise UserError(f"width {width} must be divisible by heads {heads}")
         if pool not in POOL_TYPES:
             raise UserError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
@@ -132,7 +137,9 @@ class TextTransformer(nn.Module):
             ls_init=ls_init,
         )
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if token_init_std <= 0:
+            raise UserError(f"token_init_std must be > 0, got {token_init_std}")
+        nn.init.normal_(self.token_embedding.weight, std=float(token_init_std))
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     def forward(self, ids: Tensor, mask: Tensor | None = None, output_hidden_states: bool = False) -> TextOutput:

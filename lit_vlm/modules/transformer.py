@@ -345,7 +345,7 @@ class Transformer(nn.Module):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if width % heads != 0:
+        if layers and width % heads != 0:  # no blocks (layers=0): heads are unused
             raise UserError(f"width {width} must be divisible by heads {heads}")
         self.width = width
         self.layers = layers
