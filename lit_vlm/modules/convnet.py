@@ -5,7 +5,8 @@ per step than a ViT of the same cost: with a direct shape label it reaches 0.81 
 where the quickstart ViT is at 0.27, and CLIP with it learns zero-shot shapes inside the CPU
 budget (``benchmarks/README.md``, "Every family learns the embedded world"). BatchNorm is what
 makes it fast; under DDP its statistics are the global batch's (:class:`GlobalBatchNorm2d`),
-so a run gives the numbers of one process.
+so a run gives the numbers of one process. With ``accum_freq > 1`` they are each micro-batch's,
+as for open_clip's ResNet towers (the replayed pass updates the running statistics again).
 
 Shape letters: B batch, C=3 channels, H/W image height/width (pixels), h/w the final feature
 map (H and W divided by the product of the strides), D width (the last stage's channels).
