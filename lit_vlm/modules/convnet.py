@@ -14,6 +14,7 @@ map (H and W divided by the product of the strides), D width (the last stage's c
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -108,9 +109,7 @@ class ConvNet(nn.Module):
         self.body = nn.Sequential(*layers)
         self.width = channels[-1]
         self.image_size = int(image_size)
-        self.stride = 1
-        for s in strides:
-            self.stride *= s
+        self.stride = math.prod(strides)  # input pixels per feature-map cell, per side
 
     def forward(self, images: Tensor, output_hidden_states: bool = False, patch_dropout: float | None = None) -> VisionOutput:
         """Encode ``images`` [B, 3, H, W]. Patch dropout (FLIP) is a ViT technique: asking for it raises."""

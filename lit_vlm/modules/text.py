@@ -114,6 +114,8 @@ class TextTransformer(nn.Module):
             raise UserError(f"width {width} must be divisible by heads {heads}")
         if pool not in POOL_TYPES:
             raise UserError(f"pool must be one of {POOL_TYPES}, got {pool!r}")
+        if token_init_std <= 0:
+            raise UserError(f"token_init_std must be > 0, got {token_init_std}")
         if pool == "eos" and eos_id is None:
             raise UserError("pool='eos' needs eos_id (the end-of-text token id)")
 
@@ -137,8 +139,6 @@ class TextTransformer(nn.Module):
             ls_init=ls_init,
         )
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
-        if token_init_std <= 0:
-            raise UserError(f"token_init_std must be > 0, got {token_init_std}")
         nn.init.normal_(self.token_embedding.weight, std=float(token_init_std))
         nn.init.normal_(self.positional_embedding, std=0.01)
 
