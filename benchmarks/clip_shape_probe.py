@@ -5,8 +5,8 @@
     python benchmarks/clip_shape_probe.py --pool mean --vision convnet --text-layers 0 --token-init-std 1  # the quickstart's towers
 
 Trains a quickstart-shaped CLIP (by default the ViT and 3-layer text tower the quickstart used
-until issue 16; the last line above gives today's ConvNet and bag of words; same AdamW groups, warmup + cosine, clipping, logit-scale
-clamp as `lit-vlm fit --config configs/clip/quickstart.yaml`) with a plain loop on images decoded
+until issue 16; the last line above gives today's ConvNet and bag of words; same AdamW groups,
+warmup + cosine, clipping, logit-scale clamp as `lit-vlm fit`) with a plain loop on images decoded
 once into memory (no crop augmentation, no DataLoader), so a run costs only model compute. Every
 ``--every`` steps it prints the val mean R@1 and zero-shot top-1; at the end, linear probes
 (L-BFGS logistic regression fitted on the test split, scored on val) of the image features for the

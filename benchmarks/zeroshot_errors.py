@@ -19,9 +19,9 @@ import json
 import tarfile
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from lit_vlm.callbacks.zeroshot import class_embeddings
 from lit_vlm.datamodules.synth import CLASSNAMES, TEMPLATES
 from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.transforms import eval_transform
@@ -45,12 +45,9 @@ def main() -> None:
                 images.append(transform(Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")))
                 objects.append(json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())["objects"])
     with torch.no_grad():
-        classes = []
-        for name in CLASSNAMES:
-            ids, mask = tok.encode([t.format(name) for t in TEMPLATES], a.context_length)
-            classes.append(F.normalize(model.encode_text(ids, mask).mean(0), dim=-1))
+        classes = class_embeddings(model, tok, a.context_length, CLASSNAMES, TEMPLATES)  # [C, E], as the callback builds them
         image_emb = torch.cat([model.encode_image(torch.stack(images[i:i + 250])) for i in range(0, len(images), 250)])
-        pred = (image_emb @ torch.stack(classes).T).argmax(1).tolist()  # [N]
+        pred = (image_emb @ classes.T).argmax(1).tolist()  # [N]
     right = present = 0
     uniform = 0.0
     for p_idx, objs in zip(pred, objects):
