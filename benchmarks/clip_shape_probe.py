@@ -3,6 +3,8 @@
     python benchmarks/clip_shape_probe.py --steps 330 --every 55            # the quickstart budget
     python benchmarks/clip_shape_probe.py --steps 1000 --every 100 --pool mean
     python benchmarks/clip_shape_probe.py --pool mean --vision convnet --text-layers 0 --token-init-std 1  # the quickstart's towers
+    python benchmarks/clip_shape_probe.py --pool mean --vision convnet --text-layers 0 --token-init-std 1 --steps 440 \
+        --loss siglip --init-logit-scale 20                                # SigLIP's quickstart
 
 Trains a quickstart-shaped CLIP (by default the ViT and 3-layer text tower the quickstart used
 until issue 16; the last line above gives today's ConvNet and bag of words; same AdamW groups,
@@ -20,6 +22,7 @@ import argparse
 import glob
 import io
 import json
+import math
 import tarfile
 import time
 from pathlib import Path
@@ -103,6 +106,9 @@ def main() -> None:
     p.add_argument("--norm", default="batch", choices=["batch", "group"], help="the ConvNet's normalisation")
     p.add_argument("--text-layers", type=int, default=3, help="text transformer blocks (0: a bag of words)")
     p.add_argument("--token-init-std", type=float, default=0.02, help="std of the text token embedding's init")
+    p.add_argument("--loss", default="clip", choices=["clip", "siglip"], help="CLIP's InfoNCE or SigLIP's pairwise sigmoid")
+    p.add_argument("--init-logit-scale", type=float, default=None, help="initial exp(t) (unset: the loss's default, 14.3 or 10)")
+    p.add_argument("--init-logit-bias", type=float, default=None, help="--loss siglip: initial bias (unset: -10)")
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -116,7 +122,9 @@ def main() -> None:
     text = TextTransformer(preset="small", width=128, layers=a.text_layers, heads=4, vocab_size=tok.vocab_size, context_length=CONTEXT,
                            pad_id=tok.pad_id, pool="mean" if a.pool == "mean" or a.text_layers == 0 else "eot",
                            token_init_std=a.token_init_std)
-    model = CLIP(vision, text, embed_dim=128, lr=a.lr, weight_decay=0.1)
+    scale = None if a.init_logit_scale is None else math.log(a.init_logit_scale)
+    model = CLIP(vision, text, embed_dim=128, lr=a.lr, weight_decay=0.1, loss=a.loss, init_logit_scale=scale,
+                 init_logit_bias=a.init_logit_bias)
     opt = build_adamw(param_groups(model, 0.1), a.lr, (0.9, 0.98), 1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(a.steps, int(0.05 * a.steps), 0.0))
 
