@@ -52,7 +52,7 @@ from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, clip_loss, global_token_mean, itm_hard_negatives, momentum_itc_loss
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
-from lit_vlm.modules import Attention, TextDecoder, VisionTransformer, trim_padding
+from lit_vlm.modules import Attention, ConvNet, TextDecoder, VisionTransformer, trim_padding
 
 EVAL_TERMS = ("loss", "itc_loss", "itm_loss", "lm_loss", "vqa_loss", "itm_acc")
 
@@ -106,8 +106,9 @@ class BLIP(GeneratingMixin, VLMModule):
     """BLIP pre-training: ITC + ITM + LM over a shared-weight encoder-decoder.
 
     Args:
-        vision: The image tower (its pooled output gives the ITC feature, its tokens the context
-            of the image-grounded encoder and decoder). ``image_size`` comes from the data.
+        vision: The image tower, a ViT or a :class:`ConvNet` (its pooled output gives the ITC feature,
+            its tokens the context of the image-grounded encoder and decoder). ``image_size`` comes
+            from the data.
         decoder: The image-grounded text decoder; every block must cross-attend (leave its
             ``cross_attention_layers`` unset); ``context_dim`` must be the image tower's width
             (default: set from it). ``vocab_size`` and ``context_length`` come from the data.
@@ -141,7 +142,7 @@ class BLIP(GeneratingMixin, VLMModule):
 
     def __init__(
         self,
-        vision: VisionTransformer,
+        vision: VisionTransformer | ConvNet,
         decoder: TextDecoder,
         embed_dim: int = 256,
         momentum: float | None = 0.995,

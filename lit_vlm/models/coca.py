@@ -39,7 +39,7 @@ from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, clip_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
-from lit_vlm.modules import AttentionalPooler, TextDecoder, VisionTransformer, trim_padding
+from lit_vlm.modules import AttentionalPooler, ConvNet, TextDecoder, VisionTransformer, trim_padding
 
 EVAL_TERMS = ("loss", "contrastive_loss", "caption_loss", "vqa_loss", "acc_i2t", "acc_t2i")
 
@@ -48,7 +48,8 @@ class CoCa(GeneratingMixin, VLMModule):
     """CoCa: a contrastive dual encoder whose text tower is also an image-conditioned captioner.
 
     Args:
-        vision: The image tower; its tokens (after ``ln_post``) feed both attentional poolers.
+        vision: The image tower, a ViT or a :class:`ConvNet`; its tokens (a ViT's after ``ln_post``, a
+            ConvNet's spatial mean then its map) feed both attentional poolers.
             ``image_size`` is taken from the data when left unset.
         decoder: The text decoder. Its first ``layers - cross_attention_layers`` blocks are the
             unimodal text encoder, the rest the multimodal decoder (``cross_attention_layers``
@@ -85,7 +86,7 @@ class CoCa(GeneratingMixin, VLMModule):
 
     def __init__(
         self,
-        vision: VisionTransformer,
+        vision: VisionTransformer | ConvNet,
         decoder: TextDecoder,
         embed_dim: int = 512,
         caption_queries: int = 256,

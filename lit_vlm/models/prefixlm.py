@@ -30,7 +30,7 @@ from lit_vlm.errors import UserError
 from lit_vlm.losses import caption_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
-from lit_vlm.modules import TextDecoder, VisionTransformer, trim_padding
+from lit_vlm.modules import ConvNet, TextDecoder, VisionTransformer, trim_padding
 from lit_vlm.modules.decoder import DecoderCache, DecoderOutput
 
 
@@ -116,11 +116,15 @@ class PrefixLM(GeneratingMixin, VLMModule):
     """SimVLM-style prefix language model over image tokens and text (see the module docstring).
 
     Args:
-        vision: The image tower; its tokens (after ``ln_post``) are projected into the sequence.
+        vision: The image tower, a ViT or a :class:`ConvNet`; its tokens (a ViT's after ``ln_post``, a
+            ConvNet's spatial mean then its map) are projected into the sequence.
         decoder: The text transformer, without cross-attention (``cross_attention_layers: 0``);
             ``vocab_size`` and ``context_length`` come from the data.
         prefix_sampling: ``"random"`` (a split point drawn per caption; the loss covers what
             follows it) or ``"none"`` (prefix = image + start token: the whole caption is the target).
+        caption_ratio: With ``"random"``, the fraction of training captions whose split is the start
+            token, so the whole caption is the target (what captioning asks at generation time; a
+            uniform split does it for one caption in L only).
         text_only_ratio: Fraction of training pairs turned into text-only rows (image dropped).
         label_smoothing: Label smoothing of the LM loss.
         vqa_weight: Weight of the question-answering loss on batches that carry questions (the
@@ -139,9 +143,10 @@ class PrefixLM(GeneratingMixin, VLMModule):
 
     def __init__(
         self,
-        vision: VisionTransformer,
+        vision: VisionTransformer | ConvNet,
         decoder: TextDecoder,
         prefix_sampling: str = "random",
+        caption_ratio: float = 0.0,
         text_only_ratio: float = 0.0,
         label_smoothing: float = 0.0,
         vqa_weight: float = 1.0,
@@ -152,11 +157,14 @@ class PrefixLM(GeneratingMixin, VLMModule):
         super().__init__(**kwargs)
         if prefix_sampling not in ("random", "none"):
             raise UserError(f"model prefix_sampling must be 'random' or 'none', got {prefix_sampling!r}")
+        if not 0.0 <= caption_ratio <= 1.0:
+            raise UserError(f"model caption_ratio must be in [0, 1], got {caption_ratio}")
         if not 0.0 <= text_only_ratio < 1.0:
             raise UserError(f"model text_only_ratio must be in [0, 1), got {text_only_ratio}")
         self.vision = vision
         self.lm = PrefixDecoder(decoder, vision.width)
         self.prefix_sampling = prefix_sampling
+        self.caption_ratio = float(caption_ratio)
         self.text_only_ratio = float(text_only_ratio)
         self.label_smoothing = float(label_smoothing)
         if vqa_weight < 0:
@@ -197,6 +205,9 @@ class PrefixLM(GeneratingMixin, VLMModule):
             # prefix of k text tokens, k uniform in [1, length - 1]: at least one target remains
             k = 1 + (torch.rand(B, device=ids.device) * (length - 1).clamp_min(1)).long()
             prefix = torch.minimum(k, (length - 1).clamp_min(1))
+            if self.caption_ratio > 0:
+                whole = torch.rand(B, device=ids.device) < self.caption_ratio  # [B]: caption from the start token
+                prefix = torch.where(whole, torch.ones_like(prefix), prefix)
         else:
             prefix = torch.ones(B, dtype=torch.long, device=ids.device)
         terms = {"caption_loss": self._suffix_loss(tokens, has_image, ids, mask, prefix)}
