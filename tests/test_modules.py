@@ -17,6 +17,7 @@ from lit_vlm.modules import (
     ConvNet,
     CrossAttention,
     GlobalBatchNorm2d,
+    TextDecoder,
     TextTransformer,
     Transformer,
     VisionTransformer,
@@ -523,3 +524,8 @@ def test_text_token_init_std() -> None:
     assert text.token_embedding.weight.std().item() == pytest.approx(1.0, abs=0.05)
     with pytest.raises(UserError, match="token_init_std"):
         TextTransformer("tiny", vocab_size=50, context_length=8, token_init_std=0)
+    decoder = TextDecoder(vocab_size=500, context_length=8, width=32, layers=1, heads=2, token_init_std=1.0, tie_embeddings=False)
+    assert decoder.token_embedding.weight.std().item() == pytest.approx(1.0, abs=0.05)
+    assert decoder.lm_head.weight.std().item() == pytest.approx(32 ** -0.5, rel=0.1)  # untied: the output starts small
+    with pytest.raises(UserError, match="token_init_std"):
+        TextDecoder(vocab_size=50, context_length=8, width=32, layers=1, heads=2, token_init_std=-1)

@@ -132,6 +132,10 @@ class TextDecoder(nn.Module):
         act_layer: MLP activation ("gelu", "quick_gelu", "gelu_tanh").
         norm_eps: LayerNorm epsilon.
         tie_embeddings: Use the token embedding as the output projection.
+        token_init_std: Standard deviation of the token embedding's initialisation (0.02 as in
+            CLIP and BERT). 1.0 starts words far apart next to the positions (std 0.01), as the
+            bag-of-words text tower of the quickstarts does; untie the embeddings with it, or the
+            output logits start with a spread of about sqrt(width).
     """
 
     def __init__(
@@ -148,8 +152,11 @@ class TextDecoder(nn.Module):
         act_layer: str = "gelu",
         norm_eps: float = 1e-5,
         tie_embeddings: bool = True,
+        token_init_std: float = 0.02,
     ) -> None:
         super().__init__()
+        if token_init_std <= 0:
+            raise UserError(f"token_init_std must be > 0, got {token_init_std}")
         if vocab_size is None or context_length is None:
             raise UserError("TextDecoder: vocab_size and context_length must be given (lit-vlm fills them from the data)")
         n_cross = layers if cross_attention_layers is None else cross_attention_layers
@@ -170,7 +177,7 @@ class TextDecoder(nn.Module):
         )
         self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.token_embedding.weight, std=float(token_init_std))
         nn.init.normal_(self.positional_embedding, std=0.01)
         if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
