@@ -4,6 +4,7 @@ from lit_vlm.callbacks.base import EvalCallback
 from lit_vlm.callbacks.captioning import CaptionEvaluation
 from lit_vlm.callbacks.compositional import CompositionalEvaluation
 from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
+from lit_vlm.callbacks.pope import POPEEvaluation
 from lit_vlm.callbacks.predictions import PredictionWriter
 from lit_vlm.callbacks.results import Checkpoint, ResultsWriter
 from lit_vlm.callbacks.retrieval import RetrievalEvaluation
@@ -19,6 +20,7 @@ __all__ = [
     "EvalCallback",
     "NonFiniteLoss",
     "NonFiniteLossError",
+    "POPEEvaluation",
     "PredictionWriter",
     "RandomState",
     "ResultsWriter",

@@ -15,6 +15,7 @@ import torch
 
 from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
+from lit_vlm.datamodules.instructions import SHORT_ANSWER
 from lit_vlm.errors import UserError
 from lit_vlm.vqa import check_questions, load_annotations, load_questions, question_accuracy, vqa_accuracy
 
@@ -46,6 +47,13 @@ def majority_answers(annotations: list[dict[str, Any]]) -> dict[str, str]:
     return {qt: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for qt, c in counts.items()}
 
 
+#: Named prompts (``prompt: short_answer``): LLaVA-1.5's short-answer suffix, BLIP-2's format.
+PROMPTS = {
+    "short_answer": "{question}\n" + SHORT_ANSWER,
+    "blip2": "Question: {question} Short answer:",
+}
+
+
 class VQAEvaluation(EvalCallback):
     """VQA accuracy exactly as the official VQAv2 evaluator computes it (:mod:`lit_vlm.vqa`).
 
@@ -68,10 +76,11 @@ class VQAEvaluation(EvalCallback):
 
     Args:
         splits: Stages to evaluate on, among "val" and "test".
-        prompt: Format string with one ``{question}`` field turned into each question's prompt. The
-            default passes the question unchanged; instruction-tuned families usually want a
-            short-answer instruction, e.g. LLaVA's ``"{question}\\nAnswer the question using a single
-            word or phrase."`` or BLIP-2's ``"Question: {question} Short answer:"``.
+        prompt: Format string with one ``{question}`` field turned into each question's prompt, or
+            the name of one of :data:`PROMPTS`: ``short_answer`` (LLaVA-1.5's ``"{question}\\nAnswer
+            the question using a single word or phrase."``, what the synthetic world's instruction
+            data trains) or ``blip2`` (``"Question: {question} Short answer:"``). The default passes
+            the question unchanged.
         max_new_tokens: Generation budget per answer (VQAv2 answers are one to three words).
         annotations: Official VQAv2 annotation JSON; default: the DataModule's
             ``eval_annotations(stage)["vqa_annotations"]``.
@@ -124,6 +133,7 @@ class VQAEvaluation(EvalCallback):
         self.answer_list = answer_list
         self.baseline = baseline
         self._candidates: list[str] = []
+        prompt = PROMPTS.get(prompt, prompt)
         sentinel = "\x00question\x00"
         try:
             formatted = prompt.format(question=sentinel)

@@ -495,7 +495,7 @@ class _Item:
     """One sample to write: its key, source image and JSON record (without image fields)."""
 
     key: str
-    image: Path
+    image: Path | None  # None: a text-only sample
     rel: str
     record: dict[str, Any]
     text: str | None = None
@@ -532,17 +532,20 @@ def _write_split(
 
     try:
         for index, item in enumerate(items):
-            try:
-                ext, width, height, data = _inspect_image(item.image.read_bytes() if pack else item.image, verify)
-            except FileNotFoundError:
-                problems.missing(item.rel)
-                continue
-            except (OSError, ValueError) as exc:
-                problems.unreadable(item.rel, str(exc))
-                continue
-            record = {**item.record, "width": width, "height": height}
-            if not pack:
-                record["image_path"] = item.rel
+            if item.image is None:  # a text-only sample (LLaVA's mixture has them)
+                ext, data, record = None, None, dict(item.record)
+            else:
+                try:
+                    ext, width, height, data = _inspect_image(item.image.read_bytes() if pack else item.image, verify)
+                except FileNotFoundError:
+                    problems.missing(item.rel)
+                    continue
+                except (OSError, ValueError) as exc:
+                    problems.unreadable(item.rel, str(exc))
+                    continue
+                record = {**item.record, "width": width, "height": height}
+                if not pack:
+                    record["image_path"] = item.rel
             if tar is None or in_shard >= shard_size:
                 close_shard()
                 shards.append(f"shard-{len(shards):06d}.tar")

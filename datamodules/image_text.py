@@ -382,6 +382,7 @@ EVAL_ANNOTATION_KINDS: dict[str, str] = {
     "vqa_questions": "vqa_{split}_questions",
     "vqa_annotations": "vqa_{split}_annotations",
     "compositional": "compositional_{split}",
+    "pope": "pope_{split}",
 }
 
 

@@ -16,6 +16,7 @@ It is written in the formats real corpora use, so the same loaders serve both::
       annotations/captions_{val,test}.json                    COCO caption format
       annotations/vqa_{val,test}_{questions,annotations}.json VQAv2 format
       annotations/compositional_{val,test}.json               true caption against one-change negatives
+      annotations/pope_{val,test}.json                        POPE object-hallucination questions
       zeroshot.json                       {"classnames": [...], "templates": [...]}
 
 Determinism: every sample draws from its own random streams, derived from
@@ -29,7 +30,10 @@ Each sample's ``KEY.json`` holds ``key``, ``image_id`` (train 1..N, val 1_000_00
 col), ``background`` and ``questions`` (question_id = image_id * 10 + j, question, answers,
 answer_type, question_type, multiple_choice_answer and answer_confidences, the latter so
 that the VQAv2 annotation file can be rebuilt from the shards) and ``negatives`` (per caption,
-``{kind: text}``: compositional hard negatives, exact from the scene; see :func:`perturb`).
+``{kind: text}``: compositional hard negatives, exact from the scene; see :func:`perturb`),
+``conversations`` (a multi-turn LLaVA conversation: long-form turns, then the questions with the
+short-answer suffix) and ``pretrain_conversations`` (a brief-description instruction and the first
+caption: LLaVA's stage-1 pairs); see :mod:`lit_vlm.datamodules.instructions`.
 
 Usage::
 
@@ -101,9 +105,10 @@ __all__ = [
 FORMAT = "lit-vlm-synth"
 #: Layout version of the files a world consists of. 2 added each caption's hard negatives
 #: (``KEY.json`` ``negatives``) and ``annotations/compositional_{val,test}.json``; the images,
-#: captions and questions of a config are those of version 1. An older world is regenerated in
-#: place when a DataModule prepares it.
-VERSION = 2
+#: captions and questions of a config are those of version 1. 3 added instruction data (``KEY.json``
+#: ``conversations`` and ``pretrain_conversations``, LLaVA's format) and ``annotations/pope_{val,test}.json``.
+#: An older world is regenerated in place when a DataModule prepares it.
+VERSION = 3
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 SHAPES: tuple[str, ...] = (
@@ -1101,8 +1106,9 @@ _MAX_SCENE_TRIES = 100_000
 
 
 def _streams(seed: int, split: str, index: int) -> list[np.random.Generator]:
-    """Independent generators (scene, render, captions, questions, hard negatives) of one sample."""
-    children = np.random.SeedSequence([seed, _SPLIT_INDEX[split], index]).spawn(5)
+    """Independent generators (scene, render, captions, questions, hard negatives, instructions) of
+    one sample (a child's stream depends only on its index, so adding one leaves the others as they were)."""
+    children = np.random.SeedSequence([seed, _SPLIT_INDEX[split], index]).spawn(6)
     return [np.random.default_rng(c) for c in children]
 
 
@@ -1142,7 +1148,9 @@ def _plan_eval_scenes(config: SynthConfig) -> dict[str, list[Scene]]:
 def _build_sample(config: SynthConfig, split: str, index: int, scene: Scene | None,
                   exclude: frozenset) -> tuple[dict[str, bytes], dict]:
     """Encode one sample: its tar members (by extension) and its JSON record."""
-    scene_rng, render_rng, caption_rng, question_rng, negative_rng = _streams(config.seed, split, index)
+    from lit_vlm.datamodules.instructions import caption_pair, conversation
+
+    scene_rng, render_rng, caption_rng, question_rng, negative_rng, chat_rng = _streams(config.seed, split, index)
     banned: frozenset = frozenset()
     if scene is None:  # train: drawn here, without holdout pairs and (optionally) eval signatures
         scene = _draw_unique_scene(scene_rng, config, False, exclude, f"{split}[{index}]")
@@ -1173,6 +1181,8 @@ def _build_sample(config: SynthConfig, split: str, index: int, scene: Scene | No
         "objects": [o.to_json() for o in scene.objects],
         "background": scene.background.name,
         "questions": qs,
+        "conversations": conversation(scene, chat_rng, qs),
+        "pretrain_conversations": caption_pair(caps[0], chat_rng),
     }
     members = {
         "jpg": buf.getvalue(),
@@ -1287,6 +1297,25 @@ def _vqa_files(split: str, records: list[dict]) -> tuple[dict, dict]:
     annotations_json = {"info": info, "data_type": "synthetic", "data_subtype": split, "license": _LICENSE,
                         "annotations": anns}
     return questions_json, annotations_json
+
+
+def _pope(split: str, records: list[dict], seed: int) -> dict:
+    """POPE's three negative kinds over a split: per image, its objects (yes) and as many absent ones
+    (no); ``question_id = image_id * 100 + j``."""
+    from lit_vlm.datamodules.instructions import POPE_KINDS, pair_popularity, pope_questions
+
+    popular = pair_popularity(records)
+    items = []
+    for r in records:
+        rng = np.random.default_rng([seed, _SPLIT_INDEX[split], r["image_id"], 7])
+        j = 0
+        for kind in POPE_KINDS:
+            for q in pope_questions(r["objects"], rng, kind, popular):
+                items.append({"question_id": r["image_id"] * 100 + j, "image_id": r["image_id"], "key": r["key"],
+                              "category": kind, **q})
+                j += 1
+    return {"info": {**_INFO, "description": f"lit-vlm synthetic world POPE ({split})"}, "kinds": list(POPE_KINDS),
+            "questions": items}
 
 
 def _write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
@@ -1445,7 +1474,8 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig | None = None, num_
         q_json, a_json = _vqa_files(split, recs)
         for name, obj in ((f"captions_{split}", _coco_captions(split, recs)),
                           (f"vqa_{split}_questions", q_json), (f"vqa_{split}_annotations", a_json),
-                          (f"compositional_{split}", _compositional(split, recs, config.holdout))):
+                          (f"compositional_{split}", _compositional(split, recs, config.holdout)),
+                          (f"pope_{split}", _pope(split, recs, config.seed))):
             annotations[name] = f"annotations/{name}.json"
             _write_json_atomic(out / annotations[name], obj)
     _write_json_atomic(out / "zeroshot.json", {"classnames": CLASSNAMES, "templates": TEMPLATES}, indent=2)

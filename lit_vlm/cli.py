@@ -7,7 +7,7 @@ a guard against non-finite losses); every one can be overridden from YAML or the
 ``fit --ckpt_path last`` resumes the newest run in its own directory, mid-epoch included.
 
 Values that must agree between data and model are given once: any ``image_size``,
-``vocab_size``, ``context_length``, ``pad_id`` or ``tokenizer`` argument left unset anywhere in the model's config
+``vocab_size``, ``context_length``, ``pad_id``, ``tokenizer`` or ``template`` argument left unset anywhere in the model's config
 (the family's own arguments or its towers') is filled from the DataModule's attribute of that
 name; a value set in both places that disagrees is an error naming both. Values also flow the
 other way: when the model names a language model (``language_model``: a local Hugging Face model
@@ -40,12 +40,13 @@ from lit_vlm.callbacks.results import Checkpoint
 from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.weights import INDEX_FILE, check_checkpoint, run_checkpoint
 
-LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenizer")
+LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenizer", "template")
 
 _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
-`lit-vlm data {synth,karpathy,vqav2,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
+`lit-vlm data {synth,karpathy,vqav2,llava,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
+`lit-vlm lm merge ADAPTER --out DIR` (fold a LoRA adapter into its language model),
 `lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`),
 `lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML),
 `lit-vlm bench --suite quickstart` (fit and test a suite of configs, then build its report)."""
@@ -260,8 +261,8 @@ def apply_language_model_links(cfg: Namespace) -> None:
     if not isinstance(model_args, Namespace) or not isinstance(data_args, Namespace):
         return
     folder = model_args.get("language_model")
-    if not isinstance(folder, str) or not folder:
-        return
+    if not isinstance(folder, str) or not folder or not (Path(folder) / "config.json").is_file():
+        return  # no LM (yet): nothing to link; building the model says what is missing
     from lit_vlm.modules.language_model import language_model_facts
 
     facts = language_model_facts(folder)
@@ -379,8 +380,14 @@ TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
                      "convert COCO / Flickr30k Karpathy-split JSON + images into shards + caption annotations"),
         "vqav2": ("lit_vlm.datamodules.convert", "vqav2_main",
                   "convert VQAv2 questions + annotations + images into shards + the official annotation files"),
+        "llava": ("lit_vlm.datamodules.conversations", "llava_main",
+                  "convert LLaVA-format instruction JSON + images into shards (malformed records left out and reported)"),
         "capfilt": ("lit_vlm.capfilt", "main",
                     "BLIP's CapFilt: caption shards with a trained captioner, filter captions with its ITM head, write new shards"),
+    },
+    "lm": {
+        "merge": ("lit_vlm.models.bridge", "merge_main",
+                  "fold a bridge run's LoRA adapter (peft format) into its language model: a full Hugging Face folder"),
     },
     "eval": {
         "vqa": ("lit_vlm.vqa", "main", "score a VQAv2 results file with the official VQA accuracy"),

@@ -648,6 +648,27 @@ def momentum_itc_loss(
     }
 
 
+def blip2_itc_loss(
+    query_feat: torch.Tensor,  # [B, Q, E] normalised query outputs of this rank's images
+    text_feat: torch.Tensor,  # [B, E] normalised [CLS] outputs of this rank's texts
+    temp: torch.Tensor | float,  # temperature
+    gather: bool = True,
+) -> dict[str, torch.Tensor]:
+    """BLIP-2's image-text contrastive loss: an image-text similarity is the highest of its Q
+    queries' similarities to the text, in-batch negatives over every rank (gathered with
+    gradients); the mean of both directions' cross-entropies. Also returns the similarities
+    ``sim_i2t``, ``sim_t2i`` [B, W*B] (divided by ``temp``) for ITM's hard-negative sampling."""
+    rank, world = rank_and_world() if gather else (0, 1)
+    queries_all = gather_with_grad(query_feat) if world > 1 else query_feat  # [W*B, Q, E]
+    texts_all = gather_with_grad(text_feat) if world > 1 else text_feat  # [W*B, E]
+    sim_i2t = torch.einsum("bqe,ne->bqn", query_feat, texts_all).amax(1) / temp  # [B, W*B]
+    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, queries_all).amax(2) / temp  # [B, W*B]
+    labels = torch.arange(query_feat.shape[0], device=query_feat.device) + rank * query_feat.shape[0]  # [B]
+    terms = _symmetric_infonce(sim_i2t, sim_t2i, labels)
+    return {"itc_loss": terms["loss"], "acc_i2t": terms["acc_i2t"], "acc_t2i": terms["acc_t2i"],
+            "sim_i2t": sim_i2t, "sim_t2i": sim_t2i}
+
+
 @torch.no_grad()
 def itm_hard_negatives(
     image_feat: torch.Tensor,  # [B, E] normalised
@@ -656,11 +677,14 @@ def itm_hard_negatives(
     mask: torch.Tensor,  # [B, L]
     temp: torch.Tensor | float,
     gather: bool = True,
+    similarities: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One hard negative image per text and text per image, drawn over the global batch in
     proportion to softmax(similarity / temp), never the pair itself nor a caption identical to the
     positive (BLIP's ITM sampling). Returns (negative image index [B], negative text index [B],
-    ids [W*B, L], mask [W*B, L] of the global batch) with indices into the global batch."""
+    ids [W*B, L], mask [W*B, L] of the global batch) with indices into the global batch.
+    ``similarities``: (sim_i2t, sim_t2i) [B, W*B], already divided by the temperature, to use
+    instead of the features' dot products (BLIP-2's max over queries)."""
     B = ids.shape[0]
     rank, world = rank_and_world() if gather else (0, 1)
     image_world = gather_no_grad(image_feat) if world > 1 else image_feat  # [W*B, E]
@@ -670,8 +694,10 @@ def itm_hard_negatives(
     same = (ids[:, None, :] == ids_world[None, :, :]).all(-1) & (mask[:, None, :] == mask_world[None, :, :]).all(-1)
     own = torch.arange(B, device=ids.device) + rank * B  # [B] own column
     same[torch.arange(B), own] = True  # [B, W*B]
-    w_t2i = (text_feat @ image_world.T / temp).float().softmax(1) + 1e-4  # [B, W*B]
-    w_i2t = (image_feat @ text_world.T / temp).float().softmax(1) + 1e-4
+    if similarities is None:
+        similarities = (image_feat @ text_world.T / temp, text_feat @ image_world.T / temp)
+    w_i2t = similarities[0].detach().float().softmax(1) + 1e-4  # [B, W*B]
+    w_t2i = similarities[1].detach().float().softmax(1) + 1e-4
     w_t2i = w_t2i.masked_fill(same, 0.0)
     w_i2t = w_i2t.masked_fill(same, 0.0)
     # a batch where every caption is the same leaves nothing to draw: fall back to any other row

@@ -17,26 +17,29 @@ _NO_DECAY_NAME = re.compile(
 )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed and a non-decayed group.
+def param_groups(model: nn.Module, weight_decay: float, lrs: dict[str, float] | None = None) -> list[dict]:
+    """Split trainable parameters into a decayed and a non-decayed group (and, with ``lrs``, by
+    learning rate: parameters whose name starts with a key of ``lrs`` get its value; the first
+    matching key wins).
 
     No weight decay on: biases and norm weights (ndim < 2), every ``nn.Embedding`` weight, and
     parameters named like embeddings, learned queries or the logit scale/bias (``_NO_DECAY_NAME``),
     as CLIP, open_clip and timm do.
     """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    lrs = lrs or {}
+    groups: dict[tuple[bool, str | None], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or id(p) in embedding_params or _NO_DECAY_NAME.search(name):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decayed = not (p.ndim < 2 or id(p) in embedding_params or _NO_DECAY_NAME.search(name))
+        prefix = next((k for k in lrs if name.startswith(k)), None)
+        groups.setdefault((decayed, prefix), []).append(p)
+    out = [{"params": groups.pop((True, None), []), "weight_decay": weight_decay},
+           {"params": groups.pop((False, None), []), "weight_decay": 0.0}]
+    for (decayed, prefix), params in groups.items():
+        out.append({"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lrs[prefix]})
+    return out
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):

@@ -788,6 +788,7 @@ def test_eval_keys_on_the_synthetic_world(eval_world):
             "vqa_questions": str(root / "annotations" / f"vqa_{split}_questions.json"),
             "vqa_annotations": str(root / "annotations" / f"vqa_{split}_annotations.json"),
             "compositional": str(root / "annotations" / f"compositional_{split}.json"),
+            "pope": str(root / "annotations" / f"pope_{split}.json"),
         }
         captions = json.loads(Path(files["captions"]).read_text())
         assert sorted(im["id"] for im in captions["images"]) == sorted(m["image_id"] for m in meta.values())
@@ -810,7 +811,7 @@ def test_eval_annotations_with_explicit_shards_and_files(eval_world, tmp_path):
     )
     assert dm.eval_annotations("val") == {}
     assert dm.eval_annotations("test")["captions"] == captions  # overrides root's test file
-    assert set(dm.eval_annotations("test")) == {"captions", "vqa_questions", "vqa_annotations", "compositional"}
+    assert set(dm.eval_annotations("test")) == {"captions", "vqa_questions", "vqa_annotations", "compositional", "pope"}
     dm = _eval_dm(tokenizer="synth", val_shards=str(root / "val"), val_annotations={"vqa_questions": captions})
     assert dm.eval_annotations("val") == {"vqa_questions": captions} and dm.eval_annotations("test") == {}
     with pytest.raises(ValueError, match="stage must be one of"):

@@ -12,15 +12,29 @@
   queues, momentum distillation), ITM on hard negatives and LM; ``score_pairs`` for ITM re-ranking.
 - :class:`CoCa` (``coca.py``): contrastive captioner (attentional poolers, unimodal + multimodal
   decoder layers, contrastive + captioning loss); ``generate`` for captioning and VQA.
+- :class:`LLaVA` (``llava.py``): a frozen image tower's features projected into a frozen (or
+  LoRA / fully tuned) Hugging Face LM at ``<image>``; stage 1 and 2 as configs. Its LM handling
+  (dtype, LoRA, checkpoints of what trains) is :class:`~lit_vlm.models.bridge.Bridge`'s.
+- :class:`BLIP2` (``blip2.py``): a Q-Former over a frozen image tower; stage 1 ITC, ITM, ITG,
+  stage 2 a soft prompt to a frozen Hugging Face LM.
+- :class:`ClipCap` (``clipcap.py``) and :class:`Frozen` (``frozen.py``): image embeddings mapped to
+  a prefix of a frozen (ClipCap: or tuned) Hugging Face LM, trained on captions.
+- :class:`LanguageModel` (``lm.py``): a ``transformers`` causal LM trained from scratch on the
+  world's text and written as a Hugging Face folder: the bridges' embedded frozen LM.
 """
 
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.blip import BLIP
+from lit_vlm.models.blip2 import BLIP2
 from lit_vlm.models.clip import CLIP
+from lit_vlm.models.clipcap import ClipCap
 from lit_vlm.models.coca import CoCa
 from lit_vlm.models.filip import FILIP
 from lit_vlm.models.flava import FLAVA
+from lit_vlm.models.frozen import Frozen
+from lit_vlm.models.llava import LLaVA
+from lit_vlm.models.lm import LanguageModel
 from lit_vlm.models.mae import MAE
 from lit_vlm.models.prefixlm import PrefixLM
 
-__all__ = ["VLMModule", "BLIP", "CLIP", "CoCa", "FILIP", "FLAVA", "MAE", "PrefixLM"]
+__all__ = ["VLMModule", "BLIP", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM"]

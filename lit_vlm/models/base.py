@@ -165,8 +165,13 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
             raise UserError("cannot size the learning-rate schedule of an endless fit: set trainer.max_steps")
         return max(1, int(total))
 
+    def group_lrs(self) -> dict[str, float]:
+        """Learning rates of parameter groups that differ from ``lr``, by name prefix (a family's
+        own; e.g. a language model's adapters)."""
+        return {}
+
     def configure_optimizers(self):
-        optimizer = build_adamw(param_groups(self, self.weight_decay), self.lr, self.betas, self.eps)
+        optimizer = build_adamw(param_groups(self, self.weight_decay, self.group_lrs()), self.lr, self.betas, self.eps)
         total = self.num_optimizer_steps()
         warmup = int(self.warmup_steps * total) if 0 < self.warmup_steps < 1 else int(self.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, self.min_lr_ratio))

@@ -3,6 +3,7 @@
 from .convnet import ConvNet, GlobalBatchNorm2d
 from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
+from .qformer import QFormer
 from .text import TextOutput, TextTransformer, trim_padding
 from .transformer import (
     MLP,
@@ -30,6 +31,7 @@ __all__ = [
     "GlobalBatchNorm2d",
     "LayerScale",
     "MLP",
+    "QFormer",
     "QuickGELU",
     "TEXT_PRESETS",
     "TextDecoder",
