@@ -3,9 +3,9 @@ corpora use: LLaVA's conversations and POPE's yes/no questions.
 
 - :func:`conversation`: a multi-turn LLaVA conversation about a scene (``[{"from": "human" |
   "gpt", "value": ...}]``, ``<image>`` in the first human turn): long-form turns (describe, count,
-  locate, compare sizes, yes/no about a present or absent object, a short reasoning step), then
-  the scene's VQA questions with LLaVA-1.5's short-answer suffix, answered by their most frequent
-  annotator answer, as LLaVA-1.5's VQAv2 mixture does.
+  locate, compare sizes, yes/no about a present or absent object, a short reasoning step) and the
+  scene's VQA questions with LLaVA-1.5's short-answer suffix, answered by their most frequent
+  annotator answer, as LLaVA-1.5's VQAv2 mixture does; the turns in random order.
 - :func:`caption_pair`: LCS-558K-style stage-1 data: a brief-description instruction and a caption.
 - :func:`pope_questions`: POPE (Li et al., 2023): "Is there a {colour} {shape} in the image?" for
   the scene's objects (yes) and as many absent ones (no), drawn ``random`` (any absent colour-shape
@@ -134,8 +134,10 @@ def vqa_prompt(question: str, suffix: str = SHORT_ANSWER) -> str:
 
 def conversation(scene: Scene, rng: np.random.Generator, vqa: Sequence[dict] = (), long_turns: tuple[int, int] = (2, 4)) -> list[Turn]:
     """A LLaVA conversation about ``scene``: ``long_turns`` (min, max) long-form turns of distinct
-    kinds, then every question of ``vqa`` (the scene's VQA questions) with :data:`SHORT_ANSWER`,
-    answered by its ``multiple_choice_answer``. ``<image>`` opens or closes the first human turn."""
+    kinds and every question of ``vqa`` (the scene's VQA questions) with :data:`SHORT_ANSWER`,
+    answered by its ``multiple_choice_answer``, in random order (so that a short-answer question
+    is also asked first, beside the image, as LLaVA-1.5's VQA data and VQA evaluation ask it).
+    ``<image>`` opens or closes the first human turn."""
     turns = _Turns(scene, rng)
     kinds = [turns.describe, turns.count, turns.locate, turns.compare, turns.present, turns.reason]
     order = [kinds[int(i)] for i in rng.permutation(len(kinds))]
@@ -148,6 +150,7 @@ def conversation(scene: Scene, rng: np.random.Generator, vqa: Sequence[dict] = (
         if pair is not None:
             pairs.append(pair)
     pairs += [(vqa_prompt(q["question"]), q["multiple_choice_answer"]) for q in vqa]
+    pairs = [pairs[int(i)] for i in rng.permutation(len(pairs))]  # any kind may come first, with the image
     out: list[Turn] = []
     for k, (question, answer) in enumerate(pairs):
         if k == 0:

@@ -106,9 +106,10 @@ FORMAT = "lit-vlm-synth"
 #: Layout version of the files a world consists of. 2 added each caption's hard negatives
 #: (``KEY.json`` ``negatives``) and ``annotations/compositional_{val,test}.json``; the images,
 #: captions and questions of a config are those of version 1. 3 added instruction data (``KEY.json``
-#: ``conversations`` and ``pretrain_conversations``, LLaVA's format) and ``annotations/pope_{val,test}.json``.
+#: ``conversations`` and ``pretrain_conversations``, LLaVA's format) and ``annotations/pope_{val,test}.json``;
+#: 4 asks a conversation's turns in random order (a short-answer question may come first).
 #: An older world is regenerated in place when a DataModule prepares it.
-VERSION = 3
+VERSION = 4
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 SHAPES: tuple[str, ...] = (

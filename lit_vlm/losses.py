@@ -671,8 +671,8 @@ def blip2_itc_loss(
 
 @torch.no_grad()
 def itm_hard_negatives(
-    image_feat: torch.Tensor,  # [B, E] normalised
-    text_feat: torch.Tensor,  # [B, E] normalised
+    image_feat: torch.Tensor | None,  # [B, E] normalised (None with ``similarities``)
+    text_feat: torch.Tensor | None,  # [B, E] normalised
     ids: torch.Tensor,  # [B, L] the texts
     mask: torch.Tensor,  # [B, L]
     temp: torch.Tensor | float,
@@ -687,14 +687,14 @@ def itm_hard_negatives(
     instead of the features' dot products (BLIP-2's max over queries)."""
     B = ids.shape[0]
     rank, world = rank_and_world() if gather else (0, 1)
-    image_world = gather_no_grad(image_feat) if world > 1 else image_feat  # [W*B, E]
-    text_world = gather_no_grad(text_feat) if world > 1 else text_feat
     ids_world = gather_no_grad(ids) if world > 1 else ids  # [W*B, L]
     mask_world = gather_no_grad(mask) if world > 1 else mask
     same = (ids[:, None, :] == ids_world[None, :, :]).all(-1) & (mask[:, None, :] == mask_world[None, :, :]).all(-1)
     own = torch.arange(B, device=ids.device) + rank * B  # [B] own column
     same[torch.arange(B), own] = True  # [B, W*B]
     if similarities is None:
+        image_world = gather_no_grad(image_feat) if world > 1 else image_feat  # [W*B, E]
+        text_world = gather_no_grad(text_feat) if world > 1 else text_feat
         similarities = (image_feat @ text_world.T / temp, text_feat @ image_world.T / temp)
     w_i2t = similarities[0].detach().float().softmax(1) + 1e-4  # [B, W*B]
     w_t2i = similarities[1].detach().float().softmax(1) + 1e-4

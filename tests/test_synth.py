@@ -136,7 +136,7 @@ def test_per_sample_rng_is_order_independent():
 def test_manifest_layout(world):
     assert is_generated(world)
     m = load_manifest(world)
-    assert m["format"] == "lit-vlm-synth" and m["version"] == 3
+    assert m["format"] == "lit-vlm-synth" and m["version"] == 4
     assert m["config"] == {**SynthConfig().to_dict(), **TINY, "holdout": ["red star", "blue heart"]}
     assert m["classnames"] == CLASSNAMES == list(SHAPES)
     assert m["templates"] == TEMPLATES and all("{}" in t for t in TEMPLATES)
@@ -178,7 +178,9 @@ def test_sample_json_schema(world):
                               "pretrain_conversations"}
             turns = r["conversations"]
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
-            assert turns[-1]["value"] == r["questions"][-1]["multiple_choice_answer"]  # the VQA turns come last
+            answers = {t["value"] for t in turns[1::2]}
+            assert {q["multiple_choice_answer"] for q in r["questions"]} <= answers  # every VQA question is asked
+            assert "<image>" in turns[0]["value"] and not any("<image>" in t["value"] for t in turns[1:])
             assert r["pretrain_conversations"][1]["value"].lower() == r["caption"]
             assert len(r["negatives"]) == len(r["captions"]) and all(isinstance(n, dict) for n in r["negatives"])
             assert r["key"] == f"{split}_{i:07d}" and "." not in r["key"]

@@ -165,8 +165,7 @@ class BLIP2(Bridge):
         B = ids.shape[0]
         _, world = rank_and_world() if self.training else (0, 1)
         neg_image, neg_text, ids_all, mask_all = itm_hard_negatives(
-            itc["sim_i2t"], itc["sim_i2t"], ids, mask, 1.0, gather=self.training,
-            similarities=(itc["sim_i2t"], itc["sim_t2i"]),
+            None, None, ids, mask, 1.0, gather=self.training, similarities=(itc["sim_i2t"], itc["sim_t2i"]),
         )  # fmt: skip
         images_all = gather_no_grad(image) if world > 1 else image  # [W*B, S, Dv]
         pair_image = torch.cat([image, images_all[neg_image], image])  # [3B, S, Dv]
@@ -204,9 +203,6 @@ class BLIP2(Bridge):
 
     def generation_decoder(self) -> nn.Module:
         return self.lm if self.stage == 2 else QFormerDecoder(self)
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"sample_id": batch["sample_id"], "caption": self.generate(batch["image"])}
 
 
 __all__ = ["BLIP2", "QFormerDecoder"]

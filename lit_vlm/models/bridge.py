@@ -87,6 +87,7 @@ class Bridge(GeneratingMixin, VLMModule):
         self.generation_options = check_generation_options(generation)
 
     # ---- prefix bridges (ClipCap, Frozen, BLIP-2): image embeddings before the text -------------
+    # A family implements ``prefix``; ``forward``, ``predict_step`` and ``generate`` follow.
     def prefix(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """The family's soft prompt: embeddings [B, K, D_lm] (and a mask [B, K] or None) of images."""
         raise NotImplementedError
@@ -100,6 +101,14 @@ class Bridge(GeneratingMixin, VLMModule):
         loss_mask = None if targets is None else targets[:, : ids.shape[1]]
         sums, counts = caption_loss(logits, ids, mask.bool(), loss_mask=loss_mask)
         return global_token_mean(sums, counts, gather=self.training)
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """A prefix family's training step: the caption's loss after the image's soft prompt."""
+        prefix, prefix_mask = self.prefix(batch["image"])
+        return {"loss": self.prefix_caption_loss(prefix, prefix_mask, batch["text_ids"], batch["text_mask"])}
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"sample_id": batch["sample_id"], "caption": self.generate(batch["image"])}
 
     def generation_context(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.prefix(images)

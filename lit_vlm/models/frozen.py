@@ -50,12 +50,5 @@ class Frozen(Bridge):
         pooled = self.vision(images).pooled  # [B, Dv]
         return self.to_prefix(pooled).view(images.shape[0], self.prefix_length, -1), None  # [B, K, D_lm]
 
-    def forward(self, batch: dict) -> dict[str, Tensor]:
-        prefix, _ = self.prefix(batch["image"])
-        return {"loss": self.prefix_caption_loss(prefix, None, batch["text_ids"], batch["text_mask"])}
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"sample_id": batch["sample_id"], "caption": self.generate(batch["image"])}
-
 
 __all__ = ["Frozen"]

@@ -18,10 +18,12 @@ captioning, VQA and POPE evaluate it as every family.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_vlm import generation
@@ -59,6 +61,9 @@ class LLaVA(Bridge):
         vision_layer: Which layer's tokens feed the projector (ViT: an index into its hidden states,
             -1 the last block, -2 the penultimate, LLaVA's choice; ConvNet: -1 only).
         vision_features: ``patch`` (the patch tokens) or ``cls_patch`` (class token first).
+        pool_grid: Average-pool the patch grid to ``pool_grid`` x ``pool_grid`` tokens before the
+            projector (the spatial pooling MobileVLM and Video-ChatGPT use to shorten the visual
+            prompt); None keeps every patch, as LLaVA.
         projector: ``linear`` (LLaVA) or ``mlp{N}x_gelu`` (LLaVA-1.5: ``mlp2x_gelu``).
         template: The conversation template the data is written in (``plain``, ``chat``, ``chatml``),
             used to ask ``generate``'s prompts the same way; filled from the data by ``lit-vlm``.
@@ -77,6 +82,7 @@ class LLaVA(Bridge):
         vision: VisionTransformer | ConvNet,
         vision_layer: int = -2,
         vision_features: str = "patch",
+        pool_grid: int | None = None,
         projector: str = "mlp2x_gelu",
         template: str | None = None,
         train_vision: bool = False,
@@ -92,6 +98,9 @@ class LLaVA(Bridge):
         self.vision = vision
         self.vision_layer = int(vision_layer)
         self.vision_features = vision_features
+        if pool_grid is not None and pool_grid < 1:
+            raise UserError(f"model pool_grid must be None or >= 1, got {pool_grid}")
+        self.pool_grid = pool_grid
         self.train_vision = bool(train_vision)
         if not self.train_vision:
             lock(self.vision)
@@ -106,8 +115,15 @@ class LLaVA(Bridge):
                 tokens = self.vision(images).tokens  # [N, 1 + h*w, Dv]: mean first, then the map
             else:
                 tokens = self.vision(images, output_hidden_states=True).hidden_states[self.vision_layer]  # [N, 1 + P, Dv]
-            if self.vision_features == "patch":
-                tokens = tokens[:, 1:]  # [N, P, Dv]
+            first, patches = tokens[:, :1], tokens[:, 1:]  # [N, 1, Dv], [N, P, Dv]
+            if self.pool_grid is not None:
+                N, P, D = patches.shape
+                side = math.isqrt(P)
+                if side * side != P:
+                    raise UserError(f"model pool_grid needs a square patch grid; the image tower gives {P} patches")
+                grid = patches.transpose(1, 2).reshape(N, D, side, side)  # [N, Dv, g, g]
+                patches = F.adaptive_avg_pool2d(grid, self.pool_grid).flatten(2).transpose(1, 2)  # [N, p*p, Dv]
+            tokens = patches if self.vision_features == "patch" else torch.cat([first, patches], dim=1)
         return self.projector(tokens)  # [N, S, D_lm]
 
     # ---- training -------------------------------------------------------------------------------
@@ -165,9 +181,6 @@ class LLaVA(Bridge):
             self.train(was_training)
         out = generation.decode_tokens(new, tok.eos_id, tok.pad_id)
         return [tok.backend.decode(r, skip_special_tokens=True).strip() for r in out]
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"sample_id": batch["sample_id"], "caption": self.generate(batch["image"])}
 
 
 __all__ = ["LLaVA", "build_projector", "IMAGE_TOKEN_INDEX"]

@@ -22,7 +22,9 @@ by that image's projected tokens and masks their labels with :data:`IGNORE_INDEX
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class CausalLMCache:
-    """The LM's own ``past_key_values`` and which cached positions are real ([B, T] bool)."""
+    """The LM's own key/value cache and which cached positions are real ([B, T] bool)."""
 
     past: Any
     mask: Tensor
@@ -135,11 +137,27 @@ class CausalLM(nn.Module):
         new = mask.shape[1]
         positions = (full.long().cumsum(1) - 1).clamp_min(0)[:, -new:]  # [B, new]
         out = self.model(
-            **inputs, attention_mask=full.long(), position_ids=positions,
-            past_key_values=None if cache is None else cache.past, use_cache=use_cache,
+            **inputs, attention_mask=full.long(), position_ids=positions, use_cache=use_cache,
+            **{_cache_argument(self.model): None if cache is None else cache.past},
         )  # fmt: skip
         logits = out.logits[:, -L:]  # [B, L, V]: the text positions only
-        return DecoderOutput(logits=logits, hidden=None, cache=CausalLMCache(out.past_key_values, full) if use_cache else None)
+        return DecoderOutput(logits=logits, hidden=None, cache=CausalLMCache(_cache_of(out), full) if use_cache else None)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name ``forward`` takes the key/value cache under: ``cache`` (transformers 5) or
+    ``past_key_values`` (before)."""
+    return _cache_name(type(getattr(model, "get_base_model", lambda: model)()))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The key/value cache of a model output, under either name."""
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
 
 
 class EmbeddedPrompt(nn.Module):
@@ -165,7 +183,7 @@ class EmbeddedPrompt(nn.Module):
         full = torch.cat([context_mask.bool(), mask[:, 1:]], dim=1)  # [B, T + L - 1]
         positions = (full.long().cumsum(1) - 1).clamp_min(0)
         out = self.lm.model(inputs_embeds=embeds, attention_mask=full.long(), position_ids=positions, use_cache=use_cache)
-        cache_out = CausalLMCache(out.past_key_values, full) if use_cache else None
+        cache_out = CausalLMCache(_cache_of(out), full) if use_cache else None
         return DecoderOutput(logits=out.logits[:, context.shape[1] - 1 :], hidden=None, cache=cache_out)  # [B, L, V]
 
 
