@@ -84,6 +84,9 @@ def main() -> int:
     configs = sorted(ROOT.glob("configs/*/tiny.yaml"))
     if args.only:
         configs = [c for c in configs if c.parent.name in args.only]
+    elif args.check:  # the families the reference has (the LM bridges' tiny configs need an LM folder first)
+        recorded = json.loads(Path(args.check).read_text())
+        configs = [c for c in configs if c.parent.name in recorded]
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for config in configs:
