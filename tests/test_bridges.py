@@ -386,3 +386,35 @@ def test_the_lms_trainables_get_their_own_learning_rate(lm_dir):
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[i] for i, lr in by_lr.items() if lr == 1e-2} == {n for n, p in model.named_parameters() if "lora_" in n}
     assert all(by_lr[id(p)] is None for p in model.projector.parameters())  # the family's lr
+
+
+def _blip2_itc_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(6, 3, 4, generator=g), dim=-1)  # global batch 6, 3 queries
+    t = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    return q, t
+
+
+def blip2_itc_rank(rank: int, world: int) -> dict:
+    """Run on each rank by tests/ddp_loss_worker.py: this rank's third of the batch, negatives gathered."""
+    from lit_vlm.losses import blip2_itc_loss
+
+    q, t = _blip2_itc_inputs()
+    rows = slice(rank * 6 // world, (rank + 1) * 6 // world)
+    out = blip2_itc_loss(q[rows], t[rows], 0.1)
+    return {"loss": out["itc_loss"].detach(), "sim_i2t": out["sim_i2t"].detach()}
+
+
+@pytest.mark.ddp
+def test_blip2_itc_over_two_ranks_equals_one_process(tmp_path):
+    from test_ddp_contrastive import run_workers
+
+    from lit_vlm.losses import blip2_itc_loss
+
+    ranks = run_workers("test_bridges:blip2_itc_rank", tmp_path)
+    q, t = _blip2_itc_inputs()
+    whole = blip2_itc_loss(q, t, 0.1, gather=False)
+    assert torch.allclose(torch.stack([r["loss"] for r in ranks]).mean(), whole["itc_loss"], atol=1e-6)
+    assert torch.allclose(torch.cat([r["sim_i2t"] for r in ranks]), whole["sim_i2t"], atol=1e-6)
+    half = blip2_itc_loss(q[:3], t[:3], 0.1, gather=False)["itc_loss"]  # what a rank alone would compute
+    assert abs(half - whole["itc_loss"]) > 1e-3
