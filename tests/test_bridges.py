@@ -133,7 +133,7 @@ def test_the_wrapper_without_images_gives_the_lms_own_logits_and_splices_images_
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     own = lm.model(input_ids=ids, attention_mask=mask.long()).logits
     embeds, emask, _ = splice_images(lm.embed, ids, mask, None, torch.zeros(0, 3, lm.width))
-    assert torch.equal(lm.logits_from_embeds(embeds, emask)[mask], own[mask])
+    assert torch.equal(lm.forward_embeds(embeds, emask).logits[mask], own[mask])
     # an <image> becomes its S tokens, labelled IGNORE_INDEX; the rest keeps its order
     ids2 = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6], [1, 7, 8, 0]])
     mask2 = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
@@ -213,7 +213,8 @@ def test_llava_generates_through_its_template_with_and_without_cache(lm_dir):
     cached = model.generate(images, ["What is at the top?", "Is there a star?"])
     assert len(cached) == 2 and all(isinstance(a, str) for a in cached)
     assert model.generate(images, ["What is at the top?", "Is there a star?"], use_cache=False) == cached
-    assert model.generate(images, ["What is at the top?", "Is there a star?"], num_beams=2)[0] is not None
+    beams = model.generate(images, ["What is at the top?", "Is there a star?"], num_beams=2)
+    assert len(beams) == 2 and all(isinstance(a, str) for a in beams)
 
 
 # ---- LLaVA's JSON and the user's path ------------------------------------------------------------

@@ -133,7 +133,7 @@ class LLaVA(Bridge):
         has_image = batch["has_image"].bool()  # [B]
         images = self.image_tokens(batch["image"][has_image])  # [N, S, D]
         embeds, emask, labels = splice_images(self.lm.embed, ids, mask, labels, images, self.lm_max_positions)  # [B, T, ...]
-        logits = self.lm.logits_from_embeds(embeds, emask)  # [B, T, V]
+        logits = self.lm.forward_embeds(embeds, emask).logits  # [B, T, V]
         targets = labels[:, 1:]  # [B, T-1]: position t predicts token t + 1
         sums, counts = token_cross_entropy(logits[:, :-1], targets.clamp_min(0), targets != IGNORE_INDEX)
         loss = global_token_mean(sums, counts, gather=self.training)

@@ -16,7 +16,7 @@ right-padded prompts give the same tokens. Weights load from a local folder only
 For training, LLaVA's way of mixing images into text is here too: :data:`IMAGE_TOKEN_INDEX` marks
 an ``<image>`` placeholder in ``input_ids`` (no new token row), :func:`splice_images` replaces each
 by that image's projected tokens and masks their labels with :data:`IGNORE_INDEX`, and
-:meth:`CausalLM.logits_from_embeds` runs the LM over the result. :func:`add_lora` wraps the LM in
+:meth:`CausalLM.forward_embeds` runs the LM over the result. :func:`add_lora` wraps the LM in
 ``peft`` LoRA adapters; :func:`weights_fingerprint` names the LM's weights in a bridge checkpoint.
 """
 
@@ -97,13 +97,14 @@ class CausalLM(nn.Module):
         """Token embeddings [B, L, D] of ids [B, L]."""
         return self.model.get_input_embeddings()(ids)
 
-    def logits_from_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
-        """Next-token logits [B, T, V] of a whole sequence of input embeddings [B, T, D] (real
-        positions ``mask`` [B, T]); positions count the real tokens, as in :meth:`forward`."""
+    def forward_embeds(self, embeds: Tensor, mask: Tensor, use_cache: bool = False) -> DecoderOutput:
+        """The LM over a whole sequence of input embeddings [B, T, D] (real positions ``mask``
+        [B, T]): next-token logits [B, T, V] and, with ``use_cache``, the cache to continue from;
+        positions count the real tokens, as in :meth:`forward`."""
         positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # [B, T]
         dtype = self.model.get_input_embeddings().weight.dtype
-        out = self.model(inputs_embeds=embeds.to(dtype), attention_mask=mask.long(), position_ids=positions, use_cache=False)
-        return out.logits
+        out = self.model(inputs_embeds=embeds.to(dtype), attention_mask=mask.long(), position_ids=positions, use_cache=use_cache)
+        return DecoderOutput(logits=out.logits, hidden=None, cache=CausalLMCache(_cache_of(out), mask.bool()) if use_cache else None)
 
     @property
     def vocab_size(self) -> int:
@@ -178,13 +179,10 @@ class EmbeddedPrompt(nn.Module):
         if context is None or context_mask is None:
             raise ValueError("EmbeddedPrompt needs the prompt embeddings and their mask as context on its first call")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        dtype = self.lm.model.get_input_embeddings().weight.dtype
-        embeds = torch.cat([context.to(dtype), self.lm.embed(ids[:, 1:])], dim=1)  # [B, T + L - 1, D]
-        full = torch.cat([context_mask.bool(), mask[:, 1:]], dim=1)  # [B, T + L - 1]
-        positions = (full.long().cumsum(1) - 1).clamp_min(0)
-        out = self.lm.model(inputs_embeds=embeds, attention_mask=full.long(), position_ids=positions, use_cache=use_cache)
-        cache_out = CausalLMCache(_cache_of(out), full) if use_cache else None
-        return DecoderOutput(logits=out.logits[:, context.shape[1] - 1 :], hidden=None, cache=cache_out)  # [B, L, V]
+        embeds = self.lm.embed(ids[:, 1:])  # [B, L - 1, D]
+        embeds = torch.cat([context.to(embeds.dtype), embeds], dim=1)  # [B, T + L - 1, D]
+        out = self.lm.forward_embeds(embeds, torch.cat([context_mask.bool(), mask[:, 1:]], dim=1), use_cache)
+        return DecoderOutput(logits=out.logits[:, context.shape[1] - 1 :], hidden=None, cache=out.cache)  # [B, L, V]
 
 
 def left_pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
