@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
+import string
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import torch
 
 from lit_vlm.callbacks.base import EvalCallback, md_escape, require_capability
 from lit_vlm.callbacks.results import write_json_atomic
-from lit_vlm.datamodules.instructions import SHORT_ANSWER
+from lit_vlm.datamodules.instructions import MULTIPLE_CHOICE, SHORT_ANSWER
 from lit_vlm.errors import UserError
 from lit_vlm.vqa import check_questions, load_annotations, load_questions, question_accuracy, vqa_accuracy
 
@@ -47,11 +49,37 @@ def majority_answers(annotations: list[dict[str, Any]]) -> dict[str, str]:
     return {qt: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for qt, c in counts.items()}
 
 
-#: Named prompts (``prompt: short_answer``): LLaVA-1.5's short-answer suffix, BLIP-2's format.
+#: Named prompts (``prompt: short_answer``): LLaVA-1.5's short-answer and multiple-choice suffixes,
+#: BLIP-2's format. ``{choices}`` is filled with the lettered options (``choices: N``).
 PROMPTS = {
     "short_answer": "{question}\n" + SHORT_ANSWER,
+    "multiple_choice": "{question}\n{choices}\n" + MULTIPLE_CHOICE,
     "blip2": "Question: {question} Short answer:",
 }
+_LETTER = re.compile(r"^\s*\(?([A-Za-z])\s*(?:[).:]|$|\s)")
+
+
+def choice_options(annotation: dict[str, Any], pool: list[str], k: int) -> list[str]:
+    """The ``k`` options of a multiple-choice question: its ``multiple_choice_answer`` and ``k - 1``
+    other answers of ``pool`` (the answers of its answer type), drawn and shuffled with the question
+    id as seed, so every run and rank asks the same options."""
+    rng = random.Random(int(annotation["question_id"]))
+    correct = str(annotation.get("multiple_choice_answer", "")).strip()
+    others = [a for a in pool if a != correct]
+    options = [correct, *rng.sample(others, min(k - 1, len(others)))]
+    rng.shuffle(options)
+    return options
+
+
+def read_choice(answer: str, options: list[str]) -> str:
+    """The option a multiple-choice answer names: its letter (``B``, ``(B)``, ``B.``, ``B) blue``),
+    else the answer unchanged (scored as an open answer)."""
+    match = _LETTER.match(answer)
+    if match:
+        index = string.ascii_uppercase.index(match.group(1).upper())
+        if index < len(options):
+            return options[index]
+    return answer
 
 
 class VQAEvaluation(EvalCallback):
@@ -79,8 +107,15 @@ class VQAEvaluation(EvalCallback):
         prompt: Format string with one ``{question}`` field turned into each question's prompt, or
             the name of one of :data:`PROMPTS`: ``short_answer`` (LLaVA-1.5's ``"{question}\\nAnswer
             the question using a single word or phrase."``, what the synthetic world's instruction
-            data trains) or ``blip2`` (``"Question: {question} Short answer:"``). The default passes
+            data trains), ``multiple_choice`` (the question, its lettered options, then LLaVA-1.5's
+            ``"Answer with the option's letter from the given choices directly."``; needs
+            ``choices``) or ``blip2`` (``"Question: {question} Short answer:"``). The default passes
             the question unchanged.
+        choices: Multiple choice with this many options per question (0: open-ended): the
+            question's ``multiple_choice_answer`` and answers of the same answer type from the
+            annotations, drawn with the question id as seed; the prompt's ``{choices}`` field gets
+            them as ``A. ...`` lines, the answer's letter is mapped back to its option, and the
+            option is scored by the official metric against the annotators' answers.
         max_new_tokens: Generation budget per answer (VQAv2 answers are one to three words).
         annotations: Official VQAv2 annotation JSON; default: the DataModule's
             ``eval_annotations(stage)["vqa_annotations"]``.
@@ -123,6 +158,7 @@ class VQAEvaluation(EvalCallback):
         mode: str = "generate",
         answer_list: str | None = None,
         baseline: bool = False,
+        choices: int = 0,
     ) -> None:
         super().__init__(splits, prefix)
         if mode not in ("generate", "rank"):
@@ -133,17 +169,23 @@ class VQAEvaluation(EvalCallback):
         self.answer_list = answer_list
         self.baseline = baseline
         self._candidates: list[str] = []
+        if choices < 0 or choices == 1 or choices > 26:
+            raise UserError(f"VQAEvaluation choices must be 0 (open-ended) or 2 to 26 options, got {choices}")
+        if choices and mode != "generate":
+            raise UserError("VQAEvaluation choices (multiple choice) answers with generate: set mode: generate")
+        self.choices = int(choices)
         prompt = PROMPTS.get(prompt, prompt)
         sentinel = "\x00question\x00"
+        fields = "{question} and {choices}" if choices else "{question}"
         try:
-            formatted = prompt.format(question=sentinel)
+            formatted = prompt.format(question=sentinel, **({"choices": "\x00choices\x00"} if choices else {}))
         except (KeyError, IndexError, ValueError) as exc:
             raise UserError(
-                f"VQAEvaluation prompt must be a format string whose only field is {{question}}, got {prompt!r} "
+                f"VQAEvaluation prompt must be a format string whose only fields are {fields}, got {prompt!r} "
                 f"({type(exc).__name__}: {exc}); write literal braces as {{{{ and }}}}"
             ) from None
-        if sentinel not in formatted:
-            raise UserError(f"VQAEvaluation prompt must contain the field {{question}}, got {prompt!r}")
+        if sentinel not in formatted or (choices and "\x00choices\x00" not in formatted):
+            raise UserError(f"VQAEvaluation prompt must contain the field(s) {fields}, got {prompt!r}")
         if max_new_tokens < 1:
             raise UserError(f"VQAEvaluation max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
@@ -213,6 +255,11 @@ class VQAEvaluation(EvalCallback):
         self._load(*self._paths(trainer, stage))
         if self.mode == "rank":
             self._candidates = self._answer_candidates()
+        if self.choices:
+            self._pools = {}
+            for a in self._annotation_list:
+                self._pools.setdefault(a.get("answer_type"), set()).add(str(a.get("multiple_choice_answer", "")).strip())
+            self._pools = {kind: sorted(answers - {""}) for kind, answers in self._pools.items()}
         return True
 
     def _answer_candidates(self) -> list[str]:
@@ -258,7 +305,12 @@ class VQAEvaluation(EvalCallback):
         for start in range(0, len(ids), self.batch_size):
             stop = start + self.batch_size
             rows = owner[start:stop].to(images.device)  # [q]
-            prompts = [self.prompt.format(question=q) for q in questions[start:stop]]
+            if self.choices:
+                options = [self._options(qid) for qid in ids[start:stop]]
+                prompts = [self.prompt.format(question=q, choices="\n".join(f"{string.ascii_uppercase[i]}. {o}" for i, o in enumerate(opts)))
+                           for q, opts in zip(questions[start:stop], options)]
+            else:
+                prompts = [self.prompt.format(question=q) for q in questions[start:stop]]
             if self.mode == "rank":
                 scores = pl_module.score_answers(images[rows], prompts, self._candidates)  # [q, C]
                 answers = [self._candidates[j] for j in scores.argmax(1).tolist()]
@@ -269,9 +321,17 @@ class VQAEvaluation(EvalCallback):
                     f"{type(pl_module).__name__}.generate must return one string per prompt: "
                     f"got {type(answers).__name__} of length {len(answers)} for {len(prompts)} prompts"
                 )
+            if self.choices:
+                answers = [read_choice(a, opts) for a, opts in zip(answers, options)]
             for qid, question, answer in zip(ids[start:stop], questions[start:stop], answers):
                 out[str(int(qid))] = (int(qid), question, answer)
         return out
+
+    def _options(self, qid: Any) -> list[str]:
+        annotation = self._annotation_by_id.get(int(qid))
+        if annotation is None:
+            raise UserError(f"VQAEvaluation choices: question {int(qid)} is not in the annotations {self._annotation_source}")
+        return choice_options(annotation, self._pools.get(annotation.get("answer_type"), []), self.choices)
 
     # ---- once per epoch ------------------------------------------------------------------------
     def compute(self, records):
@@ -317,7 +377,7 @@ class VQAEvaluation(EvalCallback):
 
     def protocol(self):
         return {**super().protocol(), "metric": "VQAv2 accuracy (10 leave-one-out annotator subsets)",
-                "always_normalize": self.always_normalize}
+                "always_normalize": self.always_normalize, "prompt": self.prompt, "choices": self.choices}
 
     def log_examples(self, writer, stage, step, ids, records):
         if self.num_examples == 0:

@@ -35,6 +35,8 @@ from lit_vlm.datamodules.synth import (
 
 #: LLaVA-1.5's suffix for short-answer VQA (its VQAv2 / GQA training mixture and evaluation).
 SHORT_ANSWER = "Answer the question using a single word or phrase."
+#: LLaVA-1.5's multiple-choice suffix (ScienceQA, MMBench): the options are listed before it.
+MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 #: LLaVA-1.5's suffix for multiple-choice questions (ScienceQA, MMBench): the options follow the
 #: question as "A. ...", one per line.
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."

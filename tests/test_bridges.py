@@ -26,7 +26,9 @@ from lit_vlm.modules.language_model import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     CausalLM,
+    Seq2SeqLM,
     add_lora,
+    load_language_model,
     splice_images,
     weights_fingerprint,
 )
@@ -54,9 +56,26 @@ def lm_folder(path: Path, seed: int = 0, width: int = 32) -> Path:
     return path
 
 
+def t5_folder(path: Path, seed: int = 0, width: int = 32) -> Path:
+    """A random tiny T5 (encoder-decoder) with the same kind of tokenizer, as a model folder."""
+    train_tokenizer(TEXTS * 4, 300, path)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=len(tok), d_model=width, d_kv=16, d_ff=2 * width, num_layers=2,
+                                   num_decoder_layers=2, num_heads=2, decoder_start_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory) -> Path:
     return lm_folder(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory) -> Path:
+    return t5_folder(tmp_path_factory.mktemp("t5"))
 
 
 # ---- templates -------------------------------------------------------------------------------------
@@ -155,6 +174,79 @@ def test_lora_at_initialisation_gives_identical_logits_and_trains_only_adapters(
     assert torch.equal(lora(input_ids=ids).logits, before)
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_the_encoder_decoder_wrapper_gives_the_lms_own_logits_and_generates_as_transformers_does(t5_dir):
+    lm = load_language_model(t5_dir).eval()
+    assert isinstance(lm, Seq2SeqLM)
+    enc = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    enc_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    dec = torch.tensor([[lm.decoder_start_id, 12, 13], [lm.decoder_start_id, 14, 15]])
+    own = lm.model(input_ids=enc, attention_mask=enc_mask.long(), decoder_input_ids=dec).logits
+    ours = lm(dec, None, context=lm.embed(enc), context_mask=enc_mask).logits
+    assert torch.equal(ours, own)
+    # decoding step by step with the cache (and beam search) gives what transformers' own generate gives
+    tok = Tokenizer.from_pretrained(t5_dir)
+    for options in ({"max_new_tokens": 6}, {"max_new_tokens": 6, "num_beams": 3}):
+        suite = lm.generate_from_embeds(lm.embed(enc), enc_mask, eos_id=tok.eos_id, pad_id=tok.pad_id, **options)
+        hf = lm.generate_from_embeds(lm.embed(enc), enc_mask, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                     generate_with="transformers", **options)
+        assert suite.tolist() == hf[:, : suite.shape[1]].tolist(), options
+
+
+def _blip2(lm: Path, **kwargs):
+    from lit_vlm.models import BLIP2
+    from lit_vlm.modules.qformer import QFormer
+
+    torch.manual_seed(0)
+    vision = VisionTransformer(image_size=16, patch_size=8, width=16, layers=1, heads=2)
+    qformer = QFormer(image_width=16, vocab_size=300, num_queries=4, width=16, layers=2, heads=2)
+    return BLIP2(vision=vision, qformer=qformer, stage=2, language_model=str(lm), **kwargs)
+
+
+@pytest.mark.parametrize("family", ["blip2-t5", "blip2-llama", "clipcap", "llava"])
+def test_bridges_generate_the_same_with_the_suite_and_with_transformers(family, lm_dir, t5_dir):
+    if family == "llava":
+        model = _llava(lm_dir)
+    elif family == "clipcap":
+        from lit_vlm.models import ClipCap
+
+        torch.manual_seed(0)
+        model = ClipCap(vision=VisionTransformer(image_size=16, patch_size=8, width=16, layers=1, heads=2),
+                        language_model=str(lm_dir), prefix_length=3)
+    else:
+        model = _blip2(t5_dir if family == "blip2-t5" else lm_dir)
+    images = torch.randn(3, 3, 16, 16)
+    prompts = None if family != "llava" else ["What is at the top?", "Is there a star?", "hi"]
+    suite = model.generate(images, prompts, max_new_tokens=5)
+    model.generate_with = "transformers"
+    assert model.generate(images, prompts, max_new_tokens=5) == suite
+    assert len(suite) == 3 and all(isinstance(c, str) for c in suite)
+
+
+def test_blip2_with_an_encoder_decoder_splits_the_caption_between_encoder_and_decoder(t5_dir):
+    model = _blip2(t5_dir, caption_ratio=0.0)
+    tok = Tokenizer.from_pretrained(t5_dir)
+    ids, mask = tok.encode(["A red circle is at the top.", "no"], 16)
+    calls = []
+    forward = model.lm.forward
+    model.lm.forward = lambda dec, dmask, context, context_mask: calls.append((dec, dmask, context_mask)) or forward(
+        dec, dmask, context=context, context_mask=context_mask)
+    batch = {"image": torch.randn(2, 3, 16, 16), "text_ids": ids, "text_mask": mask}
+    model.train()
+    torch.manual_seed(3)
+    loss = model(batch)["loss"]
+    dec, dmask, cmask = calls[-1]
+    text = [ids[b, mask[b]][1:-1].tolist() for b in range(2)]  # without bos and eos
+    k = [int(cmask[b].sum()) - 4 for b in range(2)]  # encoder: 4 queries, then the caption's first k tokens
+    assert all(1 <= k[b] < len(text[b]) for b in range(2))  # caption_ratio 0: every caption splits inside
+    for b in range(2):
+        assert dec[b, dmask[b]].tolist() == [model.lm.decoder_start_id, *text[b][k[b]:], tok.eos_id]
+    assert torch.isfinite(loss)
+    model.eval()  # evaluation: the whole caption is the target
+    model(batch)
+    dec, dmask, cmask = calls[-1]
+    assert cmask.sum(1).tolist() == [4, 4] and dec[0, dmask[0]].tolist() == [model.lm.decoder_start_id, *text[0], tok.eos_id]
 
 
 def test_a_missing_language_model_is_one_clear_error(tmp_path):
@@ -335,6 +427,29 @@ def test_qformer_masks_say_which_token_sees_which():
     assert itc == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     assert itm == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert itg == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_a_qformer_started_from_bert_reads_text_as_the_bert_does(tmp_path):
+    from lit_vlm.modules.qformer import QFormer
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(str(tmp_path / "bert"))
+    bert = transformers.BertModel.from_pretrained(str(tmp_path / "bert"), add_pooling_layer=False).eval()
+    qformer = QFormer(image_width=8, vocab_size=300, num_queries=3, width=16, layers=2, heads=2, context_length=16,
+                      norm="post", bert=str(tmp_path / "bert")).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3], dtype=torch.bool)
+    _, text = qformer(None, ids, mask, task="itc", with_queries=False)  # [2, 7, 16]
+    own = bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    assert torch.allclose(text[mask], own[mask], atol=1e-5)
+    queries, _ = qformer(torch.randn(2, 5, 8), task="itc")  # the queries read the image through new cross-attention
+    assert queries.shape == (2, 3, 16) and torch.isfinite(queries).all()
+    with pytest.raises(UserError, match="hidden_size 16 .Q-Former: 32."):
+        QFormer(image_width=8, vocab_size=300, width=32, layers=2, heads=2, norm="post", bert=str(tmp_path / "bert"))
+    with pytest.raises(UserError, match="norm: post"):
+        QFormer(image_width=8, vocab_size=300, width=16, layers=2, heads=2, bert=str(tmp_path / "bert"))
 
 
 def test_blip2_itc_takes_the_best_query_per_pair():

@@ -528,6 +528,53 @@ def test_callback_through_trainer(tmp_path):
     assert "| question_id |" in text and str(questions[0][0]) in text and questions[0][2] in text
 
 
+def test_multiple_choice_asks_lettered_options_and_scores_the_chosen_one(tmp_path):
+    from lightning.pytorch import LightningModule
+    from torch.utils.data import DataLoader
+
+    from lit_vlm.callbacks.vqa import PROMPTS, VQAEvaluation, choice_options, read_choice
+    from lit_vlm.errors import UserError
+
+    images, questions = _world()
+    anns = []
+    for i, (qid, row, _) in enumerate(questions):
+        answer = WORDS[i % 4]  # four answers of one answer type; the annotators agree
+        anns.append({"question_id": qid, "image_id": row, "question_type": "what is", "answer_type": "other",
+                     "multiple_choice_answer": answer,
+                     "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]})
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps({"annotations": anns}))
+    asked = []
+
+    class AlwaysB(LightningModule):  # answers "B." to everything
+        def test_step(self, batch, batch_idx):
+            return None
+
+        def generate(self, images, prompts, max_new_tokens=None):
+            asked.extend(prompts)
+            return ["B." for _ in prompts]
+
+    callback = VQAEvaluation(splits=["test"], prompt="multiple_choice", choices=3, annotations=str(path))
+    _trainer(tmp_path, callback).test(AlwaysB(), dataloaders=DataLoader(_batches(images, questions), batch_size=None))
+    pool = sorted(WORDS)
+    options = {a["question_id"]: choice_options(a, pool, 3) for a in anns}
+    for a, options_q in zip(anns, options.values()):  # the answer and two others, the same on every call
+        assert a["multiple_choice_answer"] in options_q and len(set(options_q)) == 3
+        assert choice_options(a, pool, 3) == options_q
+    first = anns[0]
+    text = next(q for q in questions if q[0] == first["question_id"])[2]
+    listed = "\n".join(f"{letter}. {o}" for letter, o in zip("ABC", options[first["question_id"]]))
+    assert asked[0] == PROMPTS["multiple_choice"].format(question=text, choices=listed)
+    right = mean(float(options[a["question_id"]][1] == a["multiple_choice_answer"]) for a in anns)
+    assert callback.metrics["test"]["overall"] == pytest.approx(right, abs=1e-12)  # option B scored by the official metric
+    assert {r["answer"] for r in callback.predictions["test"]} <= set(WORDS)
+    assert [read_choice(a, ["x", "y"]) for a in ("b", "(A) x", "B) y", "C", "yes")] == ["y", "x", "y", "C", "yes"]
+    with pytest.raises(UserError, match="choices"):
+        VQAEvaluation(prompt="{question}", choices=3)  # the options must be shown
+    with pytest.raises(UserError, match="choices"):
+        VQAEvaluation(choices=1)
+
+
 def test_callback_uses_the_datamodules_annotations(tmp_path):
     import lightning.pytorch as pl
     from doubles import GeneratingDouble

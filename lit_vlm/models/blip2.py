@@ -13,9 +13,10 @@ frozen image tokens and learn three tasks at once, each with its own attention m
   its own past).
 
 Stage 2 (``stage: 2``, generative learning, from a stage-1 run through ``init_from``): the query
-outputs, linearly projected to the LM's width, are a soft prompt before the text of a frozen
-decoder-only LM, trained on captions. (The paper's encoder-decoder variant, FlanT5 with a
-prefix/suffix split, is not here yet.)
+outputs, linearly projected to the LM's width, are a soft prompt to a frozen LM, trained on
+captions. A decoder-only LM (OPT's variant) reads the prompt before the caption; an encoder-decoder
+LM (FlanT5's) reads it, and the caption's first part, in its encoder, and its decoder predicts the
+rest (the caption split at a random token; ``caption_ratio`` of them at the start).
 
 Capabilities: token-level retrieval (``encode_image_tokens``, ``encode_text_tokens``,
 ``similarity``: the max over queries), ITM re-ranking (``pair_features``, ``score_pairs``) in
@@ -37,6 +38,7 @@ from lit_vlm.models.bridge import Bridge
 from lit_vlm.modules import ConvNet, VisionTransformer, trim_padding
 from lit_vlm.modules.decoder import DecoderOutput
 from lit_vlm.modules.freeze import lock
+from lit_vlm.modules.language_model import left_pad
 from lit_vlm.modules.qformer import QFormer
 
 
@@ -68,6 +70,9 @@ class BLIP2(Bridge):
         itc_weight: Weight of the ITC loss (stage 1).
         itm_weight: Weight of the ITM loss (stage 1).
         itg_weight: Weight of the ITG loss (stage 1).
+        caption_ratio: Stage 2 with an encoder-decoder LM: the fraction of captions whose split is
+            at the start (the whole caption is the decoder's target, as captioning asks); the
+            others split at a uniformly random token.
         **kwargs: :class:`~lit_vlm.models.bridge.Bridge`'s (``language_model`` in stage 2, ...) and
             :class:`~lit_vlm.models.base.VLMModule`'s arguments.
 
@@ -87,16 +92,20 @@ class BLIP2(Bridge):
         itc_weight: float = 1.0,
         itm_weight: float = 1.0,
         itg_weight: float = 1.0,
+        caption_ratio: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if stage not in (1, 2):
             raise UserError(f"model stage must be 1 or 2, got {stage!r}")
         if stage == 2 and self.lm is None:
-            raise UserError("BLIP-2 stage 2 needs language_model: a local Hugging Face causal-LM folder")
+            raise UserError("BLIP-2 stage 2 needs language_model: a local Hugging Face LM folder (decoder-only or encoder-decoder)")
+        if not 0.0 <= caption_ratio <= 1.0:
+            raise UserError(f"model caption_ratio must be in [0, 1], got {caption_ratio}")
         if stage == 1 and self.lm is not None:
             raise UserError("BLIP-2 stage 1 trains without a language model: leave language_model unset (stage 2 uses it)")
         self.stage = stage
+        self.caption_ratio = float(caption_ratio)
         self.vision = vision
         lock(self.vision)
         self.qformer = qformer
@@ -142,8 +151,11 @@ class BLIP2(Bridge):
         ids, mask = trim_padding(batch["text_ids"], batch["text_mask"])  # [B, L]
         mask = mask.bool()
         if self.stage == 2:
-            prefix, _ = self.prefix(batch["image"])
-            loss = self.prefix_caption_loss(prefix, None, ids, mask)
+            prefix, _ = self.prefix(batch["image"])  # [B, Q, D_lm]
+            if self.lm.is_encoder_decoder:
+                loss = self.split_caption_loss(prefix, ids, mask)
+            else:
+                loss = self.prefix_caption_loss(prefix, None, ids, mask)
             return {"loss": loss, "lm_loss": loss}
         image = self.image_tokens(batch["image"])  # [B, S, Dv]
         with torch.no_grad():
@@ -159,6 +171,34 @@ class BLIP2(Bridge):
             terms["itg_loss"] = global_token_mean(sums, counts, gather=self.training)
         terms["loss"] = sum(self.weights[k] * terms[f"{k}_loss"] for k in ("itc", "itm", "itg") if f"{k}_loss" in terms)
         return terms
+
+    def split_caption_loss(self, prefix: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Stage 2, encoder-decoder LM: encoder = soft prompt + the caption's first k tokens, decoder
+        target = the rest and the end token; k = 0 for ``caption_ratio`` of the captions (and in
+        evaluation), else uniform in [1, n - 1]. Token mean, exact under DDP."""
+        tok = self.text_tokenizer
+        encoder_rows, decoder_rows = [], []
+        for b in range(ids.shape[0]):
+            text = ids[b, mask[b]]  # [n_b]: [bos] tokens [eos] as the data tokenised them
+            if tok.bos_id is not None and len(text) and text[0] == tok.bos_id:
+                text = text[1:]
+            if tok.eos_id is not None and len(text) and text[-1] == tok.eos_id:
+                text = text[:-1]
+            k = 0
+            if self.training and len(text) > 1 and float(torch.rand(())) >= self.caption_ratio:
+                k = int(torch.randint(1, len(text), ()))
+            encoder_rows.append(torch.cat([prefix[b], self.lm.embed(text[:k]).to(prefix.dtype)]))  # [Q + k, D]
+            end = [] if tok.eos_id is None else [tok.eos_id]
+            decoder_rows.append(torch.cat([text.new_tensor([self.lm.decoder_start_id]), text[k:], text.new_tensor(end)]))
+        encoder_in, encoder_mask = left_pad(encoder_rows)  # [B, S, D]
+        length = max(len(r) for r in decoder_rows)
+        dec = ids.new_full((len(decoder_rows), length), tok.pad_id)  # [B, L]: start, suffix, end, pad
+        dec_mask = torch.zeros(dec.shape, dtype=torch.bool, device=ids.device)
+        for b, r in enumerate(decoder_rows):
+            dec[b, : len(r)], dec_mask[b, : len(r)] = r, True
+        logits = self.lm(dec, dec_mask, context=encoder_in, context_mask=encoder_mask).logits  # [B, L, V]
+        sums, counts = caption_loss(logits, dec, dec_mask)
+        return global_token_mean(sums, counts, gather=self.training)
 
     def _itm_loss(self, image: Tensor, ids: Tensor, mask: Tensor, itc: dict[str, Tensor]) -> Tensor:
         """Positives, a hard negative image per text and a hard negative text per image (3B pairs)."""

@@ -26,15 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_vlm import generation
 from lit_vlm.datamodules.templates import IMAGE, get_template, prompt_ids
 from lit_vlm.errors import UserError
 from lit_vlm.losses import global_token_mean, token_cross_entropy
 from lit_vlm.models.bridge import Bridge
-from lit_vlm.models.generating import check_generation_options
 from lit_vlm.modules import ConvNet, VisionTransformer, trim_padding
 from lit_vlm.modules.freeze import lock
-from lit_vlm.modules.language_model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, EmbeddedPrompt, left_pad, splice_images
+from lit_vlm.modules.language_model import IGNORE_INDEX, IMAGE_TOKEN_INDEX, left_pad, splice_images
 
 FEATURES = ("patch", "cls_patch")
 
@@ -151,36 +149,18 @@ class LLaVA(Bridge):
         return super().evaluation_step(stage, batch)
 
     # ---- generation -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, images: Tensor, prompts: list[str] | None = None, max_new_tokens: int | None = None,
-                 **options: Any) -> list[str]:
-        """images [B, 3, H, W], B prompts (None: ``caption_prompt``) -> B answers: each prompt is
-        asked as the first human turn (``<image>`` then the prompt) in the model's template."""
-        merged = {**self.generation_options, **check_generation_options(options, "generate")}
-        if max_new_tokens is not None:
-            merged["max_new_tokens"] = max_new_tokens
+    def generation_prompt(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Each prompt asked as the first human turn (``<image>`` then the prompt) in the model's
+        template, the image's tokens spliced in: embeddings [B, T, D], left-padded (mask [B, T])."""
         tok = self.text_tokenizer
-        prompts = [self.caption_prompt] * images.shape[0] if prompts is None else list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"generate: {len(prompts)} prompts for {images.shape[0]} images")
-        was_training = self.training
-        self.eval()
-        try:
-            rows = [prompt_ids(f"{IMAGE}\n{p}", tok, self.template) for p in prompts]
-            ids = torch.full((len(rows), max(map(len, rows))), tok.pad_id, dtype=torch.long, device=images.device)
-            mask = torch.zeros(ids.shape, dtype=torch.bool, device=images.device)
-            for b, r in enumerate(rows):
-                ids[b, : len(r)] = torch.tensor(r, device=images.device)
-                mask[b, : len(r)] = True
-            embeds, emask, _ = splice_images(self.lm.embed, ids, mask, None, self.image_tokens(images))
-            context, context_mask = left_pad([embeds[b, emask[b]] for b in range(len(rows))])  # [B, T, D]: last position real
-            start = torch.full((len(rows), 1), tok.pad_id, dtype=torch.long, device=images.device)  # stands for the prompt's end
-            new = generation.generate(EmbeddedPrompt(self.lm), start, None, context, context_mask,
-                                      eos_id=tok.eos_id, pad_id=tok.pad_id, **merged)  # [B, <= max_new_tokens]
-        finally:
-            self.train(was_training)
-        out = generation.decode_tokens(new, tok.eos_id, tok.pad_id)
-        return [tok.backend.decode(r, skip_special_tokens=True).strip() for r in out]
+        rows = [prompt_ids(f"{IMAGE}\n{p}", tok, self.template) for p in prompts]
+        ids = torch.full((len(rows), max(map(len, rows))), tok.pad_id, dtype=torch.long, device=images.device)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=images.device)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r, device=images.device)
+            mask[b, : len(r)] = True
+        embeds, emask, _ = splice_images(self.lm.embed, ids, mask, None, self.image_tokens(images))  # [B, T, D]
+        return left_pad([embeds[b, emask[b]] for b in range(len(rows))])
 
 
 __all__ = ["LLaVA", "build_projector", "IMAGE_TOKEN_INDEX"]

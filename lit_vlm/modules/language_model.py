@@ -13,6 +13,12 @@ only the new token. Positions follow the real tokens (``cumsum(mask) - 1``), so 
 right-padded prompts give the same tokens. Weights load from a local folder only
 (:meth:`CausalLM.from_pretrained`, with the dtype the frozen LM is held in): nothing is downloaded.
 
+:class:`Seq2SeqLM` does the same for an ``AutoModelForSeq2SeqLM`` (T5, FlanT5, BART): its ``context``
+is the *encoder's* input embeddings (soft prompt and prompt text), its ``ids`` the decoder's tokens,
+and its cache holds the encoder's output. :func:`load_language_model` picks the wrapper from the
+folder's ``config.json``. Both generate from a prompt given as embeddings (``generate_from_embeds``)
+with the suite's decoding or with the model's own ``generate(inputs_embeds=...)``.
+
 For training, LLaVA's way of mixing images into text is here too: :data:`IMAGE_TOKEN_INDEX` marks
 an ``<image>`` placeholder in ``input_ids`` (no new token row), :func:`splice_images` replaces each
 by that image's projected tokens and masks their labels with :data:`IGNORE_INDEX`, and
@@ -25,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +43,8 @@ from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.modules.decoder import DecoderOutput
 
 __all__ = [
-    "DTYPES", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "CausalLM", "CausalLMCache", "EmbeddedPrompt", "add_lora",
-    "language_model_facts", "left_pad",
+    "DTYPES", "GENERATE_WITH", "IGNORE_INDEX", "IMAGE_TOKEN_INDEX", "CausalLM", "CausalLMCache", "EmbeddedPrompt",
+    "Seq2SeqCache", "Seq2SeqLM", "add_lora", "language_model_facts", "left_pad", "load_language_model",
     "splice_images", "weights_fingerprint",
 ]
 
@@ -47,6 +54,55 @@ IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 #: The dtypes a frozen LM may be held in (what trains stays float32).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Who decodes: the suite's :func:`lit_vlm.generation.generate` or the model's own ``generate``.
+GENERATE_WITH = ("suite", "transformers")
+
+
+def _read_config(folder: Path, path: str | Path) -> dict[str, Any]:
+    """The folder's ``config.json`` (a missing one is one paragraph naming the path)."""
+
+    if not (folder / "config.json").is_file():
+        hint = " (the embedded one is written by `lit-vlm fit --config configs/lm/quickstart.yaml`)" if "world-lm" in str(path) else ""
+        raise MissingFileError(
+            f"language model {str(path)!r}: no config.json there; give a local Hugging Face model folder{hint}"
+        )
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"language model {str(path)!r}: cannot read config.json ({exc})") from exc
+
+
+def _load(auto: Any, path: str | Path, dtype: str, **kwargs: Any) -> nn.Module:
+    """``auto.from_pretrained`` on a local folder only, in ``dtype``."""
+    folder = Path(path)
+    if dtype not in DTYPES:
+        raise UserError(f"language model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    _read_config(folder, path)
+    try:
+        return auto.from_pretrained(str(folder), local_files_only=True, dtype=DTYPES[dtype], **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"language model {str(path)!r}: cannot load it ({exc})") from exc
+
+
+def load_language_model(path: str | Path, dtype: str = "float32") -> CausalLM | Seq2SeqLM:
+    """A local LM folder behind the right wrapper: :class:`Seq2SeqLM` when its ``config.json`` says
+    ``is_encoder_decoder`` (T5, FlanT5, BART), else :class:`CausalLM`."""
+    config = _read_config(Path(path), path)
+    return (Seq2SeqLM if config.get("is_encoder_decoder") else CausalLM).from_pretrained(path, dtype=dtype)
+
+
+def _transformers_options(options: dict[str, Any], eos_id: int | None, pad_id: int) -> dict[str, Any]:
+    """The suite's decoding options as ``transformers``' ``generate`` keywords."""
+    if options.get("generator") is not None:
+        raise UserError("generate_with: transformers samples with its own random state: drop the generator")
+    kwargs = {k: v for k, v in options.items() if k != "generator"}
+    kwargs.setdefault("max_new_tokens", 20)
+    if not kwargs.get("do_sample"):
+        for key in ("temperature", "top_k", "top_p"):  # unused without sampling; transformers warns about them
+            kwargs.pop(key, None)
+    elif kwargs.get("top_k") == 0:
+        kwargs["top_k"] = None
+    return {**kwargs, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
 
 @dataclass
@@ -73,25 +129,15 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model = model
 
+    is_encoder_decoder = False
+
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs: Any) -> CausalLM:
         """Load a local model folder (``config.json`` + weights), never from the network, in
         ``dtype`` (``float32``, ``bfloat16`` or ``float16``)."""
-        folder = Path(path)
-        if dtype not in DTYPES:
-            raise UserError(f"language model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if not (folder / "config.json").is_file():
-            hint = " (the embedded one is written by `lit-vlm fit --config configs/lm/quickstart.yaml`)" if "world-lm" in str(path) else ""
-            raise MissingFileError(
-                f"language model {str(path)!r}: no config.json there; give a local Hugging Face model folder{hint}"
-            )
         from transformers import AutoModelForCausalLM
 
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=DTYPES[dtype], **kwargs)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"language model {str(path)!r}: cannot load it ({exc})") from exc
-        return cls(model)
+        return cls(_load(AutoModelForCausalLM, path, dtype, **kwargs))
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token embeddings [B, L, D] of ids [B, L]."""
@@ -145,6 +191,19 @@ class CausalLM(nn.Module):
         return DecoderOutput(logits=logits, hidden=None, cache=CausalLMCache(_cache_of(out), full) if use_cache else None)
 
 
+    def generate_from_embeds(self, embeds: Tensor, mask: Tensor, *, eos_id: int | None, pad_id: int,
+                             generate_with: str = "suite", **options: Any) -> Tensor:
+        """New tokens [B, <= max_new_tokens] after a prompt given as embeddings [B, T, D], left-padded
+        (``mask`` [B, T] real, last position real), decoded by the suite or by ``transformers``."""
+        if generate_with == "transformers":
+            return self.model.generate(inputs_embeds=embeds.to(self.model.get_input_embeddings().weight.dtype),
+                                       attention_mask=mask.long(), **_transformers_options(options, eos_id, pad_id))
+        from lit_vlm import generation
+
+        start = torch.full((embeds.shape[0], 1), pad_id, dtype=torch.long, device=embeds.device)  # stands for the prompt's end
+        return generation.generate(EmbeddedPrompt(self), start, None, embeds, mask, eos_id=eos_id, pad_id=pad_id, **options)
+
+
 def _cache_argument(model: nn.Module) -> str:
     """The name ``forward`` takes the key/value cache under: ``cache`` (transformers 5) or
     ``past_key_values`` (before)."""
@@ -183,6 +242,101 @@ class EmbeddedPrompt(nn.Module):
         embeds = torch.cat([context.to(embeds.dtype), embeds], dim=1)  # [B, T + L - 1, D]
         out = self.lm.forward_embeds(embeds, torch.cat([context_mask.bool(), mask[:, 1:]], dim=1), use_cache)
         return DecoderOutput(logits=out.logits[:, context.shape[1] - 1 :], hidden=None, cache=out.cache)  # [B, L, V]
+
+
+@dataclass
+class Seq2SeqCache:
+    """An encoder-decoder's cache: the decoder's keys/values, the encoder's output and which of
+    their positions are real."""
+
+    past: Any
+    encoded: Tensor  # [B, S, D]
+    encoded_mask: Tensor  # [B, S] bool
+    mask: Tensor  # [B, T] bool, the decoder's positions so far
+
+    def reorder(self, index: Tensor) -> Seq2SeqCache:
+        if self.past is not None:
+            self.past.reorder_cache(index)
+        return Seq2SeqCache(self.past, self.encoded.index_select(0, index), self.encoded_mask.index_select(0, index),
+                            self.mask.index_select(0, index))
+
+
+class Seq2SeqLM(nn.Module):
+    """Wraps a ``transformers`` encoder-decoder LM (T5, FlanT5, BART) behind the decoder contract:
+    ``context`` [B, S, D] is the encoder's input embeddings (read once, on the first call),
+    ``ids`` [B, L] the decoder's tokens, starting with :attr:`decoder_start_id`.
+
+    Args:
+        model: A ``PreTrainedModel`` for conditional generation (``AutoModelForSeq2SeqLM``).
+    """
+
+    is_encoder_decoder = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs: Any) -> Seq2SeqLM:
+        """Load a local encoder-decoder folder, never from the network, in ``dtype``."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        return cls(_load(AutoModelForSeq2SeqLM, path, dtype, **kwargs))
+
+    embed = CausalLM.embed
+    vocab_size = CausalLM.vocab_size
+    width = CausalLM.width
+
+    @property
+    def decoder_start_id(self) -> int:
+        config = self.model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        return int(start if start is not None else config.pad_token_id)
+
+    def encode(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """The encoder's output [B, S, D] of input embeddings [B, S, D] (real positions ``mask``)."""
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return self.model.get_encoder()(inputs_embeds=embeds.to(dtype), attention_mask=mask.long()).last_hidden_state
+
+    def forward(
+        self,
+        ids: Tensor,  # [B, L] new decoder tokens
+        mask: Tensor | None = None,  # [B, L] bool
+        context: Tensor | None = None,  # [B, S, D] the encoder's input embeddings (first call only)
+        context_mask: Tensor | None = None,  # [B, S] bool
+        cache: Seq2SeqCache | None = None,
+        use_cache: bool = False,
+    ) -> DecoderOutput:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        if cache is None:
+            if context is None:
+                raise ValueError("Seq2SeqLM needs the encoder's input embeddings as context on its first call")
+            encoded_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=ids.device) if context_mask is None else context_mask.bool()
+            encoded = self.encode(context, encoded_mask)  # [B, S, D]
+            full = mask
+        else:
+            encoded, encoded_mask, full = cache.encoded, cache.encoded_mask, torch.cat([cache.mask, mask], dim=1)
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=encoded_mask.long(),
+            decoder_input_ids=ids, decoder_attention_mask=full.long(), use_cache=use_cache,
+            **{_cache_argument(self.model): None if cache is None else cache.past},
+        )  # fmt: skip
+        new_cache = Seq2SeqCache(_cache_of(out), encoded, encoded_mask, full) if use_cache else None
+        return DecoderOutput(logits=out.logits, hidden=None, cache=new_cache)  # logits [B, L, V]
+
+    def generate_from_embeds(self, embeds: Tensor, mask: Tensor, *, eos_id: int | None, pad_id: int,
+                             generate_with: str = "suite", **options: Any) -> Tensor:
+        """New decoder tokens [B, <= max_new_tokens] for the encoder input embeddings [B, S, D]."""
+        if generate_with == "transformers":
+            out = self.model.generate(inputs_embeds=embeds.to(self.model.get_input_embeddings().weight.dtype),
+                                      attention_mask=mask.long(), **_transformers_options(options, eos_id, pad_id))
+            return out[:, 1:]  # without the decoder's start token
+        from lit_vlm import generation
+
+        start = torch.full((embeds.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=embeds.device)
+        return generation.generate(self, start, None, embeds, mask, eos_id=eos_id, pad_id=pad_id, **options)
 
 
 def left_pad(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -245,7 +399,7 @@ def splice_images(
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.05,
-             target_modules: list[str] | str = "all-linear") -> nn.Module:
+             target_modules: list[str] | str = "all-linear", task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap a ``transformers`` model in ``peft`` LoRA adapters (B initialised at zero, so the
     output is unchanged at first); only the adapters train. ``target_modules``: module names, or
     ``"all-linear"`` (every linear layer but the output head, as LLaVA's LoRA)."""
@@ -254,7 +408,7 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: floa
     if rank < 1:
         raise UserError(f"model lora rank must be >= 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        bias="none", task_type="CAUSAL_LM")
+                        bias="none", task_type=task_type)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
@@ -280,16 +434,8 @@ def language_model_facts(path: str | Path) -> dict[str, Any]:
     """What data takes from a local LM folder: its tokenizer (the folder), vocabulary size and
     maximum context length (the smaller of ``tokenizer_config.json``'s ``model_max_length`` and
     the model's position limit), read from the JSON files without loading weights."""
-    import json
-
     folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise MissingFileError(f"language_model={str(path)!r}: no config.json there (a local Hugging Face model folder)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"language_model={str(path)!r}: cannot read config.json ({exc})") from exc
+    config = _read_config(folder, path)
     config = config.get("text_config", config) if isinstance(config, dict) else {}
     limits = [config.get(k) for k in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")]
     tok_config = folder / "tokenizer_config.json"
