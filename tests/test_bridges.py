@@ -224,6 +224,32 @@ def test_bridges_generate_the_same_with_the_suite_and_with_transformers(family, 
     assert len(suite) == 3 and all(isinstance(c, str) for c in suite)
 
 
+def test_a_prefix_after_the_start_token_and_a_caption_ended_by_end_text(lm_dir):
+    import torch.nn.functional as F
+
+    from lit_vlm.models import Frozen
+
+    torch.manual_seed(0)
+    model = Frozen(vision=VisionTransformer(image_size=16, patch_size=8, width=16, layers=1, heads=2),
+                   language_model=str(lm_dir), prefix_length=3, prefix_after_bos=True, end_text="\n").eval()
+    tok = Tokenizer.from_pretrained(lm_dir)
+    ids, mask = tok.encode(["A red circle is at the top."], 16)
+    prefix, _ = model.prefix(torch.randn(1, 3, 16, 16))  # [1, 3, D]
+    loss = model.prefix_caption_loss(prefix, None, ids, mask)
+    newline = tok.backend.encode("\n", add_special_tokens=False).ids
+    assert model.end_id == newline[0] and len(newline) == 1
+    target = ids[0, mask[0]].clone()
+    target[-1] = newline[0]  # the caption ends with end_text in place of </s>
+    embeds = torch.cat([model.lm.embed(target[:1]), prefix[0], model.lm.embed(target[1:])])[None]  # [bos, prefix, text]
+    logits = model.lm.model(inputs_embeds=embeds).logits[0]  # [1 + 3 + n - 1, V]
+    assert torch.allclose(loss, F.cross_entropy(logits[3:-1], target[1:]), atol=1e-6)
+    captions = model.generate(torch.randn(2, 3, 16, 16), max_new_tokens=6)
+    assert len(captions) == 2 and not any("\n" in c for c in captions)
+    with pytest.raises(UserError, match="must be one"):
+        Frozen(vision=VisionTransformer(image_size=16, patch_size=8, width=16, layers=1, heads=2),
+               language_model=str(lm_dir), end_text="two words").end_id
+
+
 def test_blip2_with_an_encoder_decoder_splits_the_caption_between_encoder_and_decoder(t5_dir):
     model = _blip2(t5_dir, caption_ratio=0.0)
     tok = Tokenizer.from_pretrained(t5_dir)
@@ -348,10 +374,11 @@ def test_llava_json_converts_with_bad_records_left_out_and_counted(tmp_path):
 
 
 def test_a_users_lm_and_llava_json_train_llava_stage_1_and_2_by_paths_alone(tmp_path):
-    """The user's path, unchanged: a random `transformers` LM folder and a LLaVA JSON with images;
-    stage 1 (plain template, projector only) and stage 2 (chat template, LoRA, from stage 1) through
-    `lit-vlm fit`; beside them, the embedded LM's tiny config and LLaVA's tiny config on it."""
-    lm = lm_folder(tmp_path / "my-lm")
+    """The user's path, unchanged: a random `transformers` LM folder (and a T5 one) and a LLaVA JSON
+    with images; stage 1 (plain template, projector only) and stage 2 (chat template, LoRA, from
+    stage 1) through `lit-vlm fit`, BLIP-2 stage 2 on both LMs; beside them, the embedded LM's tiny
+    config and every bridge's tiny config on it."""
+    lm, t5 = lm_folder(tmp_path / "my-lm"), t5_folder(tmp_path / "my-t5")
     data = llava_json(tmp_path)
     common = ["--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
               "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
@@ -373,19 +400,22 @@ def test_a_users_lm_and_llava_json_train_llava_stage_1_and_2_by_paths_alone(tmp_
         ["fit", "--config", str(ROOT / "configs" / "lm" / "tiny.yaml"), "--data.init_args.num_train", "32",
          "--trainer.enable_progress_bar", "false"],
         ["lm", "merge", "runs/stage2/version_0/adapter", "--out", "merged"],
-        # BLIP-2 stage 2 on the same user's files: the converted LLaVA shards read as image-text pairs
-        ["fit", "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
-         "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir",
-         "runs", "--trainer.logger.init_args.name", "blip2-user", "--trainer.log_every_n_steps", "1","--data", "lit_vlm.datamodules.ImageTextDataModule",
-         "--data.init_args.root", "data/llava/llava", "--data.init_args.synthesize", "false", "--data.init_args.image_size", "16",
-         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--model", "lit_vlm.models.BLIP2",
-         "--model.init_args.stage", "2", "--model.init_args.language_model", str(lm),
-         "--model.init_args.vision", "lit_vlm.modules.VisionTransformer", "--model.init_args.vision.init_args.image_size", "16",
-         "--model.init_args.vision.init_args.patch_size", "8", "--model.init_args.vision.init_args.width", "16",
-         "--model.init_args.vision.init_args.layers", "1", "--model.init_args.vision.init_args.heads", "2",
-         "--model.init_args.qformer", "lit_vlm.modules.QFormer", "--model.init_args.qformer.init_args.image_width", "16",
-         "--model.init_args.qformer.init_args.num_queries", "4", "--model.init_args.qformer.init_args.width", "16",
-         "--model.init_args.qformer.init_args.layers", "2", "--model.init_args.qformer.init_args.heads", "2"],
+        # BLIP-2 stage 2 on the same user's files (the converted LLaVA shards read as image-text pairs),
+        # with the user's decoder-only LM and with an encoder-decoder one (a T5 folder)
+        *[["fit", "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+           "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir",
+           "runs", "--trainer.logger.init_args.name", name, "--trainer.log_every_n_steps", "1",
+           "--data", "lit_vlm.datamodules.ImageTextDataModule",
+           "--data.init_args.root", "data/llava/llava", "--data.init_args.synthesize", "false", "--data.init_args.image_size", "16",
+           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--model", "lit_vlm.models.BLIP2",
+           "--model.init_args.stage", "2", "--model.init_args.language_model", str(folder),
+           "--model.init_args.vision", "lit_vlm.modules.VisionTransformer", "--model.init_args.vision.init_args.image_size", "16",
+           "--model.init_args.vision.init_args.patch_size", "8", "--model.init_args.vision.init_args.width", "16",
+           "--model.init_args.vision.init_args.layers", "1", "--model.init_args.vision.init_args.heads", "2",
+           "--model.init_args.qformer", "lit_vlm.modules.QFormer", "--model.init_args.qformer.init_args.image_width", "16",
+           "--model.init_args.qformer.init_args.num_queries", "4", "--model.init_args.qformer.init_args.width", "16",
+           "--model.init_args.qformer.init_args.layers", "2", "--model.init_args.qformer.init_args.heads", "2"]
+          for name, folder in (("blip2-user", lm), ("blip2-user-t5", t5))],
     ]
     for family in ("llava/tiny", "blip2/tiny", "blip2/tiny-stage2", "clipcap/tiny", "frozen/tiny"):
         cfg = ["--config", str(ROOT / "configs" / f"{family}.yaml"), *tiny]
@@ -404,6 +434,7 @@ def test_a_users_lm_and_llava_json_train_llava_stage_1_and_2_by_paths_alone(tmp_
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "models/world-lm-tiny")).pad_token == "<pad>"
     assert world_lm.config.model_type == "llama" and "val/perplexity" in scalars(next((tmp_path / "runs/lm-tiny").glob("version_*")))
     assert math.isfinite(scalars(tmp_path / "runs/blip2-user/version_0")["train/lm_loss"])
+    assert math.isfinite(scalars(tmp_path / "runs/blip2-user-t5/version_0")["train/lm_loss"])
 
     def results(name: str) -> dict:
         return json.loads((tmp_path / f"runs/{name}/version_1/results.json").read_text())["metrics"]

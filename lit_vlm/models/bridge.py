@@ -135,7 +135,7 @@ class Bridge(GeneratingMixin, VLMModule):
         K = prefix.shape[1]
         prefix_mask = torch.ones(prefix.shape[:2], dtype=torch.bool, device=ids.device) if prefix_mask is None else prefix_mask.bool()
         text = self.lm.embed(ids).to(prefix.dtype)  # [B, L, D]
-        if self.prefix_after_bos:  # [bos, prefix, w_1 ..]
+        if self.prefix_after_bos and tok.bos_id is not None:  # [bos, prefix, w_1 ..]
             embeds = torch.cat([text[:, :1], prefix, text[:, 1:]], dim=1)  # [B, 1 + K + L - 1, D]
             emask = torch.cat([mask[:, :1], prefix_mask, mask[:, 1:]], dim=1)
         else:  # [prefix, bos, w_1 ..]
