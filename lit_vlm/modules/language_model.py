@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_vlm import generation
 from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.modules.decoder import DecoderOutput
 
@@ -60,7 +61,6 @@ GENERATE_WITH = ("suite", "transformers")
 
 def _read_config(folder: Path, path: str | Path) -> dict[str, Any]:
     """The folder's ``config.json`` (a missing one is one paragraph naming the path)."""
-
     if not (folder / "config.json").is_file():
         hint = " (the embedded one is written by `lit-vlm fit --config configs/lm/quickstart.yaml`)" if "world-lm" in str(path) else ""
         raise MissingFileError(
@@ -125,11 +125,11 @@ class CausalLM(nn.Module):
         model: A ``PreTrainedModel`` with a language-modelling head.
     """
 
+    is_encoder_decoder = False
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-
-    is_encoder_decoder = False
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs: Any) -> CausalLM:
@@ -190,7 +190,6 @@ class CausalLM(nn.Module):
         logits = out.logits[:, -L:]  # [B, L, V]: the text positions only
         return DecoderOutput(logits=logits, hidden=None, cache=CausalLMCache(_cache_of(out), full) if use_cache else None)
 
-
     def generate_from_embeds(self, embeds: Tensor, mask: Tensor, *, eos_id: int | None, pad_id: int,
                              generate_with: str = "suite", **options: Any) -> Tensor:
         """New tokens [B, <= max_new_tokens] after a prompt given as embeddings [B, T, D], left-padded
@@ -198,8 +197,6 @@ class CausalLM(nn.Module):
         if generate_with == "transformers":
             return self.model.generate(inputs_embeds=embeds.to(self.model.get_input_embeddings().weight.dtype),
                                        attention_mask=mask.long(), **_transformers_options(options, eos_id, pad_id))
-        from lit_vlm import generation
-
         start = torch.full((embeds.shape[0], 1), pad_id, dtype=torch.long, device=embeds.device)  # stands for the prompt's end
         return generation.generate(EmbeddedPrompt(self), start, None, embeds, mask, eos_id=eos_id, pad_id=pad_id, **options)
 
@@ -333,8 +330,6 @@ class Seq2SeqLM(nn.Module):
             out = self.model.generate(inputs_embeds=embeds.to(self.model.get_input_embeddings().weight.dtype),
                                       attention_mask=mask.long(), **_transformers_options(options, eos_id, pad_id))
             return out[:, 1:]  # without the decoder's start token
-        from lit_vlm import generation
-
         start = torch.full((embeds.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=embeds.device)
         return generation.generate(self, start, None, embeds, mask, eos_id=eos_id, pad_id=pad_id, **options)
 
