@@ -256,10 +256,10 @@ class VQAEvaluation(EvalCallback):
         if self.mode == "rank":
             self._candidates = self._answer_candidates()
         if self.choices:
-            self._pools = {}
+            pools: dict[Any, set[str]] = {}
             for a in self._annotation_list:
-                self._pools.setdefault(a.get("answer_type"), set()).add(str(a.get("multiple_choice_answer", "")).strip())
-            self._pools = {kind: sorted(answers - {""}) for kind, answers in self._pools.items()}
+                pools.setdefault(a.get("answer_type"), set()).add(str(a.get("multiple_choice_answer", "")).strip())
+            self._pools = {kind: sorted(answers - {""}) for kind, answers in pools.items()}
         return True
 
     def _answer_candidates(self) -> list[str]:

@@ -72,18 +72,6 @@ def _read_config(folder: Path, path: str | Path) -> dict[str, Any]:
         raise UserError(f"language model {str(path)!r}: cannot read config.json ({exc})") from exc
 
 
-def _load(auto: Any, path: str | Path, dtype: str, **kwargs: Any) -> nn.Module:
-    """``auto.from_pretrained`` on a local folder only, in ``dtype``."""
-    folder = Path(path)
-    if dtype not in DTYPES:
-        raise UserError(f"language model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    _read_config(folder, path)
-    try:
-        return auto.from_pretrained(str(folder), local_files_only=True, dtype=DTYPES[dtype], **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"language model {str(path)!r}: cannot load it ({exc})") from exc
-
-
 def load_language_model(path: str | Path, dtype: str = "float32") -> CausalLM | Seq2SeqLM:
     """A local LM folder behind the right wrapper: :class:`Seq2SeqLM` when its ``config.json`` says
     ``is_encoder_decoder`` (T5, FlanT5, BART), else :class:`CausalLM`."""
@@ -118,13 +106,11 @@ class CausalLMCache:
         return CausalLMCache(self.past, self.mask.index_select(0, index))
 
 
-class CausalLM(nn.Module):
-    """Wraps a ``transformers`` causal LM (see the module docstring).
+class _LanguageModel(nn.Module):
+    """What both wrappers share: the ``transformers`` model (``auto_class`` loads it), its token
+    embedding, vocabulary and width."""
 
-    Args:
-        model: A ``PreTrainedModel`` with a language-modelling head.
-    """
-
+    auto_class = ""  # the ``transformers`` Auto class that loads this kind of LM
     is_encoder_decoder = False
 
     def __init__(self, model: nn.Module) -> None:
@@ -132,25 +118,29 @@ class CausalLM(nn.Module):
         self.model = model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs: Any) -> CausalLM:
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs: Any) -> Any:
         """Load a local model folder (``config.json`` + weights), never from the network, in
         ``dtype`` (``float32``, ``bfloat16`` or ``float16``)."""
-        from transformers import AutoModelForCausalLM
+        import transformers
 
-        return cls(_load(AutoModelForCausalLM, path, dtype, **kwargs))
+        if dtype not in DTYPES:
+            raise UserError(f"language model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        _read_config(Path(path), path)
+        try:
+            model = getattr(transformers, cls.auto_class).from_pretrained(
+                str(path), local_files_only=True, dtype=DTYPES[dtype], **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"language model {str(path)!r}: cannot load it ({exc})") from exc
+        return cls(model)
 
     def embed(self, ids: Tensor) -> Tensor:
         """Token embeddings [B, L, D] of ids [B, L]."""
         return self.model.get_input_embeddings()(ids)
 
-    def forward_embeds(self, embeds: Tensor, mask: Tensor, use_cache: bool = False) -> DecoderOutput:
-        """The LM over a whole sequence of input embeddings [B, T, D] (real positions ``mask``
-        [B, T]): next-token logits [B, T, V] and, with ``use_cache``, the cache to continue from;
-        positions count the real tokens, as in :meth:`forward`."""
-        positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # [B, T]
-        dtype = self.model.get_input_embeddings().weight.dtype
-        out = self.model(inputs_embeds=embeds.to(dtype), attention_mask=mask.long(), position_ids=positions, use_cache=use_cache)
-        return DecoderOutput(logits=out.logits, hidden=None, cache=CausalLMCache(_cache_of(out), mask.bool()) if use_cache else None)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the LM's weights are held in (inputs are cast to it)."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def vocab_size(self) -> int:
@@ -160,6 +150,24 @@ class CausalLM(nn.Module):
     def width(self) -> int:
         """Width of the LM's input embeddings (what a ``context`` prefix must have)."""
         return int(self.model.get_input_embeddings().weight.shape[1])
+
+
+class CausalLM(_LanguageModel):
+    """Wraps a ``transformers`` causal LM (see the module docstring).
+
+    Args:
+        model: A ``PreTrainedModel`` with a language-modelling head.
+    """
+
+    auto_class = "AutoModelForCausalLM"
+
+    def forward_embeds(self, embeds: Tensor, mask: Tensor, use_cache: bool = False) -> DecoderOutput:
+        """The LM over a whole sequence of input embeddings [B, T, D] (real positions ``mask``
+        [B, T]): next-token logits [B, T, V] and, with ``use_cache``, the cache to continue from;
+        positions count the real tokens, as in :meth:`forward`."""
+        positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # [B, T]
+        out = self.model(inputs_embeds=embeds.to(self.dtype), attention_mask=mask.long(), position_ids=positions, use_cache=use_cache)
+        return DecoderOutput(logits=out.logits, hidden=None, cache=CausalLMCache(_cache_of(out), mask.bool()) if use_cache else None)
 
     def forward(
         self,
@@ -195,7 +203,7 @@ class CausalLM(nn.Module):
         """New tokens [B, <= max_new_tokens] after a prompt given as embeddings [B, T, D], left-padded
         (``mask`` [B, T] real, last position real), decoded by the suite or by ``transformers``."""
         if generate_with == "transformers":
-            return self.model.generate(inputs_embeds=embeds.to(self.model.get_input_embeddings().weight.dtype),
+            return self.model.generate(inputs_embeds=embeds.to(self.dtype),
                                        attention_mask=mask.long(), **_transformers_options(options, eos_id, pad_id))
         start = torch.full((embeds.shape[0], 1), pad_id, dtype=torch.long, device=embeds.device)  # stands for the prompt's end
         return generation.generate(EmbeddedPrompt(self), start, None, embeds, mask, eos_id=eos_id, pad_id=pad_id, **options)
@@ -258,7 +266,7 @@ class Seq2SeqCache:
                             self.mask.index_select(0, index))
 
 
-class Seq2SeqLM(nn.Module):
+class Seq2SeqLM(_LanguageModel):
     """Wraps a ``transformers`` encoder-decoder LM (T5, FlanT5, BART) behind the decoder contract:
     ``context`` [B, S, D] is the encoder's input embeddings (read once, on the first call),
     ``ids`` [B, L] the decoder's tokens, starting with :attr:`decoder_start_id`.
@@ -267,22 +275,8 @@ class Seq2SeqLM(nn.Module):
         model: A ``PreTrainedModel`` for conditional generation (``AutoModelForSeq2SeqLM``).
     """
 
+    auto_class = "AutoModelForSeq2SeqLM"
     is_encoder_decoder = True
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", **kwargs: Any) -> Seq2SeqLM:
-        """Load a local encoder-decoder folder, never from the network, in ``dtype``."""
-        from transformers import AutoModelForSeq2SeqLM
-
-        return cls(_load(AutoModelForSeq2SeqLM, path, dtype, **kwargs))
-
-    embed = CausalLM.embed
-    vocab_size = CausalLM.vocab_size
-    width = CausalLM.width
 
     @property
     def decoder_start_id(self) -> int:
@@ -292,8 +286,7 @@ class Seq2SeqLM(nn.Module):
 
     def encode(self, embeds: Tensor, mask: Tensor) -> Tensor:
         """The encoder's output [B, S, D] of input embeddings [B, S, D] (real positions ``mask``)."""
-        dtype = self.model.get_input_embeddings().weight.dtype
-        return self.model.get_encoder()(inputs_embeds=embeds.to(dtype), attention_mask=mask.long()).last_hidden_state
+        return self.model.get_encoder()(inputs_embeds=embeds.to(self.dtype), attention_mask=mask.long()).last_hidden_state
 
     def forward(
         self,
@@ -327,7 +320,7 @@ class Seq2SeqLM(nn.Module):
                              generate_with: str = "suite", **options: Any) -> Tensor:
         """New decoder tokens [B, <= max_new_tokens] for the encoder input embeddings [B, S, D]."""
         if generate_with == "transformers":
-            out = self.model.generate(inputs_embeds=embeds.to(self.model.get_input_embeddings().weight.dtype),
+            out = self.model.generate(inputs_embeds=embeds.to(self.dtype),
                                       attention_mask=mask.long(), **_transformers_options(options, eos_id, pad_id))
             return out[:, 1:]  # without the decoder's start token
         start = torch.full((embeds.shape[0], 1), self.decoder_start_id, dtype=torch.long, device=embeds.device)
