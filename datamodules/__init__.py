@@ -5,8 +5,9 @@ from lit_vlm.datamodules.batch import batch_size
 from lit_vlm.datamodules.conversations import ConversationDataModule
 from lit_vlm.datamodules.corpus import Corpus, Split
 from lit_vlm.datamodules.image_text import ImageTextCorpus, ImageTextDataModule
+from lit_vlm.datamodules.interleaved import InterleavedCorpus, InterleavedDataModule
 from lit_vlm.datamodules.shards import ShardDataModule
 from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.world_text import WorldTextDataModule
 
-__all__ = ["ConversationDataModule", "Corpus", "ImageTextCorpus", "ImageTextDataModule", "ShardDataModule", "Split", "Tokenizer", "WorldTextDataModule", "batch_size"]
+__all__ = ["ConversationDataModule", "Corpus", "ImageTextCorpus", "ImageTextDataModule", "InterleavedCorpus", "InterleavedDataModule", "ShardDataModule", "Split", "Tokenizer", "WorldTextDataModule", "batch_size"]

@@ -31,7 +31,7 @@ from typing import Any, TypedDict
 
 import torch
 
-__all__ = ["Batch", "DataStats", "ImageTextBatch", "ImageTextEvalBatch", "batch_size"]
+__all__ = ["Batch", "DataStats", "ImageTextBatch", "ImageTextEvalBatch", "InterleavedBatch", "batch_size"]
 
 
 class DataStats(TypedDict, total=False):
@@ -44,6 +44,7 @@ class DataStats(TypedDict, total=False):
     skipped: dict[str, int]  # bad samples skipped, per reason (the stream's and the corpus's reasons)
     raw: int  # raw samples drawn from the stream, decoded or skipped (the resume position)
     batches: int  # batches yielded
+    dropped: dict[str, int]  # parts of samples dropped, per reason (an interleaved document's images)
 
 
 class Batch(TypedDict, total=False):
@@ -83,6 +84,19 @@ class ImageTextEvalBatch(ImageTextBatch, total=False):
     image_id: list[int | str]  # [B] JSON "image_id" (COCO / VQAv2 id), else the shard key
     question_id: list[int]  # [Q] VQA question ids (question: [Q] their texts)
     question_owner: torch.Tensor  # [Q] long, each question's image row
+
+
+
+class InterleavedBatch(Batch, total=False):
+    """A batch of the interleaved-document corpus (:mod:`lit_vlm.datamodules.interleaved`);
+    ``N`` the most images of a document in the batch, ``T`` its longest token row."""
+
+    images: torch.Tensor  # [B, N, 3, H, W] float; zeros past a document's images
+    media_mask: torch.Tensor  # [B, N] bool: which images are real
+    input_ids: torch.Tensor  # [B, T] long: [bos] text <image>text<|endofchunk|>... [eos] pad...
+    attention_mask: torch.Tensor  # [B, T] long: 1 on tokens, 0 on padding
+    labels: torch.Tensor  # [B, T] long: next-token targets, -100 on padding, <image> and text outside chunks
+    media_locations: torch.Tensor  # [B, T] bool: where the <image> tokens are
 
 
 def batch_size(batch: Any) -> int:

@@ -373,14 +373,28 @@ class ShardDataModule(pl.LightningDataModule):
                     counts[reason] = counts.get(reason, 0) + int(n)
         return counts
 
+    def drop_counts(self, split: str | None = None) -> dict[str, int]:
+        """Parts of samples dropped (an interleaved document's images) per reason, summed like
+        :meth:`skip_counts`; only the reasons that occurred."""
+        counts: dict[str, int] = {}
+        for (stats_split, _), stats in self._stats.items():
+            if split is None or stats_split == split:
+                for reason, n in stats.get("dropped", {}).items():
+                    counts[reason] = counts.get(reason, 0) + int(n)
+        return counts
+
     @property
     def stream_stats(self) -> dict[str, dict[str, Any]]:
-        """Totals per split: ``{"samples": int, "skipped": int, "skipped_by_reason": {...}}``."""
+        """Totals per split: ``{"samples": int, "skipped": int, "skipped_by_reason": {...}}``, and
+        ``"dropped_by_reason"`` where parts of samples were dropped."""
         result: dict[str, dict[str, Any]] = {}
         for split in sorted({s for s, _ in self._stats}):
             by_reason = self.skip_counts(split)
             samples = sum(int(v.get("samples", 0)) for (s, _), v in self._stats.items() if s == split)
             result[split] = {"samples": samples, "skipped": sum(by_reason.values()), "skipped_by_reason": by_reason}
+            dropped = self.drop_counts(split)
+            if dropped:
+                result[split]["dropped_by_reason"] = dropped
         return result
 
     @property

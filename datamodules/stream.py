@@ -80,6 +80,7 @@ from lit_vlm.distributed import all_gather_objects
 from lit_vlm.errors import MissingFileError, UserError
 
 __all__ = [
+    "DROPPED",
     "STREAM_SKIP_REASONS",
     "BadSample",
     "Source",
@@ -98,6 +99,10 @@ logger = logging.getLogger("lit_vlm.data")
 STREAM_SKIP_REASONS: tuple[str, ...] = ("tar_error", "duplicate_key")
 """Reasons the stream itself skips samples for; a corpus's decoder adds its own
 (:attr:`lit_vlm.datamodules.corpus.Corpus.skip_reasons`)."""
+
+DROPPED = "__dropped__"
+"""Key of a decoded example (and ``BadSample.dropped``): parts of the sample dropped, per reason,
+which the stream counts in ``data_stats["dropped"]`` and removes before collation."""
 
 Batch = dict[str, Any]
 
@@ -279,6 +284,7 @@ class _WorkerStats:
     logged: int = 0
     raw: int = 0  # raw samples drawn from the (mixed, shuffled) stream, decoded or skipped
     batches: int = 0  # batches yielded
+    dropped: dict[str, int] = field(default_factory=dict)  # parts of samples dropped (a document's images)
 
     def __post_init__(self) -> None:
         self.skipped = dict.fromkeys(self.reasons, 0)
@@ -293,6 +299,10 @@ class _WorkerStats:
             if self.logged == self.max_logged:
                 logger.warning("%s worker %d: further bad samples are only counted", self.split, self.worker)
 
+    def count_dropped(self, dropped: dict[str, int] | None) -> None:
+        for reason, n in (dropped or {}).items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + int(n)
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "split": self.split,
@@ -300,6 +310,7 @@ class _WorkerStats:
             "epoch": self.epoch,
             "samples": self.samples,
             "skipped": dict(self.skipped),
+            "dropped": dict(self.dropped),
             "raw": self.raw,
             "batches": self.batches,
         }
@@ -640,6 +651,7 @@ class StreamDataset(IterableDataset):
             try:
                 decoded = self.decode(sample, generator)
             except BadSample as bad:
+                stats.count_dropped(bad.dropped)
                 stats.skip(bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.message)
                 consecutive_bad += 1
                 if self.train and consecutive_bad >= 100_000:
@@ -648,6 +660,7 @@ class StreamDataset(IterableDataset):
                     ) from bad
                 continue
             consecutive_bad = 0
+            stats.count_dropped(decoded.pop(DROPPED, None))
             decoded["__key__"] = sample["__key__"]
             yield decoded
 
@@ -706,6 +719,7 @@ class StreamDataset(IterableDataset):
         generator.set_state(state if isinstance(state, torch.Tensor) else torch.tensor(list(state), dtype=torch.uint8))
         stats.samples = int(position["samples"])
         stats.skipped = {**dict.fromkeys(stats.reasons, 0), **{k: int(v) for k, v in position["skipped"].items()}}
+        stats.dropped = {k: int(v) for k, v in position.get("dropped", {}).items()}
         stats.batches = int(position["batches"])
         logger.info(
             "%s worker %d: resumed epoch %d after %d batches (%d raw samples replayed without decoding)",

@@ -66,18 +66,21 @@ class BadSample(Exception):
         reason: Short machine-readable category used for skip counting, e.g. ``"image_decode"``,
             ``"image_too_large"``, ``"missing_caption"``.
         message: Human-readable detail for logs.
+        dropped: Parts of the sample dropped before it was given up, per reason (an interleaved
+            document's images), counted apart from skipped samples.
     """
 
-    def __init__(self, reason: str, message: str = "") -> None:
+    def __init__(self, reason: str, message: str = "", dropped: dict[str, int] | None = None) -> None:
         super().__init__(reason, message)
         self.reason = reason
         self.message = message
+        self.dropped = dict(dropped or {})
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}" if self.message else self.reason
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep picklable across worker processes
-        return (type(self), (self.reason, self.message))
+        return (type(self), (self.reason, self.message, self.dropped))
 
 
 # --------------------------------------------------------------------------------------------
