@@ -2,6 +2,7 @@
 
 from .convnet import ConvNet, GlobalBatchNorm2d
 from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
+from .perceiver import FlamingoLayer, GatedCrossAttention, PerceiverResampler
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .qformer import QFormer
 from .text import TextOutput, TextTransformer, trim_padding
@@ -28,9 +29,12 @@ __all__ = [
     "DecoderBlock",
     "DecoderCache",
     "DecoderOutput",
+    "FlamingoLayer",
+    "GatedCrossAttention",
     "GlobalBatchNorm2d",
     "LayerScale",
     "MLP",
+    "PerceiverResampler",
     "QFormer",
     "QuickGELU",
     "TEXT_PRESETS",

@@ -1,0 +1,101 @@
+"""Flamingo's building blocks: the media mask on a hand-made document, gates at 0 leave the LM as it
+is (exactly), the resampler works per image, decoder layers are found from the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lit_vlm.errors import UserError
+from lit_vlm.modules.perceiver import (
+    FlamingoLayer,
+    GatedCrossAttention,
+    PerceiverResampler,
+    find_decoder_layers,
+    media_attention_mask,
+    text_time,
+)
+
+#          intro  <image>  a     b    <eoc> <image>  c   <eoc>
+DOCUMENT = [False, True, False, False, False, True, False, False]
+
+
+def test_each_token_sees_the_latest_image_at_or_before_it():
+    times = text_time(torch.tensor([DOCUMENT]))
+    assert times.tolist() == [[0, 1, 1, 1, 1, 2, 2, 2]]
+    immediate = media_attention_mask(times, 2)[0].int().tolist()
+    assert immediate == [[0, 0], [1, 0], [1, 0], [1, 0], [1, 0], [0, 1], [0, 1], [0, 1]]
+    every = media_attention_mask(times, 2, only_immediate=False)[0].int().tolist()
+    assert every == [[0, 0], [1, 0], [1, 0], [1, 0], [1, 0], [1, 1], [1, 1], [1, 1]]
+    padded = media_attention_mask(times, 2, media_mask=torch.tensor([[True, False]]))[0].int().tolist()
+    assert padded == [[0, 0]] + [[1, 0]] * 4 + [[0, 0]] * 3
+
+
+def test_gated_cross_attention_is_the_identity_at_start_and_reads_only_the_allowed_image():
+    torch.manual_seed(0)
+    block = GatedCrossAttention(16, 8, heads=2)
+    x, media = torch.randn(1, 8, 16), torch.randn(1, 2, 3, 8)  # 2 images of 3 latents
+    times = text_time(torch.tensor([DOCUMENT]))
+    assert torch.equal(block(x, media, times), x)
+    with torch.no_grad():
+        block.attn_gate.fill_(1.0)  # attention only (the feed-forward gate stays 0)
+    out = block(x, media, times)
+    assert torch.equal(out[0, 0], x[0, 0])  # before any image: nothing
+    assert not torch.allclose(out[0, 1:], x[0, 1:])
+    other = media.clone()
+    other[0, 1] = torch.randn(3, 8)  # change image 2: tokens of image 1's chunk do not notice
+    out2 = block(x, other, times)
+    assert torch.equal(out2[0, :5], out[0, :5]) and not torch.allclose(out2[0, 5:], out[0, 5:])
+
+
+def test_the_resampler_gives_each_image_its_own_latents():
+    torch.manual_seed(0)
+    resampler = PerceiverResampler(8, depth=2, heads=2, num_latents=4)
+    media = torch.randn(2, 3, 5, 8)  # 2 documents, 3 images, 5 tokens each
+    out = resampler(media)
+    assert out.shape == (2, 3, 4, 8)
+    changed = media.clone()
+    changed[0, 2] = torch.randn(5, 8)
+    out2 = resampler(changed)
+    assert torch.allclose(out2[0, :2], out[0, :2], atol=1e-6) and torch.allclose(out2[1], out[1], atol=1e-6)
+    assert not torch.allclose(out2[0, 2], out[0, 2])
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_an_untrained_flamingo_layer_stack_gives_the_language_models_logits_exactly():
+    lm = _tiny_llama()
+    ids = torch.tensor([[1, 5, 39, 6, 7, 38, 39, 8, 38]])
+    want = lm(input_ids=ids).logits
+    parent, attr = find_decoder_layers(lm)
+    assert (parent, attr) == (lm.model, "layers")
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(FlamingoLayer(layer, GatedCrossAttention(16, 8, heads=2)) for layer in layers))
+    media = torch.randn(1, 2, 3, 8)
+    times = text_time(ids == 39)  # 39 plays <image>
+    for layer in getattr(parent, attr):
+        layer.condition(media, times)
+    assert torch.equal(lm(input_ids=ids).logits, want)
+    for layer in getattr(parent, attr):
+        layer.xattn.attn_gate.data.fill_(0.5)
+    got = lm(input_ids=ids).logits
+    assert torch.equal(got[0, :2], want[0, :2]) and not torch.allclose(got[0, 2:], want[0, 2:])
+
+
+def test_decoder_layers_are_found_from_the_config_or_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=2, n_positions=32))
+    parent, attr = find_decoder_layers(gpt2)
+    assert parent is gpt2.transformer and attr == "h"
+    assert find_decoder_layers(gpt2, "transformer.h") == (gpt2.transformer, "h")
+    with pytest.raises(UserError, match="decoder_layers='transformer.wte'"):
+        find_decoder_layers(gpt2, "transformer.wte")
