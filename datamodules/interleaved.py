@@ -9,6 +9,9 @@ A document sample holds one JSON member in either layout, read unchanged:
 * **OBELICS**: parallel ``texts`` and ``images`` lists, exactly one of the two non-null at each
   position; the images are already placed.
 
+An image-text pair (``KEY.jpg`` with ``KEY.txt``, img2dataset's layout) reads as the one-chunk
+document ``<image>caption<|endofchunk|>``, as OpenFlamingo trains on LAION beside MMC4.
+
 An image may also be a tar member of the same sample: ``KEY.<i>.jpg`` (``i`` its index in
 ``image_info`` / ``images``), or a member named by the entry's ``image_name`` (MMC4) or by the
 string in ``images`` (OBELICS).
@@ -107,6 +110,7 @@ class Document:
     similarity: list[list[float]] | None = None  # [images][sentences] (MMC4)
     matched: list[tuple[int, float] | None] = field(default_factory=list)  # MMC4 (index, sim) per image
     placed: bool = False  # OBELICS: sentence of each image given by its position
+    pair: bool = False  # an image-text pair read as a one-chunk document
 
 
 def _member(raw: dict[str, Any], index: int, name: Any) -> bytes | None:
@@ -133,12 +137,11 @@ def _base64(entry: dict[str, Any], index: int) -> bytes | None:
 
 
 def parse_document(raw: dict[str, Any]) -> Document:
-    """The document of a raw webdataset sample (its ``json`` member, in MMC4 or OBELICS layout).
+    """The document of a raw webdataset sample: its ``json`` member in MMC4 or OBELICS layout, or an
+    image-text pair.
     Raises :class:`BadSample` (``bad_json``, ``no_text``)."""
-    if "json" not in raw:
-        raise BadSample("bad_json", "no json member")
     try:
-        meta = json.loads(raw["json"])
+        meta = json.loads(raw["json"]) if "json" in raw else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadSample("bad_json", f"json member does not parse: {exc}") from exc
     if not isinstance(meta, dict):
@@ -147,7 +150,25 @@ def parse_document(raw: dict[str, Any]) -> Document:
         return _parse_mmc4(raw, meta)
     if "texts" in meta and "images" in meta:
         return _parse_obelics(raw, meta)
-    raise BadSample("bad_json", "json has neither MMC4's 'text_list' nor OBELICS's 'texts' and 'images'")
+    image = next((raw[k] for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
+    if image is not None:
+        return _parse_pair(raw, meta, image)
+    raise BadSample("bad_json", "json has neither MMC4's 'text_list' nor OBELICS's 'texts' and 'images', "
+                                "and the sample is no image-text pair")
+
+
+def _parse_pair(raw: dict[str, Any], meta: dict[str, Any], image: bytes) -> Document:
+    """An image-text pair (img2dataset layout: ``KEY.jpg`` with ``KEY.txt`` or a JSON ``caption``)
+    as the one-chunk document ``<image>caption<|endofchunk|>``, as OpenFlamingo reads LAION."""
+    caption = meta.get("caption")
+    if "txt" in raw:
+        try:
+            caption = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadSample("bad_json", f"txt member is not UTF-8: {exc}") from exc
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSample("no_text", "an image-text pair without a caption (txt member or json 'caption')")
+    return Document([caption], [{"index": 0, "data": image, "sentence": 0, "similarity": None}], placed=True, pair=True)
 
 
 def _parse_mmc4(raw: dict[str, Any], meta: dict[str, Any]) -> Document:
@@ -377,7 +398,7 @@ class InterleavedDecoder:
             images, pixels = images[:kept], pixels[:kept]
         if kept < max(lay.min_images, 1):
             raise BadSample("too_few_images", f"{kept} image(s) left, min_images {lay.min_images}")
-        if kept == 1 and self.train and float(torch.rand((), generator=generator)) >= lay.single_image_keep:
+        if kept == 1 and self.train and not doc.pair and float(torch.rand((), generator=generator)) >= lay.single_image_keep:
             raise BadSample("single_image", f"one image, kept with probability {lay.single_image_keep}")
         return {
             "images": torch.stack(pixels),  # [N, 3, H, W]

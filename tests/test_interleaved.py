@@ -154,6 +154,7 @@ def test_mmc4_and_obelics_shards_stream_with_documents_and_images_counted_by_rea
                                     "images": [None, "x.jpg", None, "y.jpg", None]}).encode(),
                "1.jpg": red, "3.jpg": b"not a jpeg"}),
         ("e", {"json": b"{not json"}),  # bad_json
+        ("f", {"jpg": blue, "txt": b"a blue square"}),  # an image-text pair: one chunk
     ]
     _write_tar(tmp_path / "docs-000000.tar", samples)
     dm = InterleavedDataModule(tokenizer="synth", image_size=16, val_shards=str(tmp_path / "docs-000000.tar"),
@@ -163,10 +164,10 @@ def test_mmc4_and_obelics_shards_stream_with_documents_and_images_counted_by_rea
     for b in batches:
         dm.on_after_batch_transfer(b, 0)
     (batch,) = batches
-    assert batch["sample_id"] == ["a", "c", "d"]
-    assert batch["images"].shape == (3, 2, 3, 16, 16)
-    assert batch["media_mask"].tolist() == [[True, True], [True, False], [True, False]]
-    assert batch["media_locations"].sum(1).tolist() == [2, 1, 1]
+    assert batch["sample_id"] == ["a", "c", "d", "f"]
+    assert batch["images"].shape == (4, 2, 3, 16, 16)
+    assert batch["media_mask"].tolist() == [[True, True], [True, False], [True, False], [True, False]]
+    assert batch["media_locations"].sum(1).tolist() == [2, 1, 1, 1]
     tok = dm.tokenizer
     img, end = tok.token_to_id("<image>"), tok.token_to_id("<|endofchunk|>")
     enc = lambda text: tok.backend.encode(text, add_special_tokens=False).ids  # noqa: E731
@@ -175,5 +176,7 @@ def test_mmc4_and_obelics_shards_stream_with_documents_and_images_counted_by_rea
     assert batch["input_ids"][0, : len(want)].tolist() == want and batch["attention_mask"][0].sum() == len(want)
     # no target on the start token, the images and the end token after the last chunk
     assert batch["labels"][0, : len(want)].tolist() == [-100, -100, *(-100 if t == img else t for t in want[2:-1]), -100]
+    pair = [tok.bos_id, img, *enc("a blue square"), end, tok.eos_id]
+    assert batch["input_ids"][3, : len(pair)].tolist() == pair and batch["attention_mask"][3].sum() == len(pair)
     assert dm.skip_counts("val")["too_few_images"] == 1 and dm.skip_counts("val")["bad_json"] == 1
     assert dm.drop_counts("val") == {"below_threshold": 3, "missing_image": 1, "image_decode": 1}
