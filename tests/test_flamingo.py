@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from lit_vlm.errors import UserError
 from lit_vlm.modules.perceiver import (
@@ -15,6 +14,7 @@ from lit_vlm.modules.perceiver import (
     find_decoder_layers,
     media_attention_mask,
     text_time,
+    wrap_decoder_layers,
 )
 
 #          intro  <image>  a     b    <eoc> <image>  c   <eoc>
@@ -75,16 +75,15 @@ def test_an_untrained_flamingo_layer_stack_gives_the_language_models_logits_exac
     lm = _tiny_llama()
     ids = torch.tensor([[1, 5, 39, 6, 7, 38, 39, 8, 38]])
     want = lm(input_ids=ids).logits
-    parent, attr = find_decoder_layers(lm)
-    assert (parent, attr) == (lm.model, "layers")
-    layers = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList(FlamingoLayer(layer, GatedCrossAttention(16, 8, heads=2)) for layer in layers))
+    assert find_decoder_layers(lm) == "model.layers"
+    layers = wrap_decoder_layers(lm, "model.layers", lambda i: GatedCrossAttention(16, 8, heads=2))
+    assert lm.model.layers is layers and all(isinstance(layer, FlamingoLayer) for layer in layers)
     media = torch.randn(1, 2, 3, 8)
     times = text_time(ids == 39)  # 39 plays <image>
-    for layer in getattr(parent, attr):
+    for layer in layers:
         layer.condition(media, times)
     assert torch.equal(lm(input_ids=ids).logits, want)
-    for layer in getattr(parent, attr):
+    for layer in layers:
         layer.xattn.attn_gate.data.fill_(0.5)
     got = lm(input_ids=ids).logits
     assert torch.equal(got[0, :2], want[0, :2]) and not torch.allclose(got[0, 2:], want[0, 2:])
@@ -94,8 +93,61 @@ def test_decoder_layers_are_found_from_the_config_or_by_name():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=16, n_layer=2, n_head=2, n_positions=32))
-    parent, attr = find_decoder_layers(gpt2)
-    assert parent is gpt2.transformer and attr == "h"
-    assert find_decoder_layers(gpt2, "transformer.h") == (gpt2.transformer, "h")
+    assert find_decoder_layers(gpt2) == "transformer.h"
+    assert find_decoder_layers(gpt2, "transformer.h") == "transformer.h"
     with pytest.raises(UserError, match="decoder_layers='transformer.wte'"):
         find_decoder_layers(gpt2, "transformer.wte")
+
+
+# ---- the family --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flamingo_lm(tmp_path_factory):
+    from test_bridges import lm_folder
+
+    return lm_folder(tmp_path_factory.mktemp("flamingo-lm"))
+
+
+def _flamingo(lm_dir, **kw):
+    from lit_vlm.models.flamingo import Flamingo
+    from lit_vlm.modules import ConvNet
+
+    torch.manual_seed(0)
+    return Flamingo(vision=ConvNet(channels=[8, 16], strides=[2, 2], image_size=16), language_model=str(lm_dir),
+                    num_latents=4, resampler_depth=1, heads=2, **kw)
+
+
+def test_an_untrained_flamingo_is_its_language_model_and_trains_only_its_own_parts(flamingo_lm):
+    from lit_vlm.modules.language_model import CausalLM
+
+    lm = CausalLM.from_pretrained(flamingo_lm).model.eval()
+    model = _flamingo(flamingo_lm).eval()
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    tok = model.text_tokenizer
+    img, end = tok.token_to_id("<image>"), tok.token_to_id("<|endofchunk|>")
+    assert (img, end) == (vocab, vocab + 1)  # added after the LM's vocabulary
+    text = torch.tensor([tok.backend.encode("a red circle and a blue square", add_special_tokens=False).ids])
+    images, media_mask = torch.randn(1, 2, 3, 16, 16), torch.ones(1, 2, dtype=torch.bool)
+    got = model.logits(text, torch.ones_like(text), images, media_mask)
+    assert torch.equal(got[..., :vocab], lm(input_ids=text).logits)
+    # one step on a document: the LM's own weights and its old token rows do not move
+    doc = torch.cat([text[:, :2], torch.tensor([[img]]), text[:, 2:], torch.tensor([[end, img]]), text[:, :3], torch.tensor([[end]])], 1)
+    batch = {"input_ids": doc, "attention_mask": torch.ones_like(doc), "labels": doc.clone(), "images": images,
+             "media_mask": media_mask}
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    with torch.no_grad():
+        for layer in model.flamingo_layers:
+            layer.xattn.attn_gate.fill_(0.5)  # open the gates so that the resampler gets a gradient too
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(batch)["loss"].backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("resampler.") for n in moved) and any(".xattn." in n for n in moved)
+    assert not any(n.startswith("vision.") for n in moved)
+    lm_moved = {n for n in moved if n.startswith("lm.") and ".xattn." not in n}
+    assert lm_moved == {"lm.model.model.embed_tokens.weight", "lm.model.lm_head.weight"}
+    for name in lm_moved:
+        p = dict(model.named_parameters())[name]
+        assert torch.equal(p[:vocab], before[name][:vocab]) and not torch.equal(p[vocab:], before[name][vocab:])

@@ -19,6 +19,8 @@
   stage 2 a soft prompt to a frozen Hugging Face LM.
 - :class:`ClipCap` (``clipcap.py``) and :class:`Frozen` (``frozen.py``): image embeddings mapped to
   a prefix of a frozen (ClipCap: or tuned) Hugging Face LM, trained on captions.
+- :class:`Flamingo` (``flamingo.py``): a Perceiver resampler and gated cross-attention blocks
+  inserted into a frozen Hugging Face LM, trained on interleaved documents.
 - :class:`LanguageModel` (``lm.py``): a ``transformers`` causal LM trained from scratch on the
   world's text and written as a Hugging Face folder: the bridges' embedded frozen LM.
 """
@@ -30,6 +32,7 @@ from lit_vlm.models.clip import CLIP
 from lit_vlm.models.clipcap import ClipCap
 from lit_vlm.models.coca import CoCa
 from lit_vlm.models.filip import FILIP
+from lit_vlm.models.flamingo import Flamingo
 from lit_vlm.models.flava import FLAVA
 from lit_vlm.models.frozen import Frozen
 from lit_vlm.models.llava import LLaVA
@@ -37,4 +40,4 @@ from lit_vlm.models.lm import LanguageModel
 from lit_vlm.models.mae import MAE
 from lit_vlm.models.prefixlm import PrefixLM
 
-__all__ = ["VLMModule", "BLIP", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM"]
+__all__ = ["VLMModule", "BLIP", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Flamingo", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM"]

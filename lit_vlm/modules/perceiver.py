@@ -8,7 +8,7 @@ into the decoder layers of a Hugging Face causal LM.
 * :func:`text_time` / :func:`media_attention_mask` say which image each token may see: with
   ``only_immediate`` the latest ``<image>`` at or before it (Flamingo), else every earlier one.
 * :class:`FlamingoLayer` runs the gated block before an LM decoder layer; :func:`find_decoder_layers`
-  finds the LM's list of decoder layers from its config.
+  finds the LM's list of decoder layers from its config, :func:`wrap_decoder_layers` wraps them.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "find_decoder_layers",
     "media_attention_mask",
     "text_time",
+    "wrap_decoder_layers",
 ]
 
 
@@ -149,28 +150,35 @@ class FlamingoLayer(nn.Module):
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
-def find_decoder_layers(model: nn.Module, name: str | None = None) -> tuple[nn.Module, str]:
-    """``(parent, attribute)`` of the LM's decoder-layer list: ``name`` (a dotted path such as
-    ``model.layers``) when given, else the one :class:`torch.nn.ModuleList` as long as the config's
-    number of layers (``num_hidden_layers``, ``n_layer`` or ``num_layers``)."""
+def find_decoder_layers(model: nn.Module, name: str | None = None) -> str:
+    """Dotted name of the LM's decoder-layer list: ``name`` (such as ``model.layers``) when given and
+    valid, else the one :class:`torch.nn.ModuleList` as long as the config's number of layers
+    (``num_hidden_layers``, ``n_layer`` or ``num_layers``)."""
     if name is not None:
-        parent_name, _, attr = name.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            found = getattr(parent, attr)
+            found = model.get_submodule(name)
         except AttributeError as exc:
             raise UserError(f"decoder_layers={name!r}: the language model has no such module ({exc})") from None
         if not isinstance(found, nn.ModuleList):
             raise UserError(f"decoder_layers={name!r} is a {type(found).__name__}, not a list of decoder layers")
-        return parent, attr
+        return name
     config = getattr(model, "config", None)
     count = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if getattr(config, k, None)), None)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and count and len(m) == count]
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and count and len(m) == count]
     if len(lists) != 1:
         raise UserError(
             f"cannot tell the language model's decoder layers from its config ({len(lists)} lists of {count} "
             "modules); give them by name, e.g. decoder_layers: model.layers (Llama), model.decoder.layers (OPT), "
             "transformer.h (GPT-2)"
         )
-    parent_name, _, attr = lists[0][0].rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
+    return lists[0]
+
+
+def wrap_decoder_layers(model: nn.Module, name: str, make_block: Any) -> nn.ModuleList:
+    """Replace the decoder-layer list ``name`` of ``model`` by :class:`FlamingoLayer` s, layer i with
+    the block ``make_block(i)`` (or None) before it; returns the new list."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapped = nn.ModuleList(FlamingoLayer(layer, make_block(i)) for i, layer in enumerate(getattr(parent, attr)))
+    setattr(parent, attr, wrapped)
+    return wrapped
