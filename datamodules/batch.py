@@ -86,7 +86,6 @@ class ImageTextEvalBatch(ImageTextBatch, total=False):
     question_owner: torch.Tensor  # [Q] long, each question's image row
 
 
-
 class InterleavedBatch(Batch, total=False):
     """A batch of the interleaved-document corpus (:mod:`lit_vlm.datamodules.interleaved`);
     ``N`` the most images of a document in the batch, ``T`` its longest token row."""

@@ -327,8 +327,8 @@ class DocumentLayout:
                 f"threshold={self.threshold} is off the scale of MMC4's similarities (CLIP cosines, -1 to 1; "
                 "OpenFlamingo's recipe uses 0.24). A value like 30 would drop every image."
             )
-        if self.max_images < 1 or self.min_images < 0 or self.min_images > self.max_images:
-            raise UserError(f"need 0 <= min_images <= max_images and max_images >= 1, got {self.min_images}, {self.max_images}")
+        if not 1 <= self.min_images <= self.max_images:
+            raise UserError(f"need 1 <= min_images <= max_images, got min_images={self.min_images}, max_images={self.max_images}")
         if self.max_tokens < 4:
             raise UserError(f"max_tokens must be at least 4, got {self.max_tokens}")
         if not 0.0 <= self.single_image_keep <= 1.0:
@@ -396,7 +396,7 @@ class InterleavedDecoder:
         if kept < len(images):
             drops["truncated"] += len(images) - kept
             images, pixels = images[:kept], pixels[:kept]
-        if kept < max(lay.min_images, 1):
+        if kept < lay.min_images:
             raise BadSample("too_few_images", f"{kept} image(s) left, min_images {lay.min_images}")
         if kept == 1 and self.train and not doc.pair and float(torch.rand((), generator=generator)) >= lay.single_image_keep:
             raise BadSample("single_image", f"one image, kept with probability {lay.single_image_keep}")
