@@ -498,10 +498,12 @@ class InterleavedDataModule(ShardDataModule):
         **kwargs: :class:`~lit_vlm.datamodules.shards.ShardDataModule`'s (shards, batch size, ...).
     """
 
-    def __init__(self, tokenizer: str, image_size: int = 64, assign: str = "hungarian", threshold: float = 0.24,
-                 max_images: int = 6, max_tokens: int = 256, min_images: int = 1, single_image_keep: float = 0.5,
-                 min_image_bytes: int = 0, max_image_bytes: int = 20_000_000,
-                 max_image_pixels: int | None = DEFAULT_MAX_PIXELS, **kwargs: Any) -> None:
+    def __init__(self, tokenizer: str, image_size: int = 64, assign: str = DocumentLayout.assign,
+                 threshold: float = DocumentLayout.threshold, max_images: int = DocumentLayout.max_images,
+                 max_tokens: int = DocumentLayout.max_tokens, min_images: int = DocumentLayout.min_images,
+                 single_image_keep: float = DocumentLayout.single_image_keep,
+                 min_image_bytes: int = DocumentLayout.min_image_bytes, max_image_bytes: int = DocumentLayout.max_image_bytes,
+                 max_image_pixels: int | None = DocumentLayout.max_pixels, **kwargs: Any) -> None:
         layout = DocumentLayout(assign, threshold, max_images, max_tokens, min_images, single_image_keep,
                                 min_image_bytes, max_image_bytes, max_image_pixels)
         super().__init__(InterleavedCorpus(tokenizer, image_size, layout=layout), **kwargs)
