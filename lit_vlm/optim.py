@@ -24,7 +24,8 @@ def param_groups(model: nn.Module, weight_decay: float, lrs: dict[str, float] | 
 
     No weight decay on: biases and norm weights (ndim < 2), every ``nn.Embedding`` weight, and
     parameters named like embeddings, learned queries or the logit scale/bias (``_NO_DECAY_NAME``),
-    as CLIP, open_clip and timm do.
+    as CLIP, open_clip and timm do, and parameters a family marks ``p.no_weight_decay = True`` (a
+    frozen LM's output embedding, of which only new rows train: decay would move the others).
     """
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     lrs = lrs or {}
@@ -32,7 +33,8 @@ def param_groups(model: nn.Module, weight_decay: float, lrs: dict[str, float] | 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decayed = not (p.ndim < 2 or id(p) in embedding_params or _NO_DECAY_NAME.search(name))
+        decayed = not (p.ndim < 2 or id(p) in embedding_params or _NO_DECAY_NAME.search(name)
+                       or getattr(p, "no_weight_decay", False))
         prefix = next((k for k in lrs if name.startswith(k)), None)
         groups.setdefault((decayed, prefix), []).append(p)
     out = [{"params": groups.pop((True, None), []), "weight_decay": weight_decay},

@@ -136,7 +136,9 @@ def test_an_untrained_flamingo_is_its_language_model_and_trains_only_its_own_par
     batch = {"input_ids": doc, "attention_mask": torch.ones_like(doc), "labels": doc.clone(), "images": images,
              "media_mask": media_mask}
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    from lit_vlm.optim import param_groups
+
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=0.1)  # the family's decay, as fit builds it
     with torch.no_grad():
         for layer in model.flamingo_layers:
             layer.xattn.attn_gate.fill_(0.5)  # open the gates so that the resampler gets a gradient too

@@ -117,6 +117,7 @@ class Flamingo(Bridge):
         self.register_buffer("new_token_rows", new_rows, persistent=False)  # [V, 1]
         for emb in {model.get_input_embeddings(), model.get_output_embeddings()}:
             emb.weight.requires_grad_(True)
+            emb.weight.no_weight_decay = True  # decay would move the frozen rows (see lit_vlm.optim)
             emb.weight.register_hook(lambda grad: grad * self.new_token_rows.to(grad.dtype))
 
     # ---- images into latents ---------------------------------------------------------------------
