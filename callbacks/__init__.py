@@ -3,6 +3,7 @@
 from lit_vlm.callbacks.base import EvalCallback
 from lit_vlm.callbacks.captioning import CaptionEvaluation
 from lit_vlm.callbacks.compositional import CompositionalEvaluation
+from lit_vlm.callbacks.fewshot import FewShotEvaluation
 from lit_vlm.callbacks.monitor import DataStats, SamplesPerSecond
 from lit_vlm.callbacks.pope import POPEEvaluation
 from lit_vlm.callbacks.predictions import PredictionWriter
@@ -18,6 +19,7 @@ __all__ = [
     "CompositionalEvaluation",
     "DataStats",
     "EvalCallback",
+    "FewShotEvaluation",
     "NonFiniteLoss",
     "NonFiniteLossError",
     "POPEEvaluation",

@@ -84,6 +84,7 @@ class ImageTextEvalBatch(ImageTextBatch, total=False):
     image_id: list[int | str]  # [B] JSON "image_id" (COCO / VQAv2 id), else the shard key
     question_id: list[int]  # [Q] VQA question ids (question: [Q] their texts)
     question_owner: torch.Tensor  # [Q] long, each question's image row
+    question_answer: list[str | None]  # [Q] the JSON's multiple_choice_answer (None when absent): few-shot demonstrations
 
 
 class InterleavedBatch(Batch, total=False):

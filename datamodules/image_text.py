@@ -218,14 +218,15 @@ class ImageTextDecoder:
         return image_id
 
     @staticmethod
-    def _questions(meta: dict[str, Any]) -> list[tuple[int, str]]:
-        """``(question_id, question)`` of each entry of the JSON ``questions`` list (``[]`` if absent)."""
+    def _questions(meta: dict[str, Any]) -> list[tuple[int, str, str | None]]:
+        """``(question_id, question, multiple_choice_answer or None)`` of each entry of the JSON
+        ``questions`` list (``[]`` if absent)."""
         listed = meta.get("questions")
         if listed is None:
             return []
         if not isinstance(listed, list):
             raise BadSample("bad_json", f"json 'questions' is a {type(listed).__name__}, not a list")
-        result: list[tuple[int, str]] = []
+        result: list[tuple[int, str, str | None]] = []
         seen: set[int] = set()
         for i, entry in enumerate(listed):
             if not isinstance(entry, dict):
@@ -238,7 +239,8 @@ class ImageTextDecoder:
             if qid in seen:
                 raise BadSample("bad_json", f"json 'questions' repeats question_id {qid}")
             seen.add(qid)
-            result.append((qid, text.strip()))
+            answer = entry.get("multiple_choice_answer")
+            result.append((qid, text.strip(), answer.strip() if isinstance(answer, str) else None))
         return result
 
     def _captions(self, raw: dict[str, Any], meta: dict[str, Any], required: bool) -> list[str]:
@@ -363,10 +365,11 @@ class ImageTextCollator:
         batch["caption_owner"] = torch.tensor(owner, dtype=torch.long)  # [N]
         batch["captions"] = [list(s["captions"]) for s in samples]
         batch["image_id"] = [s["__key__"] if s.get("image_id") is None else s["image_id"] for s in samples]
-        questions = [(row, qid, text) for row, s in enumerate(samples) for qid, text in s.get("questions", ())]
-        batch["question"] = [text for _, _, text in questions]
-        batch["question_id"] = [qid for _, qid, _ in questions]
-        batch["question_owner"] = torch.tensor([row for row, _, _ in questions], dtype=torch.long)  # [Q]
+        questions = [(row, *q) for row, s in enumerate(samples) for q in s.get("questions", ())]
+        batch["question"] = [text for _, _, text, _ in questions]
+        batch["question_id"] = [qid for _, qid, _, _ in questions]
+        batch["question_answer"] = [answer for _, _, _, answer in questions]
+        batch["question_owner"] = torch.tensor([row for row, _, _, _ in questions], dtype=torch.long)  # [Q]
         return batch
 
 

@@ -35,13 +35,16 @@ import base64
 import binascii
 import dataclasses
 import json
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lit_vlm.datamodules import manifests, world_docs
 from lit_vlm.datamodules.corpus import Corpus, Split
 from lit_vlm.datamodules.shards import ShardDataModule
 from lit_vlm.datamodules.stream import DROPPED
@@ -57,6 +60,8 @@ from lit_vlm.datamodules.transforms import (
     train_transform,
 )
 from lit_vlm.errors import UserError
+
+logger = logging.getLogger("lit_vlm.data")
 
 __all__ = [
     "ASSIGN",
@@ -466,6 +471,13 @@ class InterleavedCorpus(Corpus):
                 raise UserError(f"tokenizer={tokenizer!r}: {exc}") from exc
         self.tokenizer = with_media_tokens(tokenizer)
 
+    def prepare(self, root: str) -> None:
+        """Write the synthetic world's documents in ``root`` when it is missing or empty."""
+        if not (Path(root) / manifests.MANIFEST).exists() and not (Path(root).is_dir() and any(Path(root).iterdir())):
+            logger.info("writing the synthetic world's interleaved documents in %s", root)
+            world_docs.generate(root)
+        super().prepare(root)
+
     def decoder(self, split: Split) -> InterleavedDecoder:
         transform = (train_transform(self.image_size, self.mean, self.std, self.train_crop_scale) if split.train
                      else eval_transform(self.image_size, self.mean, self.std))
@@ -483,7 +495,8 @@ class InterleavedDataModule(ShardDataModule):
 
     Args:
         tokenizer: The language model's folder (or a ``tokenizer.json``); ``<image>`` and
-            ``<|endofchunk|>`` are added to it when missing.
+            ``<|endofchunk|>`` are added to it when missing. ``lit-vlm`` fills it from the model's
+            ``language_model``.
         image_size: Square side images are resized and cropped to.
         assign: ``hungarian`` (one image per sentence, on MMC4's similarity matrix) or ``matched``
             (each image before its ``matched_text_index``).
@@ -498,12 +511,15 @@ class InterleavedDataModule(ShardDataModule):
         **kwargs: :class:`~lit_vlm.datamodules.shards.ShardDataModule`'s (shards, batch size, ...).
     """
 
-    def __init__(self, tokenizer: str, image_size: int = 64, assign: str = DocumentLayout.assign,
+    def __init__(self, tokenizer: str | None = None, image_size: int = 64, assign: str = DocumentLayout.assign,
                  threshold: float = DocumentLayout.threshold, max_images: int = DocumentLayout.max_images,
                  max_tokens: int = DocumentLayout.max_tokens, min_images: int = DocumentLayout.min_images,
                  single_image_keep: float = DocumentLayout.single_image_keep,
                  min_image_bytes: int = DocumentLayout.min_image_bytes, max_image_bytes: int = DocumentLayout.max_image_bytes,
                  max_image_pixels: int | None = DocumentLayout.max_pixels, **kwargs: Any) -> None:
+        if tokenizer is None:
+            raise UserError("InterleavedDataModule needs tokenizer: the language model's folder (lit-vlm fills it "
+                            "from the model's language_model when the data leaves it unset)")
         layout = DocumentLayout(assign, threshold, max_images, max_tokens, min_images, single_image_keep,
                                 min_image_bytes, max_image_bytes, max_image_pixels)
         super().__init__(InterleavedCorpus(tokenizer, image_size, layout=layout), **kwargs)

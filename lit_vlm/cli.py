@@ -45,7 +45,7 @@ LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenize
 _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
-`lit-vlm data {synth,karpathy,vqav2,llava,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
+`lit-vlm data {synth,docs,karpathy,vqav2,llava,capfilt,mmc4} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
 `lit-vlm lm merge ADAPTER --out DIR` (fold a LoRA adapter into its language model),
 `lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`),
 `lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML),
@@ -376,6 +376,7 @@ def resolve_ckpt_path(named: str, logger_cfg: Any, subcommand: str) -> str:
 TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
     "data": {
         "synth": ("lit_vlm.datamodules.synth", "main", "write the synthetic world (shards + annotation JSON)"),
+        "docs": ("lit_vlm.datamodules.world_docs", "main", "write the synthetic world's interleaved documents (MMC4 layout)"),
         "karpathy": ("lit_vlm.datamodules.convert", "karpathy_main",
                      "convert COCO / Flickr30k Karpathy-split JSON + images into shards + caption annotations"),
         "vqav2": ("lit_vlm.datamodules.convert", "vqav2_main",

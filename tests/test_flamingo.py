@@ -153,3 +153,32 @@ def test_an_untrained_flamingo_is_its_language_model_and_trains_only_its_own_par
     for name in lm_moved:
         p = dict(model.named_parameters())[name]
         assert torch.equal(p[:vocab], before[name][:vocab]) and not torch.equal(p[vocab:], before[name][vocab:])
+
+
+def test_interleaved_generation_with_the_cache_matches_recomputing_and_scoring_matches_the_logits(flamingo_lm):
+    model = _flamingo(flamingo_lm).eval()
+    with torch.no_grad():
+        for layer in model.flamingo_layers:  # open the gates: the images must matter
+            layer.xattn.attn_gate.fill_(1.0)
+            layer.xattn.ff_gate.fill_(0.5)
+    torch.manual_seed(1)
+    images = torch.randn(2, 2, 3, 16, 16)
+    media_mask = torch.tensor([[True, True], [True, False]])
+    prompts = ["<image>a red circle<|endofchunk|><image>a", "<image>a blue"]
+    cached = model.generate_interleaved(images, media_mask, prompts, max_new_tokens=6)
+    plain = model.generate_interleaved(images, media_mask, prompts, max_new_tokens=6, use_cache=False)
+    assert cached == plain and len(cached) == 2
+    with pytest.raises(UserError, match="1 <image> tokens for 2 images"):
+        model.generate_interleaved(images, media_mask, ["<image>a", "<image>b"])
+    # the cached scores of continuations equal the full sequence's token log-likelihoods
+    context, options = prompts[0], [" red circle", " blue"]
+    got = model.continuation_log_likelihood(images[:1], media_mask[:1], context, options)
+    tok = model.text_tokenizer
+    for c, option in enumerate(options):
+        ids, mask = model.encode_prompts([context + option], media_mask[:1])
+        n = len(tok.backend.encode(option, add_special_tokens=False).ids)
+        logp = model.logits(ids, mask, images[:1], media_mask[:1]).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+        assert torch.allclose(got[c], logp[-n:].mean(), atol=1e-5)
+    other = images.clone()
+    other[0, 1] = torch.randn(3, 16, 16)  # the context's last image changes what follows it
+    assert not torch.allclose(model.continuation_log_likelihood(other[:1], media_mask[:1], context, options), got)

@@ -267,7 +267,7 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
         """``forward(batch)`` on a val/test batch, its ``eval_terms`` logged (averaged over ranks)."""
         terms = self(batch)
         keep = terms if self.eval_terms is None else {k: terms[k] for k in self.eval_terms if k in terms}
-        self.log_terms(stage, keep, batch["image"].shape[0], sync_dist=True)
+        self.log_terms(stage, keep, samples_in(batch), sync_dist=True)
         return terms
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -17,17 +17,21 @@ documents' labels (:mod:`lit_vlm.datamodules.interleaved`)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lit_vlm.datamodules.interleaved import END_OF_CHUNK, IMAGE_TOKEN, with_media_tokens
+from lit_vlm import generation
 from lit_vlm.errors import UserError
 from lit_vlm.losses import global_token_mean, token_cross_entropy
 from lit_vlm.models.bridge import Bridge
+from lit_vlm.models.generating import check_generation_options
 from lit_vlm.modules import ConvNet, VisionTransformer, trim_padding
 from lit_vlm.modules.freeze import lock
+from lit_vlm.modules.decoder import DecoderOutput
 from lit_vlm.modules.language_model import IGNORE_INDEX
 from lit_vlm.modules.perceiver import (
     FlamingoLayer,
@@ -82,6 +86,8 @@ class Flamingo(Bridge):
             raise UserError(f"Flamingo keeps its language model frozen (only the new layers train); got train_lm={self.train_lm!r}")
         if isinstance(vision, ConvNet) and vision_layer != -1:
             raise UserError(f"model vision_layer={vision_layer}: a ConvNet image tower has one feature map; set vision_layer: -1")
+        if self.generate_with != "suite":
+            raise UserError("Flamingo generates with the suite's decoder (its media ride in the key/value cache); set generate_with: suite")
         if cross_attn_every < 1:
             raise UserError(f"model cross_attn_every must be >= 1, got {cross_attn_every}")
         self.vision = vision
@@ -132,15 +138,22 @@ class Flamingo(Bridge):
                 tokens = self.vision(flat, output_hidden_states=True).hidden_states[self.vision_layer][:, 1:]  # [B N, P, Dv]
         return self.resampler(tokens.view(B, N, *tokens.shape[1:]))  # [B, N, n, Dv]
 
-    def condition(self, media: Tensor | None, media_locations: Tensor | None = None, media_mask: Tensor | None = None) -> None:
-        """Give the cross-attention blocks the media of the next LM call (None: clear them)."""
-        times = None if media is None else text_time(media_locations)  # [B, T]
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised pooled features [B, Dv] of the frozen image tower, images [B, 3, H, W]
+        (what few-shot evaluation ranks demonstrations by: RICES)."""
+        pooled = self.vision(images).pooled  # [B, Dv]
+        return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+    def condition(self, media: Tensor | None, times: Tensor | None = None, media_mask: Tensor | None = None) -> None:
+        """Give the cross-attention blocks the media [B, N, n, Dv] of the next LM call, each token's
+        :func:`text_time` [B, T] and the real images [B, N] (None: clear them)."""
         for layer in self.flamingo_layers:
             layer.condition(media, times, media_mask)
 
     def logits(self, ids: Tensor, mask: Tensor, images: Tensor, media_mask: Tensor) -> Tensor:
         """Next-token logits [B, T, V] of documents ``ids`` [B, T] with their images [B, N, 3, H, W]."""
-        self.condition(self.media(images), ids == self.image_id, media_mask)
+        self.condition(self.media(images), text_time(ids == self.image_id), media_mask)
         try:
             return self.lm.model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
         finally:
@@ -156,6 +169,124 @@ class Flamingo(Bridge):
         loss = global_token_mean(sums, counts, gather=self.training)
         gates = torch.stack([layer.xattn.attn_gate for layer in self.flamingo_layers if layer.xattn is not None])
         return {"loss": loss, "target_tokens": counts.sum() / len(counts), "attn_gate_mean": gates.tanh().abs().mean().detach()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Each block's tanh(gate) values to TensorBoard (attention and feed-forward), as the run goes."""
+        if self.logger is None or (self.global_step % max(1, self.trainer.log_every_n_steps)):
+            return
+        for i, layer in enumerate(self.flamingo_layers):
+            if layer.xattn is not None:
+                self.log(f"gates/layer{i}_attn", layer.xattn.attn_gate.detach().tanh().mean(), rank_zero_only=True)
+                self.log(f"gates/layer{i}_ff", layer.xattn.ff_gate.detach().tanh().mean(), rank_zero_only=True)
+
+    # ---- interleaved prompts: generation and scoring ---------------------------------------------
+    def encode_prompts(self, prompts: list[str], media_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Right-padded ids and mask [B, L] of ``prompts`` (``<image>`` where each image goes, as
+        many as the row's images in ``media_mask`` [B, N]), the start token first."""
+        tok = self.text_tokenizer
+        start = [tok.bos_id] if tok.bos_id is not None else []
+        rows = [start + tok.backend.encode(p, add_special_tokens=False).ids for p in prompts]
+        for b, (row, prompt) in enumerate(zip(rows, prompts)):
+            if row.count(self.image_id) != int(media_mask[b].sum()):
+                raise UserError(f"prompt {b} has {row.count(self.image_id)} {IMAGE_TOKEN} tokens for "
+                                f"{int(media_mask[b].sum())} images: {prompt[:80]!r}")
+        ids = torch.full((len(rows), max(map(len, rows))), tok.pad_id, dtype=torch.long, device=media_mask.device)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, device=media_mask.device)
+        return ids, ids.new_tensor([[i < len(r) for i in range(ids.shape[1])] for r in rows], dtype=torch.bool)
+
+    @torch.no_grad()
+    def generate_interleaved(self, images: Tensor, media_mask: Tensor, prompts: list[str],
+                             max_new_tokens: int | None = None, **options: Any) -> list[str]:
+        """Continue each interleaved prompt (``<image>`` marks where its images [B, N, 3, H, W] go;
+        ``media_mask`` [B, N] the real ones) until ``<|endofchunk|>``: the media are resampled once,
+        the text is decoded with the LM's key/value cache."""
+        merged = {**self.generation_options, **check_generation_options(options, "generate_interleaved")}
+        if max_new_tokens is not None:
+            merged["max_new_tokens"] = max_new_tokens
+        tok = self.text_tokenizer
+        was_training = self.training
+        self.eval()
+        try:
+            ids, mask = self.encode_prompts(prompts, media_mask)  # [B, L]
+            new = generation.generate(_MediaDecoder(self), ids, mask, self.media(images), media_mask.bool(),
+                                      eos_id=self.end_id, pad_id=tok.pad_id, **merged)  # [B, <= max_new_tokens]
+        finally:
+            self.train(was_training)
+        rows = generation.decode_tokens(new, self.end_id, tok.pad_id)
+        return [tok.backend.decode(r, skip_special_tokens=True).strip() for r in rows]
+
+    caption_prompt = "Output:"  # OpenFlamingo's captioning prompt
+
+    def generate(self, images: Tensor, prompts: list[str] | None = None, max_new_tokens: int | None = None,
+                 **options: Any) -> list[str]:
+        """images [B, 3, H, W], B prompts -> B texts: each prompt after its image (``<image>prompt``)."""
+        prompts = [self.caption_prompt] * images.shape[0] if prompts is None else list(prompts)
+        media_mask = torch.ones(images.shape[0], 1, dtype=torch.bool, device=images.device)
+        return self.generate_interleaved(images[:, None], media_mask, [IMAGE_TOKEN + p for p in prompts], max_new_tokens, **options)
+
+    @torch.no_grad()
+    def continuation_log_likelihood(self, images: Tensor, media_mask: Tensor, context: str, continuations: list[str]) -> Tensor:
+        """Mean per-token log-likelihood [C] of each continuation after one interleaved ``context``
+        (its images [1, N, 3, H, W]); the context runs once and its key/value cache is shared."""
+        tok = self.text_tokenizer
+        was_training = self.training
+        self.eval()
+        try:
+            ids, mask = self.encode_prompts([context], media_mask)  # [1, L]
+            decoder = _MediaDecoder(self)
+            out = decoder(ids, mask, self.media(images), media_mask.bool(), use_cache=True)
+            rows = [tok.backend.encode(c, add_special_tokens=False).ids for c in continuations]
+            C, L = len(rows), max(map(len, rows))
+            cont = torch.full((C, L), tok.pad_id, dtype=torch.long, device=ids.device)  # [C, L]
+            cmask = torch.zeros(C, L, dtype=torch.bool, device=ids.device)
+            for c, row in enumerate(rows):
+                cont[c, : len(row)], cmask[c, : len(row)] = torch.tensor(row, device=ids.device), True
+            cache = out.cache.reorder(torch.zeros(C, dtype=torch.long, device=ids.device))
+            logits = torch.cat([out.logits[:, -1:].expand(C, -1, -1), decoder(cont, cmask, cache=cache).logits[:, :-1]], 1)  # [C, L, V]
+        finally:
+            self.train(was_training)
+        logp = logits.float().log_softmax(-1).gather(-1, cont[..., None])[..., 0]  # [C, L]
+        return (logp * cmask).sum(1) / cmask.sum(1)  # [C]
+
+
+@dataclass
+class _MediaCache:
+    """The LM's cache plus what the next tokens' cross-attention needs: the media, the real images
+    and how many images each row has seen."""
+
+    lm: Any
+    media: Tensor  # [B, N, n, Dv]
+    media_mask: Tensor  # [B, N]
+    seen: Tensor  # [B]
+
+    def reorder(self, index: Tensor) -> _MediaCache:
+        return _MediaCache(self.lm.reorder(index), self.media[index], self.media_mask[index], self.seen[index])
+
+
+class _MediaDecoder(torch.nn.Module):
+    """Flamingo's LM as a :class:`~lit_vlm.generation.StepDecoder`: ``context`` is the media
+    [B, N, n, Dv] and ``context_mask`` the real images [B, N]; a cached step's tokens see the
+    latest image of their row."""
+
+    def __init__(self, flamingo: Flamingo) -> None:
+        super().__init__()
+        self.flamingo = flamingo
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, cache: _MediaCache | None = None, use_cache: bool = False) -> DecoderOutput:
+        f = self.flamingo
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        media, media_mask = (context, context_mask) if cache is None else (cache.media, cache.media_mask)
+        seen = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) if cache is None else cache.seen
+        times = seen[:, None] + text_time((ids == f.image_id) & mask)  # [B, L]
+        f.condition(media, times, media_mask)
+        try:
+            out = f.lm(ids, mask, cache=None if cache is None else cache.lm, use_cache=use_cache)
+        finally:
+            f.condition(None)
+        kept = _MediaCache(out.cache, media, media_mask, times[:, -1]) if use_cache else None
+        return DecoderOutput(logits=out.logits, hidden=None, cache=kept)
 
 
 __all__ = ["Flamingo"]
