@@ -11,9 +11,10 @@ chunk closed by ``<|endofchunk|>``) then the query image is given to the family'
 Demonstrations come from the first ``pool_size`` training images of ``root``: drawn at random
 per query, or by RICES (the k pool images most similar to the query by the family's
 ``encode_image``, the most similar last). Zero-shot is done Flamingo's way: two demonstrations
-with their images taken out (text only). Each seed draws its own ``num_queries`` queries of the
-evaluated split (as OpenFlamingo does), so the spread over seeds covers both the queries and the
-demonstrations. Captions are scored by CIDEr-D against all references, answers by the official
+with their images taken out (text only). The queries are the evaluated split's first
+``num_queries`` images (questions for VQA), the same for every seed, so the spread over seeds is
+that of the demonstrations (RICES is deterministic: its spread is 0 beyond zero-shot);
+``resample_queries`` draws them per seed instead, as OpenFlamingo does. Captions are scored by CIDEr-D against all references, answers by the official
 VQA accuracy after OpenFlamingo's post-processing (the text before any ``Question``/``Answer``/
 ``Short`` and before the first ``", "``), classes by the mean log-likelihood of each class
 name's tokens. Logged (TensorBoard, ``results.json``) as
@@ -90,7 +91,9 @@ class FewShotEvaluation(pl.Callback):
         shots: Numbers of demonstrations (0: two text-only ones, Flamingo's zero-shot).
         seeds: One evaluation per seed (its own queries and random demonstrations).
         demonstrations: ``random``, ``rices`` or both.
-        num_queries: Queries per seed and task (images; questions for VQA).
+        num_queries: Queries per task (images; questions for VQA).
+        resample_queries: Draw each seed's queries at random from the split (OpenFlamingo) instead
+            of taking the first ``num_queries`` for every seed.
         pool_size: Training images demonstrations are drawn from.
         image_size: Image side; default the DataModule's ``image_size``.
         classnames: Class names (label i is ``classnames[i]``); default the dataset's ``zeroshot.json``.
@@ -102,6 +105,7 @@ class FewShotEvaluation(pl.Callback):
 
     def __init__(self, root: str = "data/synth", tasks: list[str] = list(TASKS), shots: list[int] = [0, 4, 8],
                  seeds: list[int] = [0, 1, 2], demonstrations: list[str] = ["random", "rices"], num_queries: int = 100,
+                 resample_queries: bool = False,
                  pool_size: int = 2048, image_size: int | None = None, classnames: list[str] | None = None,
                  max_new_tokens: dict[str, int] | None = None, batch_size: int = 16,
                  splits: list[str] = ["test"], prefix: str = "fewshot") -> None:
@@ -112,6 +116,7 @@ class FewShotEvaluation(pl.Callback):
                             f"val/test, shots >= 0 and num_queries >= 1; got {bad or (tasks, demonstrations, shots, num_queries)}")
         self.root, self.tasks, self.shots, self.seeds = str(root), list(tasks), [int(k) for k in shots], [int(s) for s in seeds]
         self.demonstrations, self.num_queries, self.pool_size = list(demonstrations), int(num_queries), int(pool_size)
+        self.resample_queries = bool(resample_queries)
         self.image_size, self.classnames, self.batch_size = image_size, classnames, int(batch_size)
         self.max_new_tokens = {"captioning": 20, "vqa": 5, **(max_new_tokens or {})}
         self.splits, self.prefix = list(splits), prefix
@@ -120,7 +125,7 @@ class FewShotEvaluation(pl.Callback):
 
     def protocol(self) -> dict[str, Any]:
         return {"callback": type(self).__name__, "formats": FORMATS, "zero_shot": "two text-only demonstrations",
-                "num_queries": self.num_queries, "pool_size": self.pool_size, "seeds": self.seeds,
+                "num_queries": self.num_queries, "resample_queries": self.resample_queries, "pool_size": self.pool_size, "seeds": self.seeds,
                 "postprocessing": "OpenFlamingo", "vqa_metric": "official VQA accuracy", "caption_metric": "CIDEr-D"}
 
     # ---- data -----------------------------------------------------------------------------------
@@ -262,7 +267,8 @@ class FewShotEvaluation(pl.Callback):
             for task in self.tasks:
                 items = queries.questions if task == "vqa" else list(range(len(queries.ids)))
                 for seed in self.seeds:
-                    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+                    order = (torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+                             if self.resample_queries else list(range(len(items))))
                     picked = [items[i] for i in sorted(order[: self.num_queries])]
                     for method in self.demonstrations:
                         for k in self.shots:

@@ -458,8 +458,13 @@ class InterleavedCorpus(Corpus):
 
     def __init__(self, tokenizer: str | Tokenizer, image_size: int = 64, mean: tuple[float, float, float] = CLIP_MEAN,
                  std: tuple[float, float, float] = CLIP_STD, train_crop_scale: tuple[float, float] = (0.9, 1.0),
-                 layout: DocumentLayout | None = None) -> None:
+                 layout: DocumentLayout | None = None, docs_config: dict[str, Any] | None = None) -> None:
         self.image_size = int(image_size)
+        self.docs_config = dict(docs_config or {})
+        unknown = sorted(set(self.docs_config) - {f.name for f in dataclasses.fields(world_docs.DocsConfig)})
+        if unknown:
+            raise UserError(f"docs_config: unknown key(s) {unknown}; the keys are DocsConfig's "
+                            f"({', '.join(f.name for f in dataclasses.fields(world_docs.DocsConfig))})")
         self.mean, self.std = tuple(mean), tuple(std)
         self.train_crop_scale = tuple(train_crop_scale)
         self.layout = layout or DocumentLayout()
@@ -472,10 +477,10 @@ class InterleavedCorpus(Corpus):
         self.tokenizer = with_media_tokens(tokenizer)
 
     def prepare(self, root: str) -> None:
-        """Write the synthetic world's documents in ``root`` when it is missing or empty."""
+        """Write the synthetic world's documents (``docs_config``) in ``root`` when it is missing or empty."""
         if not (Path(root) / manifests.MANIFEST).exists() and not (Path(root).is_dir() and any(Path(root).iterdir())):
             logger.info("writing the synthetic world's interleaved documents in %s", root)
-            world_docs.generate(root)
+            world_docs.generate(root, world_docs.DocsConfig(**self.docs_config), progress=False)
         super().prepare(root)
 
     def decoder(self, split: Split) -> InterleavedDecoder:
@@ -508,6 +513,8 @@ class InterleavedDataModule(ShardDataModule):
         min_image_bytes: Smaller images are dropped (OpenFlamingo drops MMC4 images of 10 kB or less).
         max_image_bytes: Larger images are dropped.
         max_image_pixels: Decompression-bomb limit (images over it are dropped as undecodable).
+        docs_config: The synthetic world's documents written to a missing ``root``
+            (:class:`~lit_vlm.datamodules.world_docs.DocsConfig` fields, e.g. ``{num_train: 64}``).
         **kwargs: :class:`~lit_vlm.datamodules.shards.ShardDataModule`'s (shards, batch size, ...).
     """
 
@@ -516,13 +523,14 @@ class InterleavedDataModule(ShardDataModule):
                  max_tokens: int = DocumentLayout.max_tokens, min_images: int = DocumentLayout.min_images,
                  single_image_keep: float = DocumentLayout.single_image_keep,
                  min_image_bytes: int = DocumentLayout.min_image_bytes, max_image_bytes: int = DocumentLayout.max_image_bytes,
-                 max_image_pixels: int | None = DocumentLayout.max_pixels, **kwargs: Any) -> None:
+                 max_image_pixels: int | None = DocumentLayout.max_pixels, docs_config: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         if tokenizer is None:
             raise UserError("InterleavedDataModule needs tokenizer: the language model's folder (lit-vlm fills it "
                             "from the model's language_model when the data leaves it unset)")
         layout = DocumentLayout(assign, threshold, max_images, max_tokens, min_images, single_image_keep,
                                 min_image_bytes, max_image_bytes, max_image_pixels)
-        super().__init__(InterleavedCorpus(tokenizer, image_size, layout=layout), **kwargs)
+        super().__init__(InterleavedCorpus(tokenizer, image_size, layout=layout, docs_config=docs_config), **kwargs)
         self.save_hyperparameters()
 
     @property

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import CombinedLoader
 
 from lit_vlm.datamodules import manifests
 from lit_vlm.datamodules.corpus import Corpus, Split
@@ -31,6 +32,7 @@ from lit_vlm.datamodules.stream import (
     StreamDataset,
     StreamLoader,
     StreamState,
+    derive_seed,
     expand_urls,
     make_sources,
 )
@@ -78,6 +80,15 @@ class ShardDataModule(pl.LightningDataModule):
             corpus's ``annotation_kinds``, values paths), for shards outside a ``root`` or to
             override its files. See :meth:`eval_annotations`.
         test_annotations: The same for the test data.
+        train_mix: Sources read side by side, one batch of each per step, instead of one stream:
+            ``{name: {"shards": spec, "batch_size": n, "loss_weight": w}}`` (``shards`` default
+            ``root``'s train split, ``batch_size`` default ``batch_size``, ``loss_weight`` default 1). A step's batch is then
+            ``{"sources": {name: batch}, "loss_weights": {name: w}}`` and a family's loss is the
+            weighted sum of its sources' losses (OpenFlamingo: MMC4 documents beside LAION pairs at
+            0.2). Needs ``train_epoch_samples`` (all sources together, shared in proportion to the
+            batch sizes, so every source gives the same number of batches); ``resampled`` and the
+            seed apply to each source (each with its own seed); resuming mid-epoch restores every
+            source's position.
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         val_annotations: dict[str, str] | None = None,
         test_annotations: dict[str, str] | None = None,
+        train_mix: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if type(self) is ShardDataModule:  # a subclass saves its own arguments
@@ -125,6 +137,7 @@ class ShardDataModule(pl.LightningDataModule):
             "val": {k: str(v) for k, v in (val_annotations or {}).items()},
             "test": {k: str(v) for k, v in (test_annotations or {}).items()},
         }
+        self.train_mix = {str(k): dict(v) for k, v in (train_mix or {}).items()}
         self._validate()
         self._stream_state = StreamState()
         self._stats: dict[tuple[str, int], dict[str, Any]] = {}
@@ -148,6 +161,20 @@ class ShardDataModule(pl.LightningDataModule):
         ):
             if value < low:
                 raise UserError(f"{name} must be >= {low}, got {value}")
+        for name, mix in self.train_mix.items():
+            unknown = sorted(set(mix) - {"shards", "batch_size", "loss_weight"})
+            if unknown or ("shards" not in mix and self.root is None):
+                raise UserError(f"train_mix[{name!r}]: takes shards (default: root's train split), batch_size and "
+                                f"loss_weight; got {sorted(mix)}")
+            if int(mix.get("batch_size", self.batch_size)) < 1 or float(mix.get("loss_weight", 1.0)) < 0:
+                raise UserError(f"train_mix[{name!r}]: batch_size must be >= 1 and loss_weight >= 0, got {mix}")
+            try:
+                if "shards" in mix:
+                    expand_urls(mix["shards"])
+            except (OSError, ValueError) as exc:
+                raise UserError(f"train_mix[{name!r}] shards={mix['shards']!r}: {exc}") from exc
+        if self.train_mix and self.train_epoch_samples is None:
+            raise UserError("train_mix needs train_epoch_samples: the samples of one epoch, all sources together")
         if self.train_epoch_samples is not None and self.train_epoch_samples < 1:
             raise UserError(f"train_epoch_samples must be >= 1, got {self.train_epoch_samples}")
         if self.train_weights is not None:
@@ -260,24 +287,33 @@ class ShardDataModule(pl.LightningDataModule):
         name = f"{self.root}:{manifests.file_split(split)}"
         return [Source(urls=urls, weight=weight, num_samples=entry.get("num_samples"), name=name)]
 
-    def _dataset(self, split: str, sources: list[Source], layout: str | None = None, num_workers: int | None = None) -> StreamDataset:
+    def _dataset(self, split: str, sources: list[Source], layout: str | None = None, num_workers: int | None = None,
+                 mix: str | None = None) -> StreamDataset:
+        """The stream of a split (``mix``: one source of ``train_mix``, with its batch size, share of
+        the epoch and seed)."""
         train = split == "train" and layout is None
+        batch_size, epoch_samples, seed = self.batch_size, self.train_epoch_samples, self.seed
+        if mix is not None:
+            sizes = {name: int(m.get("batch_size", self.batch_size)) for name, m in self.train_mix.items()}
+            batch_size = sizes[mix]
+            epoch_samples = max(batch_size, round(self.train_epoch_samples * batch_size / sum(sizes.values())))
+            seed = derive_seed(self.seed, mix)
         rank, world_size = self._rank_world() if layout is None else (0, 1)
         info = self.split(split, train=train)
         return StreamDataset(
             sources,
             decode=self.corpus.decoder(info),
             collate=self.corpus.collator(info),
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            split=split,
+            batch_size=batch_size if train else self.eval_batch_size,
+            split=split if mix is None else f"{split}/{mix}",
             train=train,
             rank=rank,
             world_size=world_size,
             num_workers=self.num_workers if num_workers is None else num_workers,
-            seed=self.seed,
+            seed=seed,
             shuffle_buffer=self.shuffle_buffer if train else 0,
             resampled=self.resampled and train,
-            epoch_samples=self.train_epoch_samples if train else None,
+            epoch_samples=epoch_samples if train else None,
             skip_reasons=self.corpus.skip_reasons,
         )
 
@@ -286,14 +322,26 @@ class ShardDataModule(pl.LightningDataModule):
             dataset, num_workers=self.num_workers, pin_memory=self.pin_memory, epoch_fn=epoch_fn, stats_fn=self.record_stats
         )
 
-    def train_dataloader(self) -> StreamLoader:
-        """Endless shuffled stream cut into equal epochs on every rank."""
+    def train_dataloader(self) -> StreamLoader | CombinedLoader:
+        """Endless shuffled stream cut into equal epochs on every rank (with ``train_mix``: one such
+        stream per source, read side by side)."""
+        epoch_fn = self._current_epoch if self.trainer is not None else None
+        if self.train_mix:
+            loaders = {}
+            for name, mix in self.train_mix.items():
+                sources = make_sources(mix["shards"]) if "shards" in mix else self._sources("train")
+                if not sources:
+                    raise UserError(f"train_mix[{name!r}]: no training data (give shards, or a root with a train split)")
+                dataset = self._dataset("train", sources, mix=name)
+                dataset.state = self._stream_state
+                loaders[name] = self._loader(dataset, epoch_fn)
+            return CombinedLoader(loaders, mode="min_size")
         sources = self._sources("train")
         if not sources:
             raise UserError("no training data: set root (a dataset folder) or train_shards")
         dataset = self._dataset("train", sources)
         dataset.state = self._stream_state  # one state object, shared with state_dict()
-        return self._loader(dataset, self._current_epoch if self.trainer is not None else None)
+        return self._loader(dataset, epoch_fn)
 
     def _current_epoch(self) -> int:
         return int(self.trainer.current_epoch) if self.trainer is not None else self._stream_state.epoch
@@ -338,7 +386,12 @@ class ShardDataModule(pl.LightningDataModule):
         return tuple(dict.fromkeys((*STREAM_SKIP_REASONS, *self.corpus.skip_reasons)))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Remove ``data_stats`` from the batch and record it (see :meth:`skip_counts`)."""
+        """Remove ``data_stats`` from the batch and record it (see :meth:`skip_counts`); a
+        ``train_mix`` step's batches become ``{"sources": {name: batch}, "loss_weights": {name: w}}``."""
+        if isinstance(batch, dict) and self.train_mix and set(batch) == set(self.train_mix):
+            for part in batch.values():
+                self.record_stats(part.pop("data_stats"))
+            return {"sources": batch, "loss_weights": {n: float(m.get("loss_weight", 1.0)) for n, m in self.train_mix.items()}}
         if isinstance(batch, dict) and "data_stats" in batch:
             self.record_stats(batch.pop("data_stats"))
         return batch
@@ -356,7 +409,7 @@ class ShardDataModule(pl.LightningDataModule):
         if total > 0 and total >= 2 * last:
             counts = {k: v for k, v in self.skip_counts(split).items() if v}
             logger.info("%s: %d bad samples skipped so far in this %s %s", split, total,
-                        "epoch" if split == "train" else "pass", counts)
+                        "epoch" if split.startswith("train") else "pass", counts)
             self._logged_skips[split] = total
 
     def skip_counts(self, split: str | None = None) -> dict[str, int]:
@@ -368,7 +421,7 @@ class ShardDataModule(pl.LightningDataModule):
         """
         counts = dict.fromkeys(self.skip_reasons, 0)
         for (stats_split, _), stats in self._stats.items():
-            if split is None or stats_split == split:
+            if split is None or stats_split == split or stats_split.startswith(f"{split}/"):
                 for reason, n in stats.get("skipped", {}).items():
                     counts[reason] = counts.get(reason, 0) + int(n)
         return counts
@@ -378,7 +431,7 @@ class ShardDataModule(pl.LightningDataModule):
         :meth:`skip_counts`; only the reasons that occurred."""
         counts: dict[str, int] = {}
         for (stats_split, _), stats in self._stats.items():
-            if split is None or stats_split == split:
+            if split is None or stats_split == split or stats_split.startswith(f"{split}/"):
                 for reason, n in stats.get("dropped", {}).items():
                     counts[reason] = counts.get(reason, 0) + int(n)
         return counts

@@ -8,6 +8,8 @@ learnt from the page itself (in context), as on the web:
   positions, relations, ...) after one label (``Output:``, ``Caption:``, ...; or none);
 * ``questions``: one or two questions per image with their answers, in one question-answer
   format (``Question: ... Short answer: ...``, ``Q: ... A: ...``, ...);
+* ``labels``: every image labelled with the shape of its largest object (the world's class
+  label), after one label word, like a gallery of classified photos;
 * ``story``: a scene described, then what changed in each next scene (an object appeared, left,
   moved or changed colour) and how many of a shape have been seen so far.
 
@@ -53,13 +55,14 @@ SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 101, "val": 102, "test": 103}
 _MARKER = ".lit-vlm-world-docs-incomplete"
 
-PAGE_KINDS: dict[str, float] = {"captions": 0.4, "questions": 0.4, "story": 0.2}
+PAGE_KINDS: dict[str, float] = {"captions": 0.35, "questions": 0.35, "labels": 0.1, "story": 0.2}
 CAPTION_LABELS: tuple[str, ...] = ("Output:", "Caption:", "Description:", "Image:", "")
 CAPTION_FORMS: tuple[str, ...] = ("listing", "there_is", "counted", "grouped", "positional", "position_first", "relational")
 QA_FORMATS: tuple[tuple[str, str], ...] = (("Question:", "Short answer:"), ("Q:", "A:"), ("Question:", "Answer:"))
 TITLES: dict[str, tuple[str, ...]] = {
     "captions": ("pictures of shapes.", "a page of drawings.", "my shape collection."),
     "questions": ("a quiz about shapes.", "questions and answers.", "test yourself."),
+    "labels": ("shapes, labelled.", "name the biggest shape.", "a gallery of shapes."),
     "story": ("a story of shapes.", "what happened next.", "watch the shapes change."),
 }
 
@@ -177,6 +180,8 @@ def make_document(config: DocsConfig, split: str, index: int) -> dict[str, Any]:
         own.append(len(sentences))
         if kind == "captions":
             texts = [f"{label} {_caption(scene, form, rng)}".strip()]
+        elif kind == "labels":
+            texts = [f"{label} {scene.classname}".strip()]
         elif kind == "questions":
             qs = synth.questions(scene, rng, 1, 2)
             texts = [f"{q_label} {q['question']} {a_label} {q['multiple_choice_answer']}" for q in qs]

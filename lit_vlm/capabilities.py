@@ -69,6 +69,20 @@ class ScoresAnswers(Protocol):
         """images [Q, 3, H, W], Q prompts, C candidates -> log-likelihood of each candidate [Q, C]."""
 
 
+@runtime_checkable
+class GeneratesInterleaved(Protocol):
+    """Text after interleaved images and text (few-shot in-context evaluation)."""
+
+    def generate_interleaved(self, images: torch.Tensor, media_mask: torch.Tensor, prompts: list[str], **options: Any) -> list[str]:
+        """images [B, N, 3, H, W], media_mask [B, N], B prompts with ``<image>`` where each goes ->
+        B continuations, each up to the end of its chunk."""
+
+    def continuation_log_likelihood(self, images: torch.Tensor, media_mask: torch.Tensor, context: str,
+                                    continuations: list[str]) -> torch.Tensor:
+        """One interleaved context (images [1, N, 3, H, W]) and C continuations -> the mean
+        log-likelihood of each continuation's tokens [C]."""
+
+
 CAPABILITIES: dict[str, tuple[str, ...]] = {
     "EncodesImage": ("encode_image",),
     "EncodesText": ("encode_text",),
@@ -76,6 +90,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "ScoresPairs": ("pair_features", "score_pairs"),
     "Generates": ("generate",),
     "ScoresAnswers": ("score_answers",),
+    "GeneratesInterleaved": ("generate_interleaved", "continuation_log_likelihood"),
 }
 
 
@@ -99,6 +114,6 @@ def require(module: Any, *methods: str, by: str) -> None:
 
 
 __all__ = [
-    "CAPABILITIES", "EncodesImage", "EncodesText", "Generates", "ScoresAnswers", "ScoresPairs", "TokenSimilarity",
+    "CAPABILITIES", "EncodesImage", "EncodesText", "Generates", "GeneratesInterleaved", "ScoresAnswers", "ScoresPairs", "TokenSimilarity",
     "encoder_name", "require",
 ]

@@ -381,6 +381,8 @@ TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
                      "convert COCO / Flickr30k Karpathy-split JSON + images into shards + caption annotations"),
         "vqav2": ("lit_vlm.datamodules.convert", "vqav2_main",
                   "convert VQAv2 questions + annotations + images into shards + the official annotation files"),
+        "mmc4": ("lit_vlm.datamodules.mmc4", "main",
+                 "convert MMC4 JSON lines + its image folder into shards (each image's bytes in its image_info, as OpenFlamingo's conversion)"),
         "llava": ("lit_vlm.datamodules.conversations", "llava_main",
                   "convert LLaVA-format instruction JSON + images into shards (malformed records left out and reported)"),
         "capfilt": ("lit_vlm.capfilt", "main",

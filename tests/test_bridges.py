@@ -417,8 +417,12 @@ def test_a_users_lm_and_llava_json_train_llava_stage_1_and_2_by_paths_alone(tmp_
            "--model.init_args.qformer.init_args.layers", "2", "--model.init_args.qformer.init_args.heads", "2"]
           for name, folder in (("blip2-user", lm), ("blip2-user-t5", t5))],
     ]
-    for family in ("llava/tiny", "blip2/tiny", "blip2/tiny-stage2", "clipcap/tiny", "frozen/tiny"):
+    for family in ("llava/tiny", "blip2/tiny", "blip2/tiny-stage2", "clipcap/tiny", "frozen/tiny", "flamingo/tiny"):
         cfg = ["--config", str(ROOT / "configs" / f"{family}.yaml"), *tiny]
+        if family == "flamingo/tiny":  # documents beside the tiny world's pairs; few-shot on that world
+            cfg = ["--config", str(ROOT / "configs" / f"{family}.yaml"), *tiny[2:],
+                   "--data.init_args.train_mix.pairs.shards", str(tmp_path / "world" / "train"),
+                   "--trainer.callbacks.init_args.root", str(tmp_path / "world")]
         runs += [["fit", *cfg, "--trainer.limit_train_batches", "2"], ["test", *cfg, "--ckpt_path", "best"]]
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -444,6 +448,12 @@ def test_a_users_lm_and_llava_json_train_llava_stage_1_and_2_by_paths_alone(tmp_
     assert {"test/retrieval/mean_R@1", "test/retrieval/rerank/mean_R@1", "test/caption/CIDEr", "test/itm_loss"} <= set(results("blip2-tiny"))
     for name in ("blip2-tiny-stage2", "clipcap-tiny", "frozen-tiny"):
         assert {"test/caption/CIDEr", "test/caption/baseline/CIDEr"} <= set(results(name)), name
+    flamingo = results("flamingo-tiny")
+    for task, metric in (("captioning", "CIDEr"), ("vqa", "accuracy"), ("classification", "top1")):
+        for method in ("random", "rices"):
+            assert {f"test/fewshot/{task}/{method}/{k}shot/{metric}{s}" for k in (0, 2) for s in ("", "_std")} <= set(flamingo)
+    assert math.isfinite(scalars(tmp_path / "runs/flamingo-tiny/version_0")["train/docs/loss"])
+    assert "gates/layer1_attn" in scalars(tmp_path / "runs/flamingo-tiny/version_0")
 
 
 # ---- BLIP-2 and POPE ---------------------------------------------------------------------------------

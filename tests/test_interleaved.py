@@ -180,3 +180,105 @@ def test_mmc4_and_obelics_shards_stream_with_documents_and_images_counted_by_rea
     assert batch["input_ids"][3, : len(pair)].tolist() == pair and batch["attention_mask"][3].sum() == len(pair)
     assert dm.skip_counts("val")["too_few_images"] == 1 and dm.skip_counts("val")["bad_json"] == 1
     assert dm.drop_counts("val") == {"below_threshold": 3, "missing_image": 1, "image_decode": 1}
+
+
+# ---- the world's documents and mixed sources -----------------------------------------------------
+
+
+def test_world_documents_are_mmc4_pages_whose_weak_images_are_dropped_as_counted(tmp_path):
+    import tarfile
+
+    from lit_vlm.datamodules import InterleavedDataModule
+    from lit_vlm.datamodules.world_docs import DocsConfig, generate
+
+    generate(tmp_path / "docs", DocsConfig(num_train=0, num_val=12, num_test=0, image_size=32, shard_size=6,
+                                            weak_image_prob=0.3), num_workers=1, progress=False)
+    docs, images, weak, empty = [], 0, 0, 0
+    for shard in sorted((tmp_path / "docs/val").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            docs += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers()]
+    for doc in docs:  # MMC4's converted layout, each image's own sentence its most similar one
+        assert set(doc) >= {"text_list", "image_info", "similarity_matrix"}
+        assert len(doc["similarity_matrix"]) == len(doc["image_info"]) and doc["page"] in ("captions", "questions", "labels", "story")
+        sims = [info["matched_sim"] for info in doc["image_info"]]
+        assert all(info["matched_text_index"] == max(range(len(row)), key=row.__getitem__)
+                   for info, row in zip(doc["image_info"], doc["similarity_matrix"]))
+        images, weak, empty = images + len(sims), weak + sum(s < 0.24 for s in sims), empty + all(s < 0.24 for s in sims)
+    assert len(docs) == 12 and weak > 0
+    dm = InterleavedDataModule(tokenizer="synth", image_size=32, root=str(tmp_path / "docs"), eval_batch_size=4, num_workers=0)
+    dm.setup("validate")
+    for b in dm.val_dataloader():
+        dm.on_after_batch_transfer(b, 0)
+    # Hungarian on these matrices keeps each image at its own sentence: exactly the weak ones are dropped
+    assert dm.drop_counts("val") == {"below_threshold": weak}
+    assert dm.skip_counts("val")["too_few_images"] == empty
+
+
+def test_train_mix_reads_a_batch_per_source_and_resumes_mid_epoch_exactly(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lit_vlm.datamodules import InterleavedDataModule
+    from lit_vlm.datamodules.world_docs import DocsConfig, generate
+
+    generate(tmp_path / "docs", DocsConfig(num_train=10, num_val=0, num_test=0, image_size=32, shard_size=5),
+             num_workers=1, progress=False)
+    _write_tar(tmp_path / "pairs-000000.tar", [(f"p{i}", {"jpg": _jpeg((20 * i, 0, 0)), "txt": b"a red circle"}) for i in range(9)])
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.steps = []
+
+        def training_step(self, batch, batch_idx):
+            assert batch["loss_weights"] == {"docs": 1.0, "pairs": 0.2}
+            self.steps.append({n: list(b["sample_id"]) for n, b in batch["sources"].items()})
+            return self.w * 0.0 + sum(w * b["images"].mean() for w, b in zip((1.0, 0.2), batch["sources"].values()))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(ckpt=None):
+        dm = InterleavedDataModule(tokenizer="synth", image_size=16, root=str(tmp_path / "docs"), num_workers=0,
+                                   shuffle_buffer=4, resampled=True, train_epoch_samples=20,
+                                   train_mix={"docs": {"batch_size": 2}, "pairs": {"shards": str(tmp_path / "pairs-000000.tar"),
+                                                                                  "batch_size": 3, "loss_weight": 0.2}})
+        model = Recorder()
+        every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[every] if ckpt is None else [], enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+        return model.steps, dm
+
+    whole, dm = run()
+    assert len(whole) == 8 and all(len(s["docs"]) == 2 and len(s["pairs"]) == 3 for s in whole)  # 20 samples = 4 steps of 2 + 3
+    assert sum(dm.stream_stats["train/pairs"]["skipped_by_reason"].values()) == 0
+    tail, _ = run(str(tmp_path / "ckpt" / "step=3.ckpt"))  # saved in the middle of epoch 0
+    assert whole[:3] + tail == whole
+
+
+def test_mmc4_json_lines_and_images_convert_to_shards_that_stream(tmp_path):
+    from lit_vlm.datamodules import InterleavedDataModule
+    from lit_vlm.datamodules.mmc4 import convert_mmc4
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(_jpeg((255, 0, 0)))
+    (tmp_path / "images" / "b.jpg").write_bytes(_jpeg((0, 0, 255)))
+    doc = lambda names, sims: {"text_list": ["a red circle", "a blue square"], "url": "http://x",  # noqa: E731
+                               "image_info": [{"image_name": n, "raw_url": "", "matched_text_index": i, "matched_sim": s[i]}
+                                              for i, n in enumerate(names)], "similarity_matrix": sims}
+    lines = [json.dumps(doc(["a.jpg", "b.jpg"], [[0.3, 0.1], [0.1, 0.3]])), "{not json",
+             json.dumps(doc(["gone.jpg", "../../etc/passwd"], [[0.3, 0.1], [0.1, 0.3]]))]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    report = convert_mmc4([tmp_path / "docs.jsonl"], tmp_path / "images", tmp_path / "out", progress=False)
+    assert report.samples == {"train": 2} and len(report.malformed) == 1
+    assert report.missing_images == ["gone.jpg"] and report.outside_images == ["../../etc/passwd"]
+    dm = InterleavedDataModule(tokenizer="synth", image_size=16, root=str(tmp_path / "out"), val_shards=str(tmp_path / "out/train"),
+                               eval_batch_size=4, num_workers=0)
+    dm.setup("validate")
+    for b in dm.val_dataloader():
+        dm.on_after_batch_transfer(b, 0)
+        assert b["media_mask"].tolist() == [[True, True]]
+    assert dm.drop_counts("val") == {"missing_image": 2} and dm.skip_counts("val")["too_few_images"] == 1

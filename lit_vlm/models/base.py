@@ -254,6 +254,8 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """``forward(batch)`` gives the named terms (``loss`` among them); log them as ``train/*``.
         Under ``accum_freq > 1`` the micro-batch is buffered (see :meth:`accumulation_step`)."""
+        if "sources" in batch:  # a train_mix step: one batch per source, the loss their weighted sum
+            return self.mixed_step(batch)
         if not self.automatic_optimization:
             terms = self.accumulation_step(batch)
             if terms is not None:
@@ -262,6 +264,19 @@ class VLMModule(ExactAccumulation, pl.LightningModule):
         terms = self(batch)
         self.log_terms("train", terms, batch_size=samples_in(batch))
         return terms["loss"]
+
+    def mixed_step(self, batch: dict) -> torch.Tensor:
+        """``loss = sum_s w_s loss_s`` over the sources of a ``train_mix`` step; each source's terms
+        are logged as ``train/{source}/*``."""
+        if not self.automatic_optimization:
+            raise UserError("train_mix steps need automatic optimisation: set model accum_freq: 1")
+        loss, terms = 0.0, {}
+        for name, part in batch["sources"].items():
+            own = self(part)
+            loss = loss + batch["loss_weights"][name] * own["loss"]
+            terms.update({f"{name}/{k}": v for k, v in own.items()})
+        self.log_terms("train", {"loss": loss, **terms}, batch_size=sum(samples_in(p) for p in batch["sources"].values()))
+        return loss
 
     def evaluation_step(self, stage: str, batch: dict) -> dict[str, torch.Tensor]:
         """``forward(batch)`` on a val/test batch, its ``eval_terms`` logged (averaged over ranks)."""
