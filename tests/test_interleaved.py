@@ -267,7 +267,7 @@ def test_mmc4_json_lines_and_images_convert_to_shards_that_stream(tmp_path):
     (tmp_path / "images" / "a.jpg").write_bytes(_jpeg((255, 0, 0)))
     (tmp_path / "images" / "b.jpg").write_bytes(_jpeg((0, 0, 255)))
     doc = lambda names, sims: {"text_list": ["a red circle", "a blue square"], "url": "http://x",  # noqa: E731
-                               "image_info": [{"image_name": n, "raw_url": "", "matched_text_index": i, "matched_sim": s[i]}
+                               "image_info": [{"image_name": n, "raw_url": "", "matched_text_index": i, "matched_sim": sims[i][i]}
                                               for i, n in enumerate(names)], "similarity_matrix": sims}
     lines = [json.dumps(doc(["a.jpg", "b.jpg"], [[0.3, 0.1], [0.1, 0.3]])), "{not json",
              json.dumps(doc(["gone.jpg", "../../etc/passwd"], [[0.3, 0.1], [0.1, 0.3]]))]

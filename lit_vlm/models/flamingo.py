@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_vlm.datamodules.interleaved import END_OF_CHUNK, IMAGE_TOKEN, with_media_tokens
 from lit_vlm import generation
+from lit_vlm.datamodules.interleaved import END_OF_CHUNK, IMAGE_TOKEN, with_media_tokens
 from lit_vlm.errors import UserError
 from lit_vlm.losses import global_token_mean, token_cross_entropy
 from lit_vlm.models.bridge import Bridge
 from lit_vlm.models.generating import check_generation_options
 from lit_vlm.modules import ConvNet, VisionTransformer, trim_padding
-from lit_vlm.modules.freeze import lock
 from lit_vlm.modules.decoder import DecoderOutput
+from lit_vlm.modules.freeze import lock
 from lit_vlm.modules.language_model import IGNORE_INDEX
 from lit_vlm.modules.perceiver import (
     FlamingoLayer,
