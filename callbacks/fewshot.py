@@ -124,7 +124,10 @@ class FewShotEvaluation(pl.Callback):
         self._pool: _Images | None = None
 
     def protocol(self) -> dict[str, Any]:
-        return {"callback": type(self).__name__, "formats": FORMATS, "zero_shot": "two text-only demonstrations",
+        from lit_vlm.datamodules.manifests import dataset_identity
+
+        return {"callback": type(self).__name__, "dataset": {"root": self.root, **dataset_identity(self.root, "test")},
+                "formats": FORMATS, "zero_shot": "two text-only demonstrations",
                 "num_queries": self.num_queries, "resample_queries": self.resample_queries, "pool_size": self.pool_size, "seeds": self.seeds,
                 "postprocessing": "OpenFlamingo", "vqa_metric": "official VQA accuracy", "caption_metric": "CIDEr-D"}
 

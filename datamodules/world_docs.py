@@ -5,9 +5,11 @@ has a kind and a style, both drawn once per page, so that what a page's next tex
 learnt from the page itself (in context), as on the web:
 
 * ``captions``: every image is captioned in one caption form of the world (a listing, counts,
-  positions, relations, ...) after one label (``Output:``, ``Caption:``, ...; or none);
+  positions, relations, ...) after one label (``Output:``, ``Caption:``, ...; or none), briefly
+  (one sentence) or in detail (a second sentence on the background);
 * ``questions``: one or two questions per image with their answers, in one question-answer
-  format (``Question: ... Short answer: ...``, ``Q: ... A: ...``, ...);
+  format (``Question: ... Short answer: ...``, ``Q: ... A: ...``, ...), answered in a word or
+  phrase or in a sentence (``there are 2.``, ``it is red.``) whatever the format's words say;
 * ``labels``: every image labelled with the shape of its largest object (the world's class
   label), after one label word, like a gallery of classified photos;
 * ``story``: a scene described, then what changed in each next scene (an object appeared, left,
@@ -50,7 +52,7 @@ from lit_vlm.errors import UserError
 from lit_vlm.io import write_json_atomic
 
 FORMAT = "lit-vlm-world-docs"
-VERSION = 1
+VERSION = 2  # 2: detailed pages (captions with a background sentence, answers in sentences); labels pages
 SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 101, "val": 102, "test": 103}
 _MARKER = ".lit-vlm-world-docs-incomplete"
@@ -81,6 +83,8 @@ class DocsConfig:
         change_prob: Probability that a next scene is the previous one with one change.
         weak_image_prob: Probability that an image's similarity to its sentence is below 0.24.
         title_prob: Probability that a page starts with a title (text before any image).
+        detailed_prob: Probability that a page's captions have a second sentence and its answers
+            are sentences.
         image_size: Side of the square JPEG images.
         shard_size: Documents per shard.
     """
@@ -94,13 +98,14 @@ class DocsConfig:
     change_prob: float = 0.6
     weak_image_prob: float = 0.05
     title_prob: float = 0.5
+    detailed_prob: float = 0.5
     image_size: int = 64
     shard_size: int = 1000
 
     def check(self) -> None:
         if not 1 <= self.min_scenes <= self.max_scenes <= 12:
             raise UserError(f"DocsConfig: need 1 <= min_scenes <= max_scenes <= 12, got {self.min_scenes}, {self.max_scenes}")
-        for name in ("change_prob", "weak_image_prob", "title_prob"):
+        for name in ("change_prob", "weak_image_prob", "title_prob", "detailed_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"DocsConfig: {name} must be in [0, 1], got {getattr(self, name)}")
         if min(self.num_train, self.num_val, self.num_test) < 0 or self.shard_size < 1 or not 32 <= self.image_size <= 512:
@@ -149,6 +154,17 @@ def _caption(scene: synth.Scene, form: str, rng: np.random.Generator) -> str:
     return getattr(builder, form)() + "."
 
 
+def _sentence(question: dict) -> str:
+    """A question's answer as a sentence (``there are 2.``, ``yes, it is.``, ``it is red.``)."""
+    answer, kind = question["multiple_choice_answer"], question["answer_type"]
+    if kind == "number":
+        return f"there {'is' if answer == '1' else 'are'} {answer}."
+    if kind == "yes/no":
+        subject = {"is there a": "there is", "are there any": "there are"}.get(question["question_type"], "it is")
+        return f"yes, {subject}." if answer == "yes" else f"no, {subject} not."
+    return f"it is {answer}."
+
+
 def _so_far(seen: Counter, rng: np.random.Generator) -> str:
     shape, n = list(seen.items())[int(rng.integers(len(seen)))]
     noun = shape if n == 1 else synth._PLURALS[shape]
@@ -164,6 +180,7 @@ def make_document(config: DocsConfig, split: str, index: int) -> dict[str, Any]:
     label = synth._pick(rng, CAPTION_LABELS)
     form = synth._pick(rng, CAPTION_FORMS)
     q_label, a_label = QA_FORMATS[int(rng.integers(len(QA_FORMATS)))]
+    detailed = bool(rng.random() < config.detailed_prob)  # captions with a second sentence, answers in sentences
     sentences: list[str] = []
     owner: list[int] = []  # the scene each sentence is about (-1: none)
     if rng.random() < config.title_prob:
@@ -179,12 +196,13 @@ def make_document(config: DocsConfig, split: str, index: int) -> dict[str, Any]:
         seen.update(o.shape for o in scene.objects)
         own.append(len(sentences))
         if kind == "captions":
-            texts = [f"{label} {_caption(scene, form, rng)}".strip()]
+            extra = f" the background is {scene.background.name}." if detailed else ""
+            texts = [f"{label} {_caption(scene, form, rng)}{extra}".strip()]
         elif kind == "labels":
             texts = [f"{label} {scene.classname}".strip()]
         elif kind == "questions":
             qs = synth.questions(scene, rng, 1, 2)
-            texts = [f"{q_label} {q['question']} {a_label} {q['multiple_choice_answer']}" for q in qs]
+            texts = [f"{q_label} {q['question']} {a_label} {_sentence(q) if detailed else q['multiple_choice_answer']}" for q in qs]
         else:
             texts = [changed[1] if changed else _caption(scene, synth._pick(rng, CAPTION_FORMS), rng)]
             if i > 0 and rng.random() < 0.5:

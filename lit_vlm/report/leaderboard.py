@@ -30,7 +30,8 @@ from lit_vlm.report.uncertainty import Interval, bootstrap, seed_summary
 __all__ = ["HEADLINE", "Group", "Row", "Section", "build", "merge"]
 
 #: The metric a task's rows are ranked by (else its first metric).
-HEADLINE = {"retrieval": "mean_R@1", "zeroshot": "top1", "vqa": "overall", "caption": "CIDEr", "compositional": "mean"}
+HEADLINE = {"retrieval": "mean_R@1", "zeroshot": "top1", "vqa": "overall", "caption": "CIDEr", "compositional": "mean",
+            "fewshot": "captioning/random/4shot/CIDEr"}
 _HIDDEN = ("num_samples", "num_questions")
 
 
