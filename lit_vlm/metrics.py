@@ -448,8 +448,8 @@ def describe_metric(name: str) -> dict[str, Any]:
     ``{"higher_is_better": bool | None, "unit": "fraction" | "rank" | "count" | "loss" | "score"}``
     (``rsum`` is a sum of fractions, CIDEr a score that can exceed 1). For leaderboards."""
     leaf = name.rsplit("/", 1)[-1]
-    if leaf.endswith("_std"):  # a spread over seeds (FewShotEvaluation)
-        return {"higher_is_better": None, "unit": "spread"}
+    if leaf.endswith("_std"):  # a spread over seeds (FewShotEvaluation), in its metric's unit
+        return {"higher_is_better": None, "unit": describe_metric(name.removesuffix("_std"))["unit"]}
     if leaf.endswith(("_medr", "_meanr")) or leaf in ("medr", "meanr"):
         return {"higher_is_better": False, "unit": "rank"}
     if leaf.startswith("num_") or leaf.endswith("_count"):
