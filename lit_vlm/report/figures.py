@@ -183,7 +183,8 @@ def _copy_merged(row, name: str, folder: Path) -> bool:
     found = row.source.parent / "figures" / name
     if not found.is_file():
         return False
-    shutil.copyfile(found, folder / name)
+    if found.resolve() != (folder / name).resolve():  # a report merged into its own folder keeps its figures
+        shutil.copyfile(found, folder / name)
     return True
 
 
