@@ -175,7 +175,7 @@ def test_interleaved_generation_with_the_cache_matches_recomputing_and_scoring_m
     got = model.continuation_log_likelihood(images[:1], media_mask[:1], context, options)
     tok = model.text_tokenizer
     for c, option in enumerate(options):
-        ids, mask = model.encode_prompts([context + option], media_mask[:1])
+        ids, mask = model.interleaved_ids([context + option], media_mask[:1])
         n = len(tok.backend.encode(option, add_special_tokens=False).ids)
         logp = model.logits(ids, mask, images[:1], media_mask[:1]).log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
         assert torch.allclose(got[c], logp[-n:].mean(), atol=1e-5)

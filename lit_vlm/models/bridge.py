@@ -178,9 +178,7 @@ class Bridge(GeneratingMixin, VLMModule):
         """images [B, 3, H, W], B prompts (None: the family's default) -> B generated strings."""
         if self.lm is None:  # a stage without an LM (BLIP-2 stage 1) generates with its own decoder
             return super().generate(images, prompts, max_new_tokens, **options)
-        merged = {**self.generation_options, **check_generation_options(options, "generate")}
-        if max_new_tokens is not None:
-            merged["max_new_tokens"] = max_new_tokens
+        merged = self.call_options(options, max_new_tokens, "generate")
         prompts = [self.caption_prompt] * images.shape[0] if prompts is None else list(prompts)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"generate: {len(prompts)} prompts for {images.shape[0]} images")

@@ -28,7 +28,6 @@ from lit_vlm.datamodules.interleaved import END_OF_CHUNK, IMAGE_TOKEN, with_medi
 from lit_vlm.errors import UserError
 from lit_vlm.losses import global_token_mean, token_cross_entropy
 from lit_vlm.models.bridge import Bridge
-from lit_vlm.models.generating import check_generation_options
 from lit_vlm.modules import ConvNet, VisionTransformer, trim_padding
 from lit_vlm.modules.decoder import DecoderOutput
 from lit_vlm.modules.freeze import lock
@@ -180,20 +179,15 @@ class Flamingo(Bridge):
                 self.log(f"gates/layer{i}_ff", layer.xattn.ff_gate.detach().tanh().mean(), rank_zero_only=True)
 
     # ---- interleaved prompts: generation and scoring ---------------------------------------------
-    def encode_prompts(self, prompts: list[str], media_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Right-padded ids and mask [B, L] of ``prompts`` (``<image>`` where each image goes, as
-        many as the row's images in ``media_mask`` [B, N]), the start token first."""
-        tok = self.text_tokenizer
-        start = [tok.bos_id] if tok.bos_id is not None else []
-        rows = [start + tok.backend.encode(p, add_special_tokens=False).ids for p in prompts]
-        for b, (row, prompt) in enumerate(zip(rows, prompts)):
-            if row.count(self.image_id) != int(media_mask[b].sum()):
-                raise UserError(f"prompt {b} has {row.count(self.image_id)} {IMAGE_TOKEN} tokens for "
-                                f"{int(media_mask[b].sum())} images: {prompt[:80]!r}")
-        ids = torch.full((len(rows), max(map(len, rows))), tok.pad_id, dtype=torch.long, device=media_mask.device)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)] = torch.tensor(row, device=media_mask.device)
-        return ids, ids.new_tensor([[i < len(r) for i in range(ids.shape[1])] for r in rows], dtype=torch.bool)
+    def interleaved_ids(self, prompts: list[str], media_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Right-padded ids and mask [B, L] of ``prompts`` (the start token first), each with as many
+        ``<image>`` tokens as its row's images in ``media_mask`` [B, N]."""
+        ids, mask = self.encode_prompts(prompts, len(prompts), media_mask.device)  # [B, L]
+        for b, prompt in enumerate(prompts):
+            found, want = int((ids[b] == self.image_id).sum()), int(media_mask[b].sum())
+            if found != want:
+                raise UserError(f"prompt {b} has {found} {IMAGE_TOKEN} tokens for {want} images: {prompt[:80]!r}")
+        return ids, mask
 
     @torch.no_grad()
     def generate_interleaved(self, images: Tensor, media_mask: Tensor, prompts: list[str],
@@ -201,14 +195,12 @@ class Flamingo(Bridge):
         """Continue each interleaved prompt (``<image>`` marks where its images [B, N, 3, H, W] go;
         ``media_mask`` [B, N] the real ones) until ``<|endofchunk|>``: the media are resampled once,
         the text is decoded with the LM's key/value cache."""
-        merged = {**self.generation_options, **check_generation_options(options, "generate_interleaved")}
-        if max_new_tokens is not None:
-            merged["max_new_tokens"] = max_new_tokens
+        merged = self.call_options(options, max_new_tokens, "generate_interleaved")
         tok = self.text_tokenizer
         was_training = self.training
         self.eval()
         try:
-            ids, mask = self.encode_prompts(prompts, media_mask)  # [B, L]
+            ids, mask = self.interleaved_ids(prompts, media_mask)  # [B, L]
             new = generation.generate(_MediaDecoder(self), ids, mask, self.media(images), media_mask.bool(),
                                       eos_id=self.end_id, pad_id=tok.pad_id, **merged)  # [B, <= max_new_tokens]
         finally:
@@ -233,7 +225,7 @@ class Flamingo(Bridge):
         was_training = self.training
         self.eval()
         try:
-            ids, mask = self.encode_prompts([context], media_mask)  # [1, L]
+            ids, mask = self.interleaved_ids([context], media_mask)  # [1, L]
             decoder = _MediaDecoder(self)
             out = decoder(ids, mask, self.media(images), media_mask.bool(), use_cache=True)
             rows = [tok.backend.encode(c, add_special_tokens=False).ids for c in continuations]

@@ -109,6 +109,13 @@ class GeneratingMixin:
             mask[i, : len(r)] = True
         return ids.to(device), mask.to(device)
 
+    def call_options(self, options: dict[str, Any], max_new_tokens: int | None, caller: str) -> dict[str, Any]:
+        """The family's ``generation`` options overridden by one call's (checked, naming ``caller``)."""
+        merged = {**self.generation_options, **check_generation_options(options, caller)}
+        if max_new_tokens is not None:
+            merged["max_new_tokens"] = max_new_tokens
+        return merged
+
     # ---- the capability ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -116,9 +123,7 @@ class GeneratingMixin:
     ) -> list[str]:
         """images [B, 3, H, W], prompts: B strings or None -> B generated strings (the prompt not
         repeated). ``options`` override the family's ``generation`` options for this call."""
-        merged = {**self.generation_options, **check_generation_options(options, "generate")}
-        if max_new_tokens is not None:
-            merged["max_new_tokens"] = max_new_tokens
+        merged = self.call_options(options, max_new_tokens, "generate")
         tok = self.text_tokenizer
         was_training = self.training
         self.eval()
