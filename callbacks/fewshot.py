@@ -286,8 +286,9 @@ class FewShotEvaluation(pl.Callback):
             pl_module.log(f"{stage}/{self.prefix}/{name}", statistics.fmean(vals), sync_dist=False, rank_zero_only=False)
             pl_module.log(f"{stage}/{self.prefix}/{name}_std", statistics.pstdev(vals) if len(vals) > 1 else 0.0,
                           sync_dist=False, rank_zero_only=False)
-        if trainer.is_global_zero and trainer.log_dir:
-            path = Path(trainer.log_dir) / f"{self.prefix}_{stage}.json"
+        log_dir = trainer.log_dir  # a collective under DDP: read it on every rank
+        if trainer.is_global_zero and log_dir:
+            path = Path(log_dir) / f"{self.prefix}_{stage}.json"
             path.write_text(json.dumps({"protocol": self.protocol(), "values": values}, indent=1))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,6 +8,7 @@ a metric only matches the single-process one if the callback really gathers ever
 
 usage: python tests/ddp_eval_worker.py --devices N --out DIR [--callbacks caption ...]
                                        [--captions-json PATH] [--num-images 23] [--batch-size 4]
+                                       [--fewshot-root WORLD --model doubles.InterleavedDouble]
 
 Adding a callback is one line in ``CALLBACKS``.
 """
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-images", type=int, default=23)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--predict", action="store_true", help="run predict with the PredictionWriter instead of test")
+    parser.add_argument("--fewshot-root", default=None, help="run FewShotEvaluation on this synthetic world instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -199,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         from lit_vlm.callbacks.predictions import PredictionWriter
 
         callbacks = {"predict": PredictionWriter(dirpath=str(out))}
+    elif args.fewshot_root:
+        from lit_vlm.callbacks.fewshot import FewShotEvaluation
+
+        callbacks = {"fewshot": FewShotEvaluation(root=args.fewshot_root, shots=[0, 2], seeds=[0, 1], num_queries=5,
+                                                  pool_size=6, image_size=32, batch_size=2)}
     else:
         callbacks = {name: _load(CALLBACKS[name][0])(splits=["test"], **CALLBACKS[name][1]) for name in args.callbacks}
     trainer = pl.Trainer(
@@ -217,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             "world_size": trainer.world_size,
             "log_dir": log_dir,
             "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},
-            "metrics": {} if args.predict else {name: cb.metrics.get("test") for name, cb in callbacks.items()},
-            "per_sample": {} if args.predict else {name: cb.per_sample.get("test") for name, cb in callbacks.items()},
+            "metrics": {} if args.predict else {name: (cb.results if args.fewshot_root else cb.metrics).get("test") for name, cb in callbacks.items()},
+            "per_sample": {} if args.predict or args.fewshot_root else {name: cb.per_sample.get("test") for name, cb in callbacks.items()},
         }
         Path(args.out, "metrics.json").write_text(json.dumps(out, indent=2))
     # Leave the process group together and explicitly: a rank whose gloo threads are still alive at

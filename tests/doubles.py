@@ -78,3 +78,28 @@ class GeneratingDouble(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class InterleavedDouble(GeneratingDouble):
+    """``GeneratingDouble`` with the ``GeneratesInterleaved`` capability, for few-shot evaluation:
+    each continuation depends on every given image and on the whole prompt (demonstrations
+    included), and on nothing else, so batches and ranks cannot change it."""
+
+    def _salt(self, images: torch.Tensor, media_mask: torch.Tensor, text: str) -> int:
+        """images [N, 3, H, W], media_mask [N] -> an integer of the given images' pixels and the text."""
+        pixels = images[media_mask].float().mean(dim=(1, 2, 3))  # [n]
+        return int((pixels * 1000).round().abs().sum()) + sum(map(ord, text))
+
+    def generate_interleaved(self, images: torch.Tensor, media_mask: torch.Tensor, prompts: list[str], **options) -> list[str]:
+        """images [B, N, 3, H, W], media_mask [B, N] -> B short texts (a colour and a word)."""
+        out = []
+        for b, prompt in enumerate(prompts):
+            salt = self._salt(images[b], media_mask[b], prompt)
+            out.append(f"{COLOURS[salt % 3]} {WORDS[salt % len(WORDS)]}")
+        return out
+
+    def continuation_log_likelihood(self, images: torch.Tensor, media_mask: torch.Tensor, context: str,
+                                    continuations: list[str]) -> torch.Tensor:
+        """images [1, N, 3, H, W] -> [C] scores from the context's salt and each continuation."""
+        salt = self._salt(images[0], media_mask[0], context)
+        return torch.tensor([float((salt * 31 + sum(map(ord, c))) % 97) for c in continuations])  # [C]

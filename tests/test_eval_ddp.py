@@ -219,3 +219,26 @@ def test_predictions_identical_on_one_and_two_processes(tmp_path):
     double = GeneratingDouble()
     assert [row["caption"] for row in index_two] == double.generate(images)
     np.testing.assert_allclose(emb_two, double.encode_image(images).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_fewshot_identical_on_one_and_two_processes(tmp_path):
+    """Few-shot evaluation shards its queries over the ranks: 1 and 2 processes give the same value
+    for every task, method, shot count and seed (demonstrations are drawn per query, not per rank)."""
+    from lit_vlm.datamodules import synth
+
+    world = tmp_path / "world"
+    synth.generate(world, synth.SynthConfig(num_train=8, num_val=2, num_test=5, shard_size=4, image_size=32, seed=5),
+                   num_workers=1, progress=False)
+    extra = ("--fewshot-root", str(world), "--model", "doubles.InterleavedDouble")
+    runs = [(start_worker(tmp_path / name, n, *extra), tmp_path / name) for name, n in (("one", 1), ("two", 2))]
+    one, two = finish_all(runs)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    values = one["metrics"]["fewshot"]
+    assert len(values) == 3 * 2 * 2 and all(len(v) == 2 for v in values.values())  # tasks x methods x shots; 2 seeds
+    assert values == two["metrics"]["fewshot"]
+    assert one["logged"] == two["logged"]
+    assert len({v for vals in values.values() for v in vals}) > 3  # the double's answers differ by prompt
+    written = json.loads((Path(two["log_dir"]) / "fewshot_test.json").read_text())
+    assert written["values"] == values
