@@ -8,6 +8,7 @@ from lit_vlm.datamodules.image_text import ImageTextCorpus, ImageTextDataModule
 from lit_vlm.datamodules.interleaved import InterleavedCorpus, InterleavedDataModule
 from lit_vlm.datamodules.shards import ShardDataModule
 from lit_vlm.datamodules.tokenizer import Tokenizer
+from lit_vlm.datamodules.video_audio import VideoAudioCorpus, VideoAudioDataModule
 from lit_vlm.datamodules.world_text import WorldTextDataModule
 
-__all__ = ["ConversationDataModule", "Corpus", "ImageTextCorpus", "ImageTextDataModule", "InterleavedCorpus", "InterleavedDataModule", "ShardDataModule", "Split", "Tokenizer", "WorldTextDataModule", "batch_size"]
+__all__ = ["ConversationDataModule", "Corpus", "ImageTextCorpus", "ImageTextDataModule", "InterleavedCorpus", "InterleavedDataModule", "ShardDataModule", "Split", "Tokenizer", "VideoAudioCorpus", "VideoAudioDataModule", "WorldTextDataModule", "batch_size"]

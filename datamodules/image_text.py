@@ -330,11 +330,12 @@ class ImageTextCollator:
         self.train = train
         self.hard_negatives = hard_negatives
 
+    def media(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch's media (a corpus of other media overrides this; the text is the same)."""
+        return {"image": torch.stack([s["image"] for s in samples])}  # [B, 3, H, W]
+
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "image": torch.stack([s["image"] for s in samples]),
-            "sample_id": [s["__key__"] for s in samples],
-        }
+        batch: dict[str, Any] = {**self.media(samples), "sample_id": [s["__key__"] for s in samples]}
         if self.train:
             batch["text_ids"], batch["text_mask"] = self.tokenizer.encode(
                 [s["caption"] for s in samples], self.context_length

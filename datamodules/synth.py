@@ -80,6 +80,7 @@ __all__ = [
     "VERSION",
     "SynthConfig",
     "SceneObject",
+    "UNIT_SHAPES",
     "Background",
     "Scene",
     "make_scene",
@@ -95,6 +96,7 @@ __all__ = [
     "is_generated",
     "load_manifest",
     "shard_paths",
+    "vqa_files",
     "main",
 ]
 
@@ -414,7 +416,7 @@ def _heart(n: int = 72) -> list[tuple[float, float]]:
 
 
 #: Unit polygons (image coordinates, y down) fitting in [-1, 1]^2.
-_UNIT_SHAPES: dict[str, np.ndarray] = {
+UNIT_SHAPES: dict[str, np.ndarray] = {
     "circle": _normalise_polygon(_regular(64)),
     "square": _normalise_polygon([(-1, -1), (1, -1), (1, 1), (-1, 1)], extent=0.84),
     "triangle": _normalise_polygon([(0, -0.9), (1, 0.85), (-1, 0.85)]),
@@ -432,7 +434,7 @@ def _polygon_area(pts: np.ndarray) -> float:
 
 
 #: Area of each unit polygon (in half-cell^2 units at scale 1).
-UNIT_AREAS: dict[str, float] = {s: _polygon_area(p) for s, p in _UNIT_SHAPES.items()}
+UNIT_AREAS: dict[str, float] = {s: _polygon_area(p) for s, p in UNIT_SHAPES.items()}
 
 #: Scale (bounding half-extent as a fraction of the half-cell) ranges per size.
 #: (Any large object has a larger area than any small one, whatever the shapes.)
@@ -630,7 +632,7 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Ima
         cy = (2 * row + 1 + obj.dy) * half_cell
         theta = math.radians(obj.angle)
         rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-        pts = _UNIT_SHAPES[obj.shape] @ rot.T * (obj.scale * half_cell) + (cx, cy)
+        pts = UNIT_SHAPES[obj.shape] @ rot.T * (obj.scale * half_cell) + (cx, cy)
         draw_mask.polygon([(float(x), float(y)) for x, y in pts], fill=255)
         x0, y0 = (col * size) // 3, (row * size) // 3
         x1, y1 = ((col + 1) * size + 2) // 3, ((row + 1) * size + 2) // 3
@@ -1278,7 +1280,7 @@ def _compositional(split: str, records: list[dict], holdout: Iterable[str]) -> d
             "kinds": list(NEGATIVE_KINDS), "holdout": sorted(" ".join(p) for p in held), "items": items}
 
 
-def _vqa_files(split: str, records: list[dict]) -> tuple[dict, dict]:
+def vqa_files(split: str, records: list[dict]) -> tuple[dict, dict]:
     info = {**_INFO, "description": f"lit-vlm synthetic world VQA ({split})"}
     qs, anns = [], []
     for r in records:
@@ -1472,7 +1474,7 @@ def generate(out_dir: str | os.PathLike, config: SynthConfig | None = None, num_
     annotations: dict[str, str] = {}
     for split in ("val", "test"):
         recs = [r for i in sorted(records[split]) for r in records[split][i]]
-        q_json, a_json = _vqa_files(split, recs)
+        q_json, a_json = vqa_files(split, recs)
         for name, obj in ((f"captions_{split}", _coco_captions(split, recs)),
                           (f"vqa_{split}_questions", q_json), (f"vqa_{split}_annotations", a_json),
                           (f"compositional_{split}", _compositional(split, recs, config.holdout)),

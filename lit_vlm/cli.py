@@ -45,7 +45,7 @@ LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenize
 _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
-`lit-vlm data {synth,docs,karpathy,vqav2,llava,capfilt,mmc4} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
+`lit-vlm data {synth,docs,clips,karpathy,vqav2,mmc4,videos,audio,llava,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
 `lit-vlm lm merge ADAPTER --out DIR` (fold a LoRA adapter into its language model),
 `lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`),
 `lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML),
@@ -377,6 +377,12 @@ TOOL_GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
     "data": {
         "synth": ("lit_vlm.datamodules.synth", "main", "write the synthetic world (shards + annotation JSON)"),
         "docs": ("lit_vlm.datamodules.world_docs", "main", "write the synthetic world's interleaved documents (MMC4 layout)"),
+        "clips": ("lit_vlm.datamodules.world_clips", "main",
+                  "write the synthetic world's clips with sound (mp4 + flac + json, video2dataset's layout)"),
+        "videos": ("lit_vlm.datamodules.convert_clips", "main_videos",
+                   "convert a folder of videos with captions (MSR-VTT's JSON, or a CSV) into clip shards"),
+        "audio": ("lit_vlm.datamodules.convert_clips", "main_audio",
+                  "convert a folder of audio clips with a label CSV (ESC-50's layout) into clip shards"),
         "karpathy": ("lit_vlm.datamodules.convert", "karpathy_main",
                      "convert COCO / Flickr30k Karpathy-split JSON + images into shards + caption annotations"),
         "vqav2": ("lit_vlm.datamodules.convert", "vqav2_main",
