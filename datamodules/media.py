@@ -162,7 +162,7 @@ def decode_video_frames(data: bytes, wanted: set[int] | None = None) -> tuple[di
         if not container.streams.video:
             raise DecodeError("no_video_stream", "the container has no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_count = 1  # loader workers decode in parallel; codec threads would fight them for the cores
         last = max(wanted) if wanted else None
         try:
             for frame in container.decode(stream):
