@@ -376,6 +376,7 @@ class ResultsWriter(pl.Callback):
             "data": {
                 "class": type(dm).__name__ if dm is not None else None,
                 "hparams": dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else None,
+                "corpus": dm.corpus.describe() if callable(getattr(getattr(dm, "corpus", None), "describe", None)) else None,
                 "skipped": skipped,
             },
             "task": {"stage": "test", "dataset": dataset_identity(dm, "test")},

@@ -88,6 +88,8 @@ class RetrievalEvaluation(EvalCallback):
             metrics as ``{stage}/retrieval/rerank/i2t_R@1`` and so on. Needs the capabilities
             ``pair_features(images)`` and ``score_pairs(features, ids, mask)``. 0: off.
         rerank_batch_size: Pairs per ``score_pairs`` call.
+        texts: Which texts the ``text`` side is: the batch's ``<texts>_ids``, ``<texts>_mask`` and
+            ``<texts>_owner`` (``audio_caption``: a clip's captions of what is heard).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class RetrievalEvaluation(EvalCallback):
         token_chunk_size: int = 32,
         rerank_k: int = 0,
         rerank_batch_size: int = 128,
+        texts: str = "caption",
     ) -> None:
         super().__init__(splits, prefix)
         modalities = tuple(modalities)
@@ -115,6 +118,9 @@ class RetrievalEvaluation(EvalCallback):
         if rerank_k < 0 or rerank_batch_size < 1:
             raise UserError(f"RetrievalEvaluation needs rerank_k >= 0 and rerank_batch_size >= 1, got {rerank_k}, {rerank_batch_size}")
         self.rerank_k = rerank_k
+        if not (isinstance(texts, str) and texts.isidentifier()) or (texts != "caption" and rerank_k):
+            raise UserError(f"RetrievalEvaluation texts must be a name (re-ranking reads the captions only), got {texts!r}")
+        self.texts = texts
         self.rerank_batch_size = rerank_batch_size
         self._module: Any = None
         if num_examples < 0 or thumbnails < -1 or thumbnail_size < 1 or chunk_size < 1 or token_chunk_size < 1:
@@ -166,7 +172,8 @@ class RetrievalEvaluation(EvalCallback):
 
     def _gallery_keys(self) -> tuple[str, ...]:
         gallery = self.modalities[1]
-        return ("caption_ids", "caption_mask", "caption_owner") if gallery == "text" else (gallery,)
+        t = self.texts
+        return (f"{t}_ids", f"{t}_mask", f"{t}_owner") if gallery == "text" else (gallery,)
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
         query = self.modalities[0]
@@ -189,11 +196,12 @@ class RetrievalEvaluation(EvalCallback):
             image_mask = image_mask.cpu() if image_mask is not None else None
         elif self.modalities[1] == "text":
             image_emb = self._encode(pl_module, query, batch)  # [B, E] (the query modality)
-            caption_emb = pl_module.encode_text(batch["caption_ids"], batch["caption_mask"]).float().cpu()  # [N, E]
+            caption_emb = pl_module.encode_text(batch[f"{self.texts}_ids"], batch[f"{self.texts}_mask"]).float().cpu()  # [N, E]
         else:  # one gallery item per sample
             image_emb = self._encode(pl_module, query, batch)  # [B, E]
             caption_emb = self._encode(pl_module, self.modalities[1], batch)  # [B, E]
-        owner = batch["caption_owner"].cpu() if "caption_owner" in self._gallery_keys() else torch.arange(len(ids))  # [N]
+        owned = f"{self.texts}_owner"
+        owner = batch[owned].cpu() if owned in self._gallery_keys() else torch.arange(len(ids))  # [N]
         bad_owner = owner.shape != (caption_emb.shape[0],) or (
             owner.numel() > 0 and (int(owner.min()) < 0 or int(owner.max()) >= len(ids))
         )
@@ -367,7 +375,7 @@ class RetrievalEvaluation(EvalCallback):
         return {k: tuple(self._named(dict.fromkeys(v)).keys()) for k, v in means.items()}
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "modalities": list(self.modalities), "ks": list(self.ks),
+        return {**super().protocol(), "modalities": list(self.modalities), "texts": self.texts, "ks": list(self.ks),
                 "tie_rule": "pessimistic"}
 
     def token_similarities(

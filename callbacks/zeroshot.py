@@ -71,6 +71,8 @@ class ZeroShotEvaluation(EvalCallback):
 
     ``modality`` classifies another modality by the same recipe: the batch key of its name (plus
     ``<name>_mask`` when present), embedded by the family's ``encode_<name>`` (e.g. ``audio``).
+    ``label_key`` reads another label (a clip's ``audio_label``); its class names and templates then
+    default to the DataModule's ``label_classes(label_key)`` (the dataset manifest's ``classes``).
 
     Args:
         splits: Stages to evaluate on, among "val" and "test".
@@ -80,6 +82,7 @@ class ZeroShotEvaluation(EvalCallback):
         thumbnail_size: Longest side of an example thumbnail in pixels.
         prefix: Metric namespace.
         modality: The modality that is classified (``image``: the batch's images).
+        label_key: The batch key of the labels.
     """
 
     def __init__(
@@ -91,11 +94,13 @@ class ZeroShotEvaluation(EvalCallback):
         thumbnail_size: int = 64,
         prefix: str = "zeroshot",
         modality: str = "image",
+        label_key: str = "label",
     ) -> None:
         super().__init__(splits, prefix)
         if not isinstance(modality, str) or not modality.isidentifier():
             raise UserError(f"ZeroShotEvaluation modality must be a name such as image or audio, got {modality!r}")
         self.modality = modality
+        self.label_key = label_key
         if num_examples < 0 or thumbnail_size < 1:
             raise UserError("ZeroShotEvaluation needs num_examples >= 0 and thumbnail_size >= 1")
         self.classnames = classnames
@@ -111,8 +116,10 @@ class ZeroShotEvaluation(EvalCallback):
     def setup_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
         require_capability(pl_module, encoder_name(self.modality), "encode_text", by="ZeroShotEvaluation")
         dm = trainer.datamodule
-        classnames = self.classnames or getattr(dm, "classnames", None)
-        templates = self.templates or getattr(dm, "templates", None) or ["a photo of a {}."]
+        own = dm.label_classes(self.label_key) if callable(getattr(dm, "label_classes", None)) else {}
+        classnames = self.classnames or own.get("classnames") or (
+            getattr(dm, "classnames", None) if self.label_key == "label" else None)
+        templates = self.templates or own.get("templates") or getattr(dm, "templates", None) or ["a photo of a {}."]
         if not classnames:
             log.warning("ZeroShotEvaluation: no class names (set classnames or use a dataset that has them); skipped")
             return False
@@ -128,14 +135,14 @@ class ZeroShotEvaluation(EvalCallback):
         return True
 
     def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict) -> dict[str, Any]:
-        for key in (self.modality, "label", "sample_id"):
+        for key in (self.modality, self.label_key, "sample_id"):
             if key not in batch:
                 raise UserError(f"ZeroShotEvaluation needs batch key '{key}'")
         encode = getattr(pl_module, encoder_name(self.modality))
         mask = batch.get(f"{self.modality}_mask")
         image_emb = (encode(batch[self.modality]) if mask is None else encode(batch[self.modality], mask)).float()  # [B, E]
         logits = (image_emb @ self._class_emb.to(image_emb.device).T).cpu()  # [B, C]
-        labels = batch["label"].cpu()  # [B]
+        labels = batch[self.label_key].cpu()  # [B]
         records: dict[str, Any] = {}
         for i, sid in enumerate(batch["sample_id"]):
             label = int(labels[i])
@@ -176,7 +183,8 @@ class ZeroShotEvaluation(EvalCallback):
         names = getattr(self, "_names", None)
         templates = getattr(self, "_templates", None)
         digest = hashlib.sha256(json.dumps([names, templates]).encode()).hexdigest()[:16] if names else None
-        return {**super().protocol(), "modality": self.modality, "classes": len(names) if names else None,
+        return {**super().protocol(), "modality": self.modality, "label_key": self.label_key,
+                "classes": len(names) if names else None,
                 "classnames_templates_sha256": digest}
 
     def log_examples(self, writer: Any, stage: str, step: int, ids: list[str], records: list[dict[str, Any]]) -> None:

@@ -11,7 +11,7 @@ A clip sample holds, read unchanged from the way video2dataset writes clips:
 
 Frames are sampled by :class:`~lit_vlm.datamodules.media.FrameSampling` and go through the image
 transform (the same crop for every frame of a clip); audio goes through
-:class:`~lit_vlm.datamodules.media.AudioFrontEnd`. ``modalities`` names what a sample must have;
+:class:`~lit_vlm.datamodules.media.AudioFrontEnd`. ``decode`` names what a sample must have;
 a sample without it, or whose stream does not decode, is skipped and counted by reason
 (:data:`CLIP_SKIP_REASONS`), never fatal.
 """
@@ -174,8 +174,9 @@ class VideoAudioDecoder(ImageTextDecoder):
 class VideoAudioCollator(ImageTextCollator):
     """Clips -> a batch: ``video`` [B, C, T, 3, H, W] and ``video_mask`` [B, C, T], ``audio``
     [B, A, 1, M, F], ``audio_label`` [B], the image-text batch's text fields, and the audio
-    captions: ``audio_text_ids``/``audio_text_mask`` in training, ``audio_caption_ids``,
-    ``audio_caption_mask``, ``audio_caption_owner``, ``audio_captions`` in evaluation."""
+    captions: ``audio_text_ids``/``audio_text_mask`` (one per clip; the first in evaluation), and in
+    evaluation every one (``audio_caption_ids``, ``audio_caption_mask``, ``audio_caption_owner``,
+    ``audio_captions``) and ``image`` [B, 3, H, W], a still of each clip (the middle frame)."""
 
     def media(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -189,6 +190,11 @@ class VideoAudioCollator(ImageTextCollator):
             out["audio_text_ids"], out["audio_text_mask"] = self.tokenizer.encode(
                 [s["audio_caption"] for s in samples], self.context_length)  # [B, L]
         else:
+            out["audio_text_ids"], out["audio_text_mask"] = self.tokenizer.encode(
+                [s["audio_captions"][0] if s["audio_captions"] else "" for s in samples], self.context_length)  # [B, L]
+            if "video" in out:  # a still of each clip (its first clip's middle real frame): image-side evaluations
+                middle = (out["video_mask"][:, 0].sum(1) - 1).clamp_min(0) // 2  # [B]
+                out["image"] = out["video"][torch.arange(len(samples)), 0, middle]  # [B, 3, H, W]
             every = [c for s in samples for c in s["audio_captions"]]
             out["audio_caption_ids"], out["audio_caption_mask"] = self.tokenizer.encode(every, self.context_length)  # [N, L]
             out["audio_caption_owner"] = torch.tensor([r for r, s in enumerate(samples) for _ in s["audio_captions"]],
@@ -254,15 +260,15 @@ class VideoAudioDataModule(ShardDataModule):
     """Clips with sound streamed from webdataset shards (see the module docstring).
 
     Args:
-        tokenizer: The text tower's tokenizer (a ``tokenizer.json`` or a Hugging Face tokenizer
-            folder); ``lit-vlm`` fills it from the model when the data leaves it unset.
+        tokenizer: The text tower's tokenizer: ``synth`` (the synthetic world's words, as the
+            image-text data's default), a ``tokenizer.json`` or a Hugging Face tokenizer folder.
         context_length: Token rows are padded or cut to this length.
         image_size: Square side frames are resized and cropped to.
-        modalities: What every sample must have (``video``, ``audio``); the rest is not decoded.
+        decode: What every sample must have and is decoded (``video``, ``audio``); the rest is left.
         sampling: Frame sampling (:class:`~lit_vlm.datamodules.media.FrameSampling` fields:
             ``method`` uniform/segment/fps, ``num_frames``, ``num_clips``, ``fps``).
-        audio: The audio front end (:class:`~lit_vlm.datamodules.media.AudioFrontEnd` fields;
-            ImageBind's by default).
+        audio_front_end: The audio front end (:class:`~lit_vlm.datamodules.media.AudioFrontEnd`
+            fields; ImageBind's by default).
         min_audio_seconds: Shorter audio is skipped (``too_short``).
         silence: Audio whose peak is at most this is skipped (``silent_audio``).
         clips_config: The synthetic world's clips written to a missing ``root``
@@ -270,18 +276,17 @@ class VideoAudioDataModule(ShardDataModule):
         **kwargs: :class:`~lit_vlm.datamodules.shards.ShardDataModule`'s (root, shards, batch size, ...).
     """
 
-    def __init__(self, tokenizer: str | None = None, context_length: int = 32, image_size: int = 64,
-                 modalities: list[str] = list(MODALITIES), sampling: dict[str, Any] | None = None,
-                 audio: dict[str, Any] | None = None, min_audio_seconds: float = 0.25, silence: float = 1e-4,
+    def __init__(self, tokenizer: str = "synth", context_length: int = 32, image_size: int = 64,
+                 decode: list[str] = list(MODALITIES), sampling: dict[str, Any] | None = None,
+                 audio_front_end: dict[str, Any] | None = None, min_audio_seconds: float = 0.25, silence: float = 1e-4,
                  clips_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if tokenizer is None:
-            raise UserError("VideoAudioDataModule needs tokenizer: the text tower's tokenizer.json (lit-vlm fills it from "
-                            "the model when the data leaves it unset)")
         try:
-            frame_sampling, front_end = media.FrameSampling(**(sampling or {})), media.AudioFrontEnd(**(audio or {}))
+            frame_sampling = media.FrameSampling(**(sampling or {}))
+            front_end = media.AudioFrontEnd(**(audio_front_end or {}))
         except TypeError as exc:
-            raise UserError(f"sampling / audio: {exc} (the keys are FrameSampling's and AudioFrontEnd's fields)") from exc
-        corpus = VideoAudioCorpus(tokenizer, context_length, image_size, modalities=tuple(modalities),
+            raise UserError(f"sampling / audio_front_end: {exc} (the keys are FrameSampling's and AudioFrontEnd's "
+                            "fields)") from exc
+        corpus = VideoAudioCorpus(tokenizer, context_length, image_size, modalities=tuple(decode),
                                   sampling=frame_sampling, audio=front_end, min_audio_seconds=min_audio_seconds,
                                   silence=silence, clips_config=clips_config)
         super().__init__(corpus, **kwargs)
@@ -298,6 +303,24 @@ class VideoAudioDataModule(ShardDataModule):
     @property
     def image_size(self) -> int:
         return self.corpus.image_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    @property
+    def num_mel_bins(self) -> int | None:
+        """Spectrogram height (``None`` when audio is not read)."""
+        return self.corpus.audio.num_mel_bins if "audio" in self.corpus.modalities else None
+
+    @property
+    def target_frames(self) -> int | None:
+        """Spectrogram width (``None`` when audio is not read)."""
+        return self.corpus.audio.target_frames if "audio" in self.corpus.modalities else None
 
     def label_classes(self, label_key: str) -> dict[str, list[str]]:
         """``{"classnames": [...], "templates": [...]}`` of a label (``label``, ``audio_label``) from

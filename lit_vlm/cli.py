@@ -7,7 +7,8 @@ a guard against non-finite losses); every one can be overridden from YAML or the
 ``fit --ckpt_path last`` resumes the newest run in its own directory, mid-epoch included.
 
 Values that must agree between data and model are given once: any ``image_size``,
-``vocab_size``, ``context_length``, ``pad_id``, ``tokenizer`` or ``template`` argument left unset anywhere in the model's config
+``vocab_size``, ``context_length``, ``pad_id``, ``tokenizer``, ``template``, ``num_mel_bins`` or
+``target_frames`` argument left unset anywhere in the model's config
 (the family's own arguments or its towers') is filled from the DataModule's attribute of that
 name; a value set in both places that disagrees is an error naming both. Values also flow the
 other way: when the model names a language model (``language_model``: a local Hugging Face model
@@ -40,12 +41,13 @@ from lit_vlm.callbacks.results import Checkpoint
 from lit_vlm.errors import MissingFileError, UserError
 from lit_vlm.weights import INDEX_FILE, check_checkpoint, run_checkpoint
 
-LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenizer", "template")
+LINKED_KEYS = ("image_size", "vocab_size", "context_length", "pad_id", "tokenizer", "template", "num_mel_bins", "target_frames")
 
 _DESCRIPTION = """lit-vlm: train and evaluate vision-language models.
 
 subcommands: fit, validate, test, predict (LightningCLI; `lit-vlm fit --help`),
-`lit-vlm data {synth,docs,clips,karpathy,vqav2,mmc4,videos,audio,llava,capfilt} ...` (write the synthetic world, convert datasets, bootstrap captions; `lit-vlm data --help`),
+`lit-vlm data {synth,docs,clips,karpathy,vqav2,mmc4,videos,audio,llava,capfilt} ...` (write the synthetic
+world, convert datasets, bootstrap captions; `lit-vlm data --help`),
 `lit-vlm lm merge ADAPTER --out DIR` (fold a LoRA adapter into its language model),
 `lit-vlm eval {vqa,caption} ...` (score a predictions file offline; `lit-vlm eval --help`),
 `lit-vlm report RUNS...` (a leaderboard of results.json files: Markdown, CSV, JSON, HTML),

@@ -215,7 +215,7 @@ def test_corrupt_clips_are_skipped_and_counted_by_reason(tmp_path):
 def test_world_clips_stream_with_their_labels_and_classes(tmp_path):
     root = tmp_path / "clips"
     dm = VideoAudioDataModule(tokenizer="synth", image_size=32, root=str(root), batch_size=4, eval_batch_size=6,
-                              num_workers=0, sampling={"num_frames": 4}, audio={"num_clips": 1},
+                              num_workers=0, sampling={"num_frames": 4}, audio_front_end={"num_clips": 1},
                               clips_config={"num_train": 8, "num_val": 6, "num_test": 2, "shard_size": 4, "image_size": 32})
     dm.prepare_data()
     dm.setup("validate")
@@ -261,7 +261,7 @@ def test_msrvtt_and_esc50_layouts_convert_into_clip_shards(tmp_path):
     manifest = convert_videos(str(videos), str(tmp_path / "MSRVTT_data.json"), str(tmp_path / "msrvtt"))
     assert manifest["missing"] == 1 and {s: e["num_samples"] for s, e in manifest["splits"].items()} == {"train": 1, "test": 1}
     dm = VideoAudioDataModule(tokenizer="synth", image_size=16, root=str(tmp_path / "msrvtt"), eval_batch_size=4,
-                              num_workers=0, modalities=["video"], sampling={"num_frames": 2})
+                              num_workers=0, decode=["video"], sampling={"num_frames": 2})
     dm.setup("test")
     (batch,) = list(dm.test_dataloader())
     assert batch["captions"] == [["another grey clip"]] and batch["video"].shape == (1, 1, 2, 3, 16, 16)
@@ -280,8 +280,91 @@ def test_msrvtt_and_esc50_layouts_convert_into_clip_shards(tmp_path):
     manifest = convert_audio(str(clips), str(tmp_path / "esc50.csv"), str(tmp_path / "esc50"))
     assert manifest["missing"] == 1 and manifest["classes"]["audio_label"]["classnames"] == ["dog", "church bells"]
     dm = VideoAudioDataModule(tokenizer="synth", image_size=16, root=str(tmp_path / "esc50"), eval_batch_size=4,
-                              num_workers=0, modalities=["audio"])
+                              num_workers=0, decode=["audio"])
     dm.setup("test")
     (batch,) = list(dm.test_dataloader())
     assert batch["audio_label"].tolist() == [1, 0] and "video" not in batch and batch["audio"].shape[:2] == (2, 3)
     assert dm.label_classes("audio_label")["classnames"] == ["dog", "church bells"]
+
+
+# ---- binding (ImageBind / LanguageBind) ---------------------------------------------------------
+
+
+def _binding(anchor: str = "image", modalities=("audio",)):
+    from lit_vlm.models import Binding
+    from lit_vlm.modules import AudioTransformer, ConvNet, TextTransformer
+
+    torch.manual_seed(0)
+    return Binding(ConvNet(channels=[8, 16], strides=[2, 2], convs_per_stage=1, image_size=32),
+                   TextTransformer(preset="tiny", vocab_size=50, context_length=8), embed_dim=16, anchor=anchor,
+                   modalities=list(modalities),
+                   audio=AudioTransformer(num_mel_bins=32, target_frames=48, width=32, layers=1, heads=2))
+
+
+def test_binding_embeddings_follow_their_definitions():
+    model = _binding("text", ("audio", "video")).eval()
+    audio = torch.randn(2, 1, 1, 32, 48)
+    # several clips: each embedded, the mean re-normalised; two copies of a clip give the clip's embedding
+    assert torch.allclose(model.encode_audio(audio.repeat(1, 2, 1, 1, 1)), model.encode_audio(audio), atol=1e-6)
+    two = torch.randn(2, 2, 1, 32, 48)
+    each = torch.stack([model.encode_audio(two[:, i: i + 1]) for i in range(2)], 1)  # [2, 2, E]
+    assert torch.allclose(model.encode_audio(two), torch.nn.functional.normalize(each.mean(1), dim=-1), atol=1e-6)
+    # padded frames change nothing (the temporal head masks them)
+    video, mask = torch.randn(2, 1, 4, 3, 32, 32), torch.tensor([[[True, True, True, False]], [[True, True, False, False]]])
+    other = video.clone()
+    other[0, 0, 3], other[1, 0, 2:] = 5.0, -5.0
+    assert torch.allclose(model.encode_video(video, mask), model.encode_video(other, mask), atol=1e-5)
+    # ImageBind: a video is the mean of its real frames' anchor image embeddings, re-normalised
+    image = _binding("image").eval()
+    frames = torch.stack([image.encode_image(video[b, 0, :3 - b]).mean(0) for b in range(2)])  # [2, E]
+    assert torch.allclose(image.encode_video(video, mask), torch.nn.functional.normalize(frames, dim=-1), atol=1e-5)
+
+
+def test_binding_trains_only_the_bound_towers():
+    model = _binding("image")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[0] in ("vision", "text", "image_projection",
+                                                                                         "text_projection")}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n.split(".")[0] in
+                              ("vision", "text", "image_projection", "text_projection"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    model.on_train_start()
+    assert not model.vision.training  # the locked anchor stays in eval mode (batch-norm statistics kept)
+    batch = {"audio": torch.randn(4, 1, 1, 32, 48), "video": torch.randn(4, 1, 2, 3, 32, 32),
+             "video_mask": torch.ones(4, 1, 2, dtype=torch.bool)}
+    before = model.audio_projection.weight.clone()
+    terms = model(batch)
+    terms["loss"].backward()
+    opt.step()
+    assert {"loss", "audio/loss", "audio/acc_i2t", "audio/logit_scale"} <= set(terms)
+    assert not torch.equal(before, model.audio_projection.weight)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    with pytest.raises(Exception, match="anchor: text"):
+        _binding("image", ("audio", "video"))
+
+
+@pytest.mark.slow
+def test_binding_tiny_fits_and_tests_through_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "binding" / "tiny.yaml")
+
+    def run(command, *args):
+        proc = subprocess.run([sys.executable, "-m", "lit_vlm", command, "--config", config, *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("fit")
+    run("test", "--ckpt_path", "best")
+    results = json.loads((tmp_path / "runs/binding-tiny/version_1/results.json").read_text())
+    metrics = results["metrics"]
+    assert {"test/zeroshot_audio/top1", "test/retrieval_audio_text/a2t_R@1", "test/retrieval_audio_image/a2i_R@1",
+            "test/retrieval_video_text/v2t_R@1", "test/zeroshot_video/top1"} <= set(metrics)
+    assert results["data"]["corpus"]["decoders"]["av"] and results["data"]["corpus"]["sampling"]["num_frames"] == 2
+    # LanguageBind: audio against its captions, video against its captions, through a temporal head
+    run("fit", "--model.init_args.anchor", "text", "--model.init_args.modalities", "[audio, video]",
+        "--trainer.logger.init_args.name", "languagebind-tiny")
+    fit = json.loads((tmp_path / "runs/languagebind-tiny/version_0/fit.json").read_text())
+    assert fit["global_step"] == 2 and fit["data"]["train"]["skipped"] == 0

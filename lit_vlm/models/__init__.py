@@ -23,9 +23,12 @@
   inserted into a frozen Hugging Face LM, trained on interleaved documents.
 - :class:`LanguageModel` (``lm.py``): a ``transformers`` causal LM trained from scratch on the
   world's text and written as a Hugging Face folder: the bridges' embedded frozen LM.
+- :class:`Binding` (``binding.py``): ImageBind / LanguageBind: audio and video towers bound to a
+  frozen image-text model (image- or text-anchored InfoNCE).
 """
 
 from lit_vlm.models.base import VLMModule
+from lit_vlm.models.binding import Binding
 from lit_vlm.models.blip import BLIP
 from lit_vlm.models.blip2 import BLIP2
 from lit_vlm.models.clip import CLIP
@@ -40,4 +43,4 @@ from lit_vlm.models.lm import LanguageModel
 from lit_vlm.models.mae import MAE
 from lit_vlm.models.prefixlm import PrefixLM
 
-__all__ = ["VLMModule", "BLIP", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Flamingo", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM"]
+__all__ = ["VLMModule", "BLIP", "Binding", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Flamingo", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM"]

@@ -2,6 +2,7 @@
 
 from .convnet import ConvNet, GlobalBatchNorm2d
 from .decoder import DecoderBlock, DecoderCache, DecoderOutput, TextDecoder
+from .media import AudioOutput, AudioTransformer, TemporalHead
 from .perceiver import FlamingoLayer, GatedCrossAttention, PerceiverResampler
 from .presets import CLIP_PRESETS, TEXT_PRESETS, VISION_PRESETS, resolve_preset
 from .qformer import QFormer
@@ -21,6 +22,9 @@ from .vision import VisionOutput, VisionTransformer, interpolate_pos_embed, rand
 
 __all__ = [
     "Attention",
+    "AudioOutput",
+    "AudioTransformer",
+    "TemporalHead",
     "AttentionalPooler",
     "Block",
     "CLIP_PRESETS",
