@@ -141,6 +141,8 @@ class VQAEvaluation(EvalCallback):
             as ``{stage}/vqa/baseline/overall`` and ``.../baseline/answer_type/<type>``. The prior
             is counted on the evaluated questions themselves, so it knows the evaluated answer
             distribution: an optimistic baseline (the paper fits it on the training answers).
+        modality: The batch key the family is asked about (``video``: video QA, the family's
+            ``generate`` then receives the clips ``[B, C, T, 3, H, W]``).
     """
 
     def __init__(
@@ -159,8 +161,12 @@ class VQAEvaluation(EvalCallback):
         answer_list: str | None = None,
         baseline: bool = False,
         choices: int = 0,
+        modality: str = "image",
     ) -> None:
         super().__init__(splits, prefix)
+        if not isinstance(modality, str) or not modality.isidentifier():
+            raise UserError(f"VQAEvaluation modality must be a batch key such as image or video, got {modality!r}")
+        self.modality = modality
         if mode not in ("generate", "rank"):
             raise UserError(f"VQAEvaluation mode must be 'generate' or 'rank', got {mode!r}")
         if answer_list is not None and mode != "rank":
@@ -300,7 +306,9 @@ class VQAEvaluation(EvalCallback):
                 f"VQAEvaluation: batch has {len(questions)} questions, {len(ids)} question ids and "
                 f"{owner.shape[0]} question_owner rows; they must agree"
             )
-        images = batch["image"]  # [B, 3, H, W]
+        if self.modality not in batch:
+            raise UserError(f"VQAEvaluation needs batch key {self.modality!r} (its modality)")
+        images = batch[self.modality]  # [B, 3, H, W] (video: [B, C, T, 3, H, W])
         out: dict[str, tuple[int, str, str]] = {}
         for start in range(0, len(ids), self.batch_size):
             stop = start + self.batch_size
@@ -377,7 +385,8 @@ class VQAEvaluation(EvalCallback):
 
     def protocol(self):
         return {**super().protocol(), "metric": "VQAv2 accuracy (10 leave-one-out annotator subsets)",
-                "always_normalize": self.always_normalize, "prompt": self.prompt, "choices": self.choices}
+                "always_normalize": self.always_normalize, "prompt": self.prompt, "choices": self.choices,
+                **({"modality": self.modality} if self.modality != "image" else {})}
 
     def log_examples(self, writer, stage, step, ids, records):
         if self.num_examples == 0:

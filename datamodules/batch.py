@@ -31,7 +31,7 @@ from typing import Any, TypedDict
 
 import torch
 
-__all__ = ["Batch", "DataStats", "ImageTextBatch", "ImageTextEvalBatch", "InterleavedBatch", "batch_size"]
+__all__ = ["Batch", "DataStats", "ImageTextBatch", "ImageTextEvalBatch", "InterleavedBatch", "VideoAudioBatch", "batch_size"]
 
 
 class DataStats(TypedDict, total=False):
@@ -97,6 +97,25 @@ class InterleavedBatch(Batch, total=False):
     attention_mask: torch.Tensor  # [B, T] long: 1 on tokens, 0 on padding
     labels: torch.Tensor  # [B, T] long: next-token targets, -100 on padding, <image> and text outside chunks
     media_locations: torch.Tensor  # [B, T] bool: where the <image> tokens are
+
+
+class VideoAudioBatch(ImageTextEvalBatch, total=False):
+    """A batch of the video-audio corpus (:mod:`lit_vlm.datamodules.video_audio`): the image-text
+    batch's text fields (training: ``text_ids``/``text_mask``; evaluation: every caption, ``label``,
+    the questions) beside the clips; ``C`` clips of ``T`` frames, ``A`` audio clips of ``M`` mel
+    bins by ``F`` frames. Only the decoded modalities are there."""
+
+    video: torch.Tensor  # [B, C, T, 3, H, W] float, normalised as images; zeros on padding frames
+    video_mask: torch.Tensor  # [B, C, T] bool: real frames
+    audio: torch.Tensor  # [B, A, 1, M, F] float: normalised log-mel spectrograms
+    audio_label: torch.Tensor  # [B] long, the JSON's "audio_label", -1 when absent
+    audio_text_ids: torch.Tensor  # [B, L] long: one audio caption per clip (evaluation: the first)
+    audio_text_mask: torch.Tensor  # [B, L] bool
+    audio_caption_ids: torch.Tensor  # [N, L] long, evaluation: every audio caption, clip after clip
+    audio_caption_mask: torch.Tensor  # [N, L] bool
+    audio_caption_owner: torch.Tensor  # [N] long, each audio caption's clip row
+    audio_captions: list[list[str]]  # [B] raw audio captions
+    image: torch.Tensor  # [B, 3, H, W] evaluation only: the middle real frame of each clip's first clip
 
 
 def batch_size(batch: Any) -> int:

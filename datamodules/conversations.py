@@ -104,21 +104,24 @@ class ConversationCollator:
         self.pad_id = pad_id
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        L = max(len(s["chat_ids"]) for s in samples)
-        ids = torch.full((len(samples), L), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), L), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(samples), L), dtype=torch.bool)
-        for i, s in enumerate(samples):
-            n = len(s["chat_ids"])
-            ids[i, :n] = torch.tensor(s["chat_ids"])
-            labels[i, :n] = torch.tensor(s["chat_labels"])
-            mask[i, :n] = True
-        return {
-            "image": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
-            "has_image": torch.tensor([s["has_image"] for s in samples]),  # [B]
-            "chat_ids": ids, "chat_labels": labels, "chat_mask": mask,  # [B, L]
-            "sample_id": [s["__key__"] for s in samples],
-        }
+        return {"image": torch.stack([s["image"] for s in samples]),  # [B, 3, H, W]
+                **pad_chats(samples, self.pad_id), "sample_id": [s["__key__"] for s in samples]}
+
+
+def pad_chats(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Encoded conversations -> ``chat_ids``, ``chat_labels`` (-100 on padding), ``chat_mask``
+    [B, L] (right-padded) and ``has_image`` [B]."""
+    L = max(len(s["chat_ids"]) for s in samples)
+    ids = torch.full((len(samples), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), L), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), L), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s["chat_ids"])
+        ids[i, :n] = torch.tensor(s["chat_ids"])
+        labels[i, :n] = torch.tensor(s["chat_labels"])
+        mask[i, :n] = True
+    return {"has_image": torch.tensor([s["has_image"] for s in samples]),  # [B]
+            "chat_ids": ids, "chat_labels": labels, "chat_mask": mask}  # [B, L]
 
 
 class ConversationCorpus(ImageTextCorpus):
@@ -314,5 +317,5 @@ def llava_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CONVERSATION_SKIP_REASONS", "ConversationCorpus", "ConversationDataModule", "PadToSquare", "convert_llava",
+__all__ = ["CONVERSATION_SKIP_REASONS", "ConversationCorpus", "ConversationDataModule", "PadToSquare", "convert_llava", "pad_chats",
            "llava_main"]

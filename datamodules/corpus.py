@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +29,16 @@ import torch
 from lit_vlm.datamodules import manifests
 from lit_vlm.errors import UserError
 
-__all__ = ["Corpus", "Split"]
+__all__ = ["Corpus", "Split", "is_empty"]
 
 DecodeFn = Callable[[dict[str, Any], torch.Generator], dict[str, Any]]
 CollateFn = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def is_empty(root: str) -> bool:
+    """True when ``root`` has no manifest and holds nothing (a corpus may write its synthetic data there)."""
+    path = Path(root)
+    return not (path / manifests.MANIFEST).exists() and not (path.is_dir() and any(path.iterdir()))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch
 
 from lit_vlm.datamodules import convert, manifests, negatives, synth
 from lit_vlm.datamodules.corpus import Corpus, Split
-from lit_vlm.datamodules.shards import ShardDataModule
+from lit_vlm.datamodules.shards import ShardDataModule, TextFacts
 from lit_vlm.datamodules.stream import BadSample
 from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.transforms import (
@@ -587,7 +587,7 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-class ImageTextDataModule(ShardDataModule):
+class ImageTextDataModule(TextFacts, ShardDataModule):
     """Streaming image-text data (contrastive, captioning, retrieval, zero-shot, VQA): the
     :class:`ImageTextCorpus` on the generic :class:`~lit_vlm.datamodules.shards.ShardDataModule`.
 
@@ -728,31 +728,6 @@ class ImageTextDataModule(ShardDataModule):
         self._zeroshot: tuple[list[str] | None, list[str] | None] | None = None
 
     # ----------------------------------------------------------------------------- model-facing facts
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The text tokenizer (the corpus's)."""
-        return self.corpus.tokenizer
-
-    @property
-    def image_size(self) -> int:
-        """Side of the square images given to the model."""
-        return self.corpus.image_size
-
-    @property
-    def context_length(self) -> int:
-        """Length of every token row."""
-        return self.corpus.context_length
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (rows of a text embedding table)."""
-        return self.tokenizer.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        """Id used to pad token rows."""
-        return self.tokenizer.pad_id
 
     @property
     def synth_config(self) -> dict[str, Any]:

@@ -39,13 +39,12 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from lit_vlm.datamodules import manifests, world_docs
-from lit_vlm.datamodules.corpus import Corpus, Split
+from lit_vlm.datamodules import world_docs
+from lit_vlm.datamodules.corpus import Corpus, Split, is_empty
 from lit_vlm.datamodules.shards import ShardDataModule
 from lit_vlm.datamodules.stream import DROPPED
 from lit_vlm.datamodules.tokenizer import Tokenizer
@@ -478,7 +477,7 @@ class InterleavedCorpus(Corpus):
 
     def prepare(self, root: str) -> None:
         """Write the synthetic world's documents (``docs_config``) in ``root`` when it is missing or empty."""
-        if not (Path(root) / manifests.MANIFEST).exists() and not (Path(root).is_dir() and any(Path(root).iterdir())):
+        if is_empty(root):
             logger.info("writing the synthetic world's interleaved documents in %s", root)
             world_docs.generate(root, world_docs.DocsConfig(**self.docs_config), progress=False)
         super().prepare(root)

@@ -38,7 +38,7 @@ from lit_vlm.datamodules.stream import (
 )
 from lit_vlm.errors import UserError
 
-__all__ = ["ShardDataModule"]
+__all__ = ["ShardDataModule", "TextFacts"]
 
 logger = logging.getLogger("lit_vlm.data")
 
@@ -467,3 +467,35 @@ class ShardDataModule(pl.LightningDataModule):
         """Restore :meth:`state_dict`."""
         stream = state_dict.get("stream", {})
         self._stream_state.epoch = int(stream.get("epoch", self._stream_state.epoch))
+
+
+class TextFacts:
+    """The model-facing facts of a DataModule whose corpus tokenizes text and has images (or
+    frames): what ``lit-vlm`` links into the model's unset arguments (``vocab_size``, ...)."""
+
+    corpus: Any
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer (the corpus's)."""
+        return self.corpus.tokenizer
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images (or frames) given to the model."""
+        return self.corpus.image_size
+
+    @property
+    def context_length(self) -> int:
+        """Length of every token row."""
+        return self.corpus.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (rows of a text embedding table)."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        """Id used to pad token rows."""
+        return self.tokenizer.pad_id

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +28,11 @@ import torch
 from PIL import Image
 
 from lit_vlm.datamodules import manifests, media, world_clips
-from lit_vlm.datamodules.corpus import Corpus, Split
+from lit_vlm.datamodules.conversations import CONVERSATION_SKIP_REASONS, pad_chats
+from lit_vlm.datamodules.corpus import Corpus, Split, is_empty
 from lit_vlm.datamodules.image_text import ImageTextCollator, ImageTextDecoder
-from lit_vlm.datamodules.shards import ShardDataModule
+from lit_vlm.datamodules.shards import ShardDataModule, TextFacts
+from lit_vlm.datamodules.templates import IMAGE, ConversationError, encode_conversation, get_template
 from lit_vlm.datamodules.tokenizer import Tokenizer
 from lit_vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, BadSample, Compose, eval_transform, train_transform
 from lit_vlm.errors import UserError
@@ -61,10 +62,25 @@ class VideoAudioDecoder(ImageTextDecoder):
     """
 
     def __init__(self, transform: Compose, *, train: bool, modalities: tuple[str, ...], sampling: media.FrameSampling,
-                 audio: media.AudioFrontEnd, min_audio_seconds: float, silence: float, require_caption: bool) -> None:
+                 audio: media.AudioFrontEnd, min_audio_seconds: float, silence: float, require_caption: bool,
+                 chat: tuple[Any, str, str, int] | None = None) -> None:
         super().__init__(transform, train=train, require_caption=require_caption)
         self.modalities, self.sampling, self.audio = modalities, sampling, audio
         self.min_audio_seconds, self.silence = min_audio_seconds, silence
+        self.chat = chat  # (tokenizer, template, JSON key, max length) of training conversations
+
+    def _conversation(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The JSON's conversation as ``chat_ids``/``chat_labels`` (``<video>`` read as ``<image>``)."""
+        tokenizer, template, key, max_length = self.chat
+        turns = meta.get(key)
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+            raise BadSample("bad_json", f"json {key!r} is not a list of turns")
+        turns = [{**t, "value": t["value"].replace("<video>", IMAGE)} for t in turns]
+        try:
+            ids, labels = encode_conversation(turns, tokenizer, template, 1, max_length)
+        except ConversationError as exc:
+            raise BadSample(f"conversation_{exc.reason}", str(exc)) from exc
+        return {"chat_ids": ids, "chat_labels": labels, "has_image": True}
 
     def __call__(self, raw: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         meta = self._metadata(raw)
@@ -72,6 +88,8 @@ class VideoAudioDecoder(ImageTextDecoder):
             sample: dict[str, Any] = {"caption": self._pick(self._captions(raw, meta, self.require_caption), generator)}
             listed = self._text_list(meta, "audio_captions")
             sample["audio_caption"] = self._pick(listed, generator) if listed else ""
+            if self.chat is not None:
+                sample.update(self._conversation(meta))
         else:
             questions = self._questions(meta)
             sample = {"captions": self._captions(raw, meta, self.require_caption and not questions), "questions": questions,
@@ -83,7 +101,8 @@ class VideoAudioDecoder(ImageTextDecoder):
                 raise BadSample("bad_json", f"json {key!r} is {value!r}, not an integer class index")
             sample[key] = value
         video_data = next((raw[k] for k in VIDEO_KEYS if k in raw), None)
-        frame_keys = sorted(k for k in raw if k.endswith((".jpg", ".jpeg", ".png")) and k.split(".", 1)[0].isdigit())
+        frame_keys = sorted((k for k in raw if k.endswith((".jpg", ".jpeg", ".png")) and k.split(".", 1)[0].isdigit()),
+                            key=lambda k: int(k.split(".", 1)[0]))  # KEY.000.jpg, KEY.001.jpg, ... in frame order
         if "audio" in self.modalities:
             sample["audio"] = self._audio(raw, video_data)
         if "video" in self.modalities:
@@ -150,7 +169,7 @@ class VideoAudioDecoder(ImageTextDecoder):
                 try:
                     with Image.open(io.BytesIO(raw[keys[i]])) as img:
                         frames.append(np.asarray(img.convert("RGB")))
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:
                     raise BadSample("video_decode", f"frame {keys[i]} does not decode: {exc}") from exc
             out.append(frames)
         return out
@@ -186,6 +205,8 @@ class VideoAudioCollator(ImageTextCollator):
         if "audio" in samples[0]:
             out["audio"] = torch.stack([s["audio"] for s in samples])  # [B, A, 1, M, F]
         out["audio_label"] = torch.tensor([s["audio_label"] for s in samples], dtype=torch.long)  # [B]
+        if "chat_ids" in samples[0]:
+            out.update(pad_chats(samples, self.tokenizer.pad_id))  # chat_ids, chat_labels, chat_mask [B, L], has_image [B]
         if self.train:
             out["audio_text_ids"], out["audio_text_mask"] = self.tokenizer.encode(
                 [s["audio_caption"] for s in samples], self.context_length)  # [B, L]
@@ -213,7 +234,11 @@ class VideoAudioCorpus(Corpus):
                  mean: tuple[float, float, float] = CLIP_MEAN, std: tuple[float, float, float] = CLIP_STD,
                  train_crop_scale: tuple[float, float] = (0.9, 1.0), modalities: tuple[str, ...] = MODALITIES,
                  sampling: media.FrameSampling | None = None, audio: media.AudioFrontEnd | None = None,
-                 min_audio_seconds: float = 0.25, silence: float = 1e-4, clips_config: dict[str, Any] | None = None) -> None:
+                 min_audio_seconds: float = 0.25, silence: float = 1e-4, clips_config: dict[str, Any] | None = None,
+                 conversations: str | None = None, template: str = "chat", max_chat_length: int = 512) -> None:
+        self.conversations, self.template, self.max_chat_length = conversations, template, int(max_chat_length)
+        get_template(template)
+        self.skip_reasons = CLIP_SKIP_REASONS + (CONVERSATION_SKIP_REASONS if conversations else ())
         self.modalities = tuple(modalities)
         if not self.modalities or set(self.modalities) - set(MODALITIES):
             raise UserError(f"modalities must be among {MODALITIES}, got {list(modalities)}")
@@ -236,9 +261,14 @@ class VideoAudioCorpus(Corpus):
 
     def prepare(self, root: str) -> None:
         """Write the synthetic world's clips (``clips_config``) in ``root`` when it is missing or empty."""
-        if not (Path(root) / manifests.MANIFEST).exists() and not (Path(root).is_dir() and any(Path(root).iterdir())):
+        if is_empty(root):
             logger.info("writing the synthetic world's clips in %s", root)
             world_clips.generate(root, world_clips.ClipsConfig(**self.clips_config), progress=False)
+        manifest = manifests.read_manifest(root)
+        if manifest.get("format") == world_clips.FORMAT and manifest.get("version") != world_clips.VERSION:
+            raise UserError(f"root={root!r} holds the world's clips of version {manifest.get('version')}; this lit-vlm "
+                            f"writes version {world_clips.VERSION}: remove the folder (it is rewritten on first use) or "
+                            f"run lit-vlm data clips --out {root}")
         super().prepare(root)
 
     def decoder(self, split: Split) -> VideoAudioDecoder:
@@ -246,23 +276,28 @@ class VideoAudioCorpus(Corpus):
                      else eval_transform(self.image_size, self.mean, self.std))
         return VideoAudioDecoder(transform, train=split.train, modalities=self.modalities, sampling=self.sampling,
                                  audio=self.audio, min_audio_seconds=self.min_audio_seconds, silence=self.silence,
-                                 require_caption=split.name != "predict")
+                                 require_caption=split.name != "predict",
+                                 chat=(self.tokenizer, self.template, self.conversations, self.max_chat_length)
+                                 if self.conversations and split.train else None)
 
     def collator(self, split: Split) -> VideoAudioCollator:
         return VideoAudioCollator(self.tokenizer, self.context_length, train=split.train)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "modalities": list(self.modalities), "sampling": dataclasses.asdict(self.sampling),
+        return {**super().describe(), "modalities": list(self.modalities), "conversations": self.conversations,
+                "template": self.template, "sampling": dataclasses.asdict(self.sampling),
                 "audio": dataclasses.asdict(self.audio), "decoders": media.versions()}
 
 
-class VideoAudioDataModule(ShardDataModule):
+class VideoAudioDataModule(TextFacts, ShardDataModule):
     """Clips with sound streamed from webdataset shards (see the module docstring).
 
     Args:
-        tokenizer: The text tower's tokenizer: ``synth`` (the synthetic world's words, as the
-            image-text data's default), a ``tokenizer.json`` or a Hugging Face tokenizer folder.
-        context_length: Token rows are padded or cut to this length.
+        tokenizer: The text tower's tokenizer: ``synth`` (the synthetic world's words; the
+            default), a ``tokenizer.json`` or a Hugging Face tokenizer folder (``lit-vlm`` fills it
+            from the model's ``language_model`` when the model has one).
+        context_length: Token rows are padded or cut to this length (default 32; filled from the
+            model's language model as the tokenizer is).
         image_size: Square side frames are resized and cropped to.
         decode: What every sample must have and is decoded (``video``, ``audio``); the rest is left.
         sampling: Frame sampling (:class:`~lit_vlm.datamodules.media.FrameSampling` fields:
@@ -273,44 +308,36 @@ class VideoAudioDataModule(ShardDataModule):
         silence: Audio whose peak is at most this is skipped (``silent_audio``).
         clips_config: The synthetic world's clips written to a missing ``root``
             (:class:`~lit_vlm.datamodules.world_clips.ClipsConfig` fields, e.g. ``{num_train: 64}``).
+        conversations: The JSON key of each clip's training conversation (video instruction data
+            in LLaVA's format, ``<video>`` or ``<image>`` marking the clip), encoded as ``chat_ids``
+            / ``chat_labels`` for video chat; None reads none.
+        template: The conversation template (``plain``, ``chat``, ``chatml``); ``lit-vlm`` links it
+            to the model's.
+        max_chat_length: Tokens per conversation at most (the clip's place counts one).
         **kwargs: :class:`~lit_vlm.datamodules.shards.ShardDataModule`'s (root, shards, batch size, ...).
     """
 
-    def __init__(self, tokenizer: str = "synth", context_length: int = 32, image_size: int = 64,
+    def __init__(self, tokenizer: str | None = None, context_length: int | None = None, image_size: int = 64,
                  decode: list[str] = list(MODALITIES), sampling: dict[str, Any] | None = None,
                  audio_front_end: dict[str, Any] | None = None, min_audio_seconds: float = 0.25, silence: float = 1e-4,
-                 clips_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 clips_config: dict[str, Any] | None = None, conversations: str | None = None, template: str = "chat",
+                 max_chat_length: int = 512, **kwargs: Any) -> None:
         try:
             frame_sampling = media.FrameSampling(**(sampling or {}))
             front_end = media.AudioFrontEnd(**(audio_front_end or {}))
         except TypeError as exc:
             raise UserError(f"sampling / audio_front_end: {exc} (the keys are FrameSampling's and AudioFrontEnd's "
                             "fields)") from exc
-        corpus = VideoAudioCorpus(tokenizer, context_length, image_size, modalities=tuple(decode),
+        corpus = VideoAudioCorpus(tokenizer or "synth", context_length or 32, image_size, modalities=tuple(decode),
                                   sampling=frame_sampling, audio=front_end, min_audio_seconds=min_audio_seconds,
-                                  silence=silence, clips_config=clips_config)
+                                  silence=silence, clips_config=clips_config, conversations=conversations,
+                                  template=template, max_chat_length=max_chat_length)
         super().__init__(corpus, **kwargs)
         self.save_hyperparameters()
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        return self.corpus.tokenizer
-
-    @property
-    def context_length(self) -> int:
-        return self.corpus.context_length
-
-    @property
-    def image_size(self) -> int:
-        return self.corpus.image_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id
+    def template(self) -> str:
+        return self.corpus.template
 
     @property
     def num_mel_bins(self) -> int | None:

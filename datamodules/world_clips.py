@@ -11,7 +11,8 @@ Each sample: ``KEY.mp4`` (H.264, no audio stream), ``KEY.flac`` (mono), ``KEY.tx
 caption) and ``KEY.json`` with ``captions`` (what is seen, some also what is heard),
 ``audio_captions`` (what is heard), ``label`` (the action, :data:`ACTIONS`), ``audio_label`` (the
 sounding main shape, :data:`AUDIO_CLASSES`), ``questions`` (video QA in VQAv2's fields, with
-``question_type``) and the objects. The manifest names the VQA annotation files of val and test
+``question_type``), ``conversations`` (the same as video instruction data, in LLaVA's format) and
+the objects. The manifest names the VQA annotation files of val and test
 and, under ``classes``, each label's class names and prompt templates.
 
 ``lit-vlm data clips --out data/world-clips`` writes them; a ``VideoAudioDataModule`` whose ``root``
@@ -39,11 +40,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lit_vlm.datamodules import synth
+from lit_vlm.datamodules.instructions import vqa_prompt
 from lit_vlm.errors import UserError
 from lit_vlm.io import write_json_atomic
 
 FORMAT = "lit-vlm-world-clips"
-VERSION = 1
+VERSION = 2  # 2: conversations (video instruction data, LLaVA format)
 SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 201, "val": 202, "test": 203}
 _CLIP_ID_OFFSET = {"train": 1, "val": 1_000_000, "test": 2_000_000}
@@ -280,6 +282,17 @@ def questions(action: str, objects: list[ClipObject], clip_id: int, rng: np.rand
             for j, (q, a, qt, at) in enumerate(items)]
 
 
+def conversation(caption: str, asked: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Video instruction data in LLaVA's format (Video-ChatGPT's, with ``<image>`` as the video's
+    place): a description, then the clip's questions with their short answers, asked as the VQA
+    evaluation asks them (LLaVA-1.5's short-answer suffix)."""
+    turns = [{"from": "human", "value": "<image>\nDescribe what happens in the video."}, {"from": "gpt", "value": caption}]
+    for q in asked:
+        turns += [{"from": "human", "value": vqa_prompt(q["question"])},
+                  {"from": "gpt", "value": q["multiple_choice_answer"]}]
+    return turns
+
+
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     """Frames [T, H, W, 3] uint8 -> H.264 mp4 bytes (yuv420p, every frame a keyframe-free GOP of the clip)."""
     import av
@@ -317,7 +330,8 @@ def make_sample(config: ClipsConfig, split: str, index: int) -> tuple[dict[str, 
         "captions": captions, "audio_captions": audio_captions,
         "label": ACTIONS.index(action), "action": action,
         "audio_label": AUDIO_CLASSES.index(objects[0].shape), "audio_classname": objects[0].shape,
-        "questions": questions(action, objects, clip_id, text_rng),
+        "questions": (asked := questions(action, objects, clip_id, text_rng)),
+        "conversations": conversation(captions[0], asked),
         "objects": [{"shape": o.shape, "colour": o.colour, "new_colour": o.new_colour, "sound": SOUNDS[o.shape][0],
                      "pattern": PATTERNS[o.colour]} for o in objects],
         "background": background, "fps": config.fps, "duration": config.duration, "sample_rate": config.sample_rate,

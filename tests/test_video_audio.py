@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_interleaved import _write_tar
 
 from lit_vlm.datamodules import media, world_clips
 from lit_vlm.datamodules.media import AudioFrontEnd, FrameSampling, frame_indices
@@ -32,12 +33,7 @@ def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.n
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    _write_tar(path, samples)
     return str(path)
 
 
@@ -345,13 +341,14 @@ def test_binding_trains_only_the_bound_towers():
 
 
 @pytest.mark.slow
-def test_binding_tiny_fits_and_tests_through_the_cli(tmp_path):
+def test_binding_and_video_chat_tiny_run_through_the_cli(tmp_path):
     import subprocess
     import sys
 
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "binding" / "tiny.yaml")
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    config = str(configs / "binding" / "tiny.yaml")
 
-    def run(command, *args):
+    def run(command, *args, config=config):
         proc = subprocess.run([sys.executable, "-m", "lit_vlm", command, "--config", config, *args], capture_output=True,
                               text=True, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -363,8 +360,51 @@ def test_binding_tiny_fits_and_tests_through_the_cli(tmp_path):
     assert {"test/zeroshot_audio/top1", "test/retrieval_audio_text/a2t_R@1", "test/retrieval_audio_image/a2i_R@1",
             "test/retrieval_video_text/v2t_R@1", "test/zeroshot_video/top1"} <= set(metrics)
     assert results["data"]["corpus"]["decoders"]["av"] and results["data"]["corpus"]["sampling"]["num_frames"] == 2
+    # the leaderboard knows each section by its callback: chance of 8 audio classes, of 6 clips with 2 audio captions each
+    from lit_vlm.report.collect import load_runs
+    from lit_vlm.report.leaderboard import build
+
+    sections = {s.task: s for s in build(load_runs([str(tmp_path / "runs/binding-tiny/version_1")]), resamples=20)}
+    audio_row = sections["zeroshot_audio"].groups[0].rows[0]
+    assert audio_row.baselines["top1"] == pytest.approx(1 / 8)
+    text_row = sections["retrieval_audio_text"].groups[0].rows[0]
+    assert text_row.baselines["t2a_R@1"] == pytest.approx(1 / 6)
+    assert text_row.baselines["a2t_R@1"] == pytest.approx(1 - math.comb(10, 1) / math.comb(12, 1))  # 2 of 12 texts
     # LanguageBind: audio against its captions, video against its captions, through a temporal head
     run("fit", "--model.init_args.anchor", "text", "--model.init_args.modalities", "[audio, video]",
         "--trainer.logger.init_args.name", "languagebind-tiny")
     fit = json.loads((tmp_path / "runs/languagebind-tiny/version_0/fit.json").read_text())
     assert fit["global_step"] == 2 and fit["data"]["train"]["skipped"] == 0
+    # Video-ChatGPT on the same clips: their conversations train the projector; video QA with its prior
+    from test_bridges import lm_folder
+
+    lm_folder(tmp_path / "models/world-lm-tiny")
+    chat = str(configs / "videochat" / "tiny.yaml")
+    run("fit", config=chat)
+    run("test", "--ckpt_path", "best", config=chat)
+    fit = json.loads((tmp_path / "runs/videochat-tiny/version_0/fit.json").read_text())
+    assert fit["parameters"]["trainable"] > 0 and fit["data"]["train"]["skipped"] == 0
+    metrics = json.loads((tmp_path / "runs/videochat-tiny/version_1/results.json").read_text())["metrics"]
+    assert {"test/vqa/overall", "test/vqa/baseline/overall", "test/vqa/question_type/direction"} <= set(metrics)
+
+
+def test_video_chat_pools_frames_over_time_and_space(tmp_path):
+    from test_bridges import lm_folder
+
+    from lit_vlm.models import VideoChat
+    from lit_vlm.modules import ConvNet
+
+    torch.manual_seed(0)
+    model = VideoChat(ConvNet(channels=[8, 16], strides=[2, 2], convs_per_stage=1, image_size=32), vision_layer=-1,
+                      pool_grid=2, language_model=str(lm_folder(tmp_path / "lm")), train_lm="frozen").eval()
+    video = torch.randn(2, 1, 3, 3, 32, 32)  # 2 clips of 3 frames
+    mask = torch.tensor([[[True, True, True]], [[True, True, False]]])
+    with torch.no_grad():
+        tokens = model.image_tokens(video, mask)  # [2, 4 + 3, D]
+        _, patches = model.vision_tokens(video.flatten(0, 2))  # [6, 4, Dv]
+        patches = patches.view(2, 3, 4, -1)
+        for b, n in ((0, 3), (1, 2)):  # temporal: each patch's mean over the real frames; spatial: each frame's mean
+            spatial = torch.cat([patches[b, :n].mean(1), torch.zeros(3 - n, patches.shape[-1])])
+            want = model.projector(torch.cat([patches[b, :n].mean(0), spatial]))
+            assert torch.allclose(tokens[b], want, atol=1e-5)
+    assert tokens.shape == (2, 4 + 3, model.lm.width)

@@ -23,6 +23,8 @@
   inserted into a frozen Hugging Face LM, trained on interleaved documents.
 - :class:`LanguageModel` (``lm.py``): a ``transformers`` causal LM trained from scratch on the
   world's text and written as a Hugging Face folder: the bridges' embedded frozen LM.
+- :class:`VideoChat` (``videochat.py``): Video-ChatGPT: a frozen image tower's frame features pooled
+  over time and over space, projected into a frozen LM (LLaVA's machinery).
 - :class:`Binding` (``binding.py``): ImageBind / LanguageBind: audio and video towers bound to a
   frozen image-text model (image- or text-anchored InfoNCE).
 """
@@ -42,5 +44,6 @@ from lit_vlm.models.llava import LLaVA
 from lit_vlm.models.lm import LanguageModel
 from lit_vlm.models.mae import MAE
 from lit_vlm.models.prefixlm import PrefixLM
+from lit_vlm.models.videochat import VideoChat
 
-__all__ = ["VLMModule", "BLIP", "Binding", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Flamingo", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM"]
+__all__ = ["VLMModule", "BLIP", "Binding", "BLIP2", "CLIP", "ClipCap", "CoCa", "FILIP", "FLAVA", "Flamingo", "Frozen", "LLaVA", "LanguageModel", "MAE", "PrefixLM", "VideoChat"]

@@ -53,6 +53,7 @@ class Binding(VLMModule):
     """
 
     couples_batch = True
+    eval_terms = ("loss",)  # the per-modality terms are training diagnostics; evaluation is the callbacks'
 
     def __init__(self, vision: VisionTransformer | ConvNet, text: TextTransformer, audio: AudioTransformer | None = None,
                  embed_dim: int = 512, anchor: str = "image", modalities: list[str] = ["audio"],

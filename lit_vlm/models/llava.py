@@ -106,30 +106,40 @@ class LLaVA(Bridge):
         self.caption_prompt = caption_prompt
 
     # ---- images into the LM's space -------------------------------------------------------------
+    def vision_tokens(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The image tower's first token [N, 1, Dv] and patch tokens [N, P, Dv] (pooled to
+        ``pool_grid`` x ``pool_grid`` when set) of images [N, 3, H, W]."""
+        if isinstance(self.vision, ConvNet):
+            tokens = self.vision(images).tokens  # [N, 1 + h*w, Dv]: mean first, then the map
+        else:
+            tokens = self.vision(images, output_hidden_states=True).hidden_states[self.vision_layer]  # [N, 1 + P, Dv]
+        first, patches = tokens[:, :1], tokens[:, 1:]  # [N, 1, Dv], [N, P, Dv]
+        if self.pool_grid is not None:
+            N, P, D = patches.shape
+            side = math.isqrt(P)
+            if side * side != P:
+                raise UserError(f"model pool_grid needs a square patch grid; the image tower gives {P} patches")
+            grid = patches.transpose(1, 2).reshape(N, D, side, side)  # [N, Dv, g, g]
+            patches = F.adaptive_avg_pool2d(grid, self.pool_grid).flatten(2).transpose(1, 2)  # [N, p*p, Dv]
+        return first, patches
+
     def image_tokens(self, images: Tensor) -> Tensor:
         """Projected image tokens [N, S, D_lm] of images [N, 3, H, W]."""
         with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()):
-            if isinstance(self.vision, ConvNet):
-                tokens = self.vision(images).tokens  # [N, 1 + h*w, Dv]: mean first, then the map
-            else:
-                tokens = self.vision(images, output_hidden_states=True).hidden_states[self.vision_layer]  # [N, 1 + P, Dv]
-            first, patches = tokens[:, :1], tokens[:, 1:]  # [N, 1, Dv], [N, P, Dv]
-            if self.pool_grid is not None:
-                N, P, D = patches.shape
-                side = math.isqrt(P)
-                if side * side != P:
-                    raise UserError(f"model pool_grid needs a square patch grid; the image tower gives {P} patches")
-                grid = patches.transpose(1, 2).reshape(N, D, side, side)  # [N, Dv, g, g]
-                patches = F.adaptive_avg_pool2d(grid, self.pool_grid).flatten(2).transpose(1, 2)  # [N, p*p, Dv]
+            first, patches = self.vision_tokens(images)
             tokens = patches if self.vision_features == "patch" else torch.cat([first, patches], dim=1)
         return self.projector(tokens)  # [N, S, D_lm]
 
     # ---- training -------------------------------------------------------------------------------
+    def media_tokens(self, batch: dict, has_image: Tensor) -> Tensor:
+        """The projected tokens of the batch's samples that have media [N, S, D_lm]."""
+        return self.image_tokens(batch["image"][has_image])
+
     def forward(self, batch: dict) -> dict[str, Tensor]:
         ids, mask = trim_padding(batch["chat_ids"], batch["chat_mask"])  # [B, L]
         labels = batch["chat_labels"][:, : ids.shape[1]]  # [B, L]
         has_image = batch["has_image"].bool()  # [B]
-        images = self.image_tokens(batch["image"][has_image])  # [N, S, D]
+        images = self.media_tokens(batch, has_image)  # [N, S, D]
         embeds, emask, labels = splice_images(self.lm.embed, ids, mask, labels, images, self.lm_max_positions)  # [B, T, ...]
         logits = self.lm.forward_embeds(embeds, emask).logits  # [B, T, V]
         targets = labels[:, 1:]  # [B, T-1]: position t predicts token t + 1

@@ -95,22 +95,25 @@ class Section:
 
 def _chance(task: str, metric: str, run: Run) -> float | None:
     """Chance level of a retrieval or zero-shot metric, from the evaluated set's sizes; 1/2 for a
-    compositional accuracy (true caption against one negative)."""
-    callback = ((((run.results.get("evaluations") or {}).get(task) or {}).get("protocol") or {}).get("callback"))
+    compositional accuracy (true caption against one negative). A task is known by the callback that
+    logged it, so ``zeroshot_audio`` or ``retrieval_audio_text`` get theirs too."""
+    protocol = (((run.results.get("evaluations") or {}).get(task) or {}).get("protocol") or {})
+    callback = protocol.get("callback")
     if callback == "CompositionalEvaluation":
         return 0.5
-    if task == "zeroshot":
-        classes = (((run.results.get("evaluations") or {}).get(task) or {}).get("protocol") or {}).get("classes")
+    if task == "zeroshot" or callback == "ZeroShotEvaluation":
+        classes = protocol.get("classes")
         k = {"top1": 1, "top5": 5}.get(metric)
         return min(1.0, k / classes) if classes and k else None
     block = run.per_sample.get(task) or {}
     scores = block.get("metrics") or {}
-    if task != "retrieval" or not scores:
+    if not (task == "retrieval" or callback == "RetrievalEvaluation") or not scores:
         return None
-    counts = next((v["den"] for name, v in scores.items() if name.startswith("t2i_")), None)
+    query, gallery = _initials(protocol.get("modalities") or ["image", "text"])
+    counts = next((v["den"] for name, v in scores.items() if name.startswith(f"{gallery}2{query}_")), None)
     if counts is None:
         return None
-    images, texts = len(counts), int(sum(counts))
+    items, texts = len(counts), int(sum(counts))
     if metric in (block.get("mean_of") or {}):
         parts = [_chance(task, p, run) for p in block["mean_of"][metric]]
         return None if any(p is None for p in parts) else sum(parts) / len(parts)
@@ -118,12 +121,18 @@ def _chance(task: str, metric: str, run: Run) -> float | None:
     if not k.isdigit():
         return None
     k = int(k)
-    if direction == "t2i":  # one right image among `images`
-        return min(1.0, k / images)
-    if direction == "i2t":  # any of the image's captions among the top k of `texts`
+    if direction == f"{gallery}2{query}":  # one right item among `items`
+        return min(1.0, k / items)
+    if direction == f"{query}2{gallery}":  # any of the item's texts among the top k of `texts`
         miss = [math.comb(texts - int(c), k) / math.comb(texts, k) if texts >= k else 0.0 for c in counts]
         return 1.0 - sum(miss) / len(miss)
     return None
+
+
+def _initials(modalities: list[str]) -> tuple[str, str]:
+    """How RetrievalEvaluation names a pair's directions: initials, or full names when they clash."""
+    q, g = modalities
+    return (q[0], g[0]) if q[0] != g[0] else (q, g)
 
 
 def _row(task: str, runs: list[Run], resamples: int) -> Row:
