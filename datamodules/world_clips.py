@@ -45,7 +45,7 @@ from lit_vlm.errors import UserError
 from lit_vlm.io import write_json_atomic
 
 FORMAT = "lit-vlm-world-clips"
-VERSION = 2  # 2: conversations (video instruction data, LLaVA format)
+VERSION = 3  # 2: conversations (video instruction data, LLaVA format); 3: their turns in a random order
 SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 201, "val": 202, "test": 203}
 _CLIP_ID_OFFSET = {"train": 1, "val": 1_000_000, "test": 2_000_000}
@@ -282,14 +282,17 @@ def questions(action: str, objects: list[ClipObject], clip_id: int, rng: np.rand
             for j, (q, a, qt, at) in enumerate(items)]
 
 
-def conversation(caption: str, asked: list[dict[str, Any]]) -> list[dict[str, str]]:
+def conversation(caption: str, asked: list[dict[str, Any]], rng: np.random.Generator) -> list[dict[str, str]]:
     """Video instruction data in LLaVA's format (Video-ChatGPT's, with ``<image>`` as the video's
-    place): a description, then the clip's questions with their short answers, asked as the VQA
-    evaluation asks them (LLaVA-1.5's short-answer suffix)."""
-    turns = [{"from": "human", "value": "<image>\nDescribe what happens in the video."}, {"from": "gpt", "value": caption}]
-    for q in asked:
-        turns += [{"from": "human", "value": vqa_prompt(q["question"])},
-                  {"from": "gpt", "value": q["multiple_choice_answer"]}]
+    place): a description and the clip's questions with their short answers (asked as the VQA
+    evaluation asks them, with LLaVA-1.5's short-answer suffix), in a random order; the video goes
+    with the first turn, whichever it is, as a question asked about a clip comes first."""
+    pairs = [("Describe what happens in the video.", caption)] + [(vqa_prompt(q["question"]), q["multiple_choice_answer"])
+                                                                   for q in asked]
+    turns = []
+    for k, i in enumerate(rng.permutation(len(pairs))):
+        ask, answer = pairs[int(i)]
+        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + ask}, {"from": "gpt", "value": answer}]
     return turns
 
 
@@ -331,7 +334,7 @@ def make_sample(config: ClipsConfig, split: str, index: int) -> tuple[dict[str, 
         "label": ACTIONS.index(action), "action": action,
         "audio_label": AUDIO_CLASSES.index(objects[0].shape), "audio_classname": objects[0].shape,
         "questions": (asked := questions(action, objects, clip_id, text_rng)),
-        "conversations": conversation(captions[0], asked),
+        "conversations": conversation(captions[0], asked, text_rng),
         "objects": [{"shape": o.shape, "colour": o.colour, "new_colour": o.new_colour, "sound": SOUNDS[o.shape][0],
                      "pattern": PATTERNS[o.colour]} for o in objects],
         "background": background, "fps": config.fps, "duration": config.duration, "sample_rate": config.sample_rate,

@@ -231,6 +231,9 @@ def test_world_clips_stream_with_their_labels_and_classes(tmp_path):
     assert first["audio_captions"][0].startswith(f"the sound of {'an' if first['objects'][0]['colour'][0] in 'aeiou' else 'a'} "
                                                  f"{first['objects'][0]['colour']} {first['objects'][0]['shape']}")
     assert set(dm.eval_annotations("validate")) == {"vqa_questions", "vqa_annotations"}
+    turns = first["conversations"]  # the description and the questions, the clip with the first turn
+    assert len(turns) == 2 * (1 + len(first["questions"])) and turns[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in turns) == 1
+    assert {t["value"] for t in turns[1::2]} == {first["captions"][0], *(q["multiple_choice_answer"] for q in first["questions"])}
     # the main shape's sound is there: its fundamental is the loudest frequency of a one-shape clip
     for split, index in (("train", i) for i in range(8)):
         members, record = world_clips.make_sample(world_clips.ClipsConfig(image_size=32), split, index)
