@@ -21,7 +21,6 @@ is missing writes them there.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -41,6 +40,7 @@ from PIL import Image, ImageDraw
 
 from lit_vlm.datamodules import synth
 from lit_vlm.datamodules.instructions import vqa_prompt
+from lit_vlm.datamodules.writer_cli import writer_main
 from lit_vlm.errors import UserError
 from lit_vlm.io import write_json_atomic
 
@@ -422,20 +422,8 @@ def generate(out_dir: str | os.PathLike, config: ClipsConfig | None = None, num_
 
 def main(argv: list[str] | None = None) -> int:
     """``lit-vlm data clips --out DIR [--num-train N ...]``."""
-    parser = argparse.ArgumentParser(prog="lit-vlm data clips", description="Write the synthetic world's clips with "
-                                     "sound (mp4 + flac + json, video2dataset's layout) as webdataset shards.")
-    parser.add_argument("--out", required=True, help="output folder")
-    for f in dataclasses.fields(ClipsConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
-                            help=f"(default: {f.default})")
-    parser.add_argument("--num-workers", type=int, default=2, help="worker processes (default 2)")
-    args = parser.parse_args(argv)
-    config = ClipsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClipsConfig)})
-    started = time.perf_counter()
-    manifest = generate(args.out, config, args.num_workers)
-    print(f"world clips written to {args.out} in {time.perf_counter() - started:.1f} s: "
-          + ", ".join(f"{s} {e['num_samples']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items()))
-    return 0
+    return writer_main(argv, "lit-vlm data clips", "Write the synthetic world's clips with sound (mp4 + flac + json, "
+                       "video2dataset's layout) as webdataset shards.", ClipsConfig, generate, "world clips")
 
 
 __all__ = ["ACTIONS", "AUDIO_CLASSES", "ClipsConfig", "FORMAT", "PATTERNS", "SOUNDS", "describe", "generate",

@@ -30,7 +30,6 @@ of their own, so no page shows a scene of the image world.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import io
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from lit_vlm.datamodules import synth
+from lit_vlm.datamodules.writer_cli import writer_main
 from lit_vlm.errors import UserError
 from lit_vlm.io import write_json_atomic
 
@@ -291,20 +291,8 @@ def generate(out_dir: str | os.PathLike, config: DocsConfig | None = None, num_w
 
 def main(argv: list[str] | None = None) -> int:
     """``lit-vlm data docs --out DIR [--num-train N ...]``."""
-    parser = argparse.ArgumentParser(prog="lit-vlm data docs", description="Write the synthetic world's interleaved "
-                                     "documents (MMC4's converted layout) as webdataset shards.")
-    parser.add_argument("--out", required=True, help="output folder")
-    for f in dataclasses.fields(DocsConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
-                            help=f"(default: {f.default})")
-    parser.add_argument("--num-workers", type=int, default=2, help="worker processes (default 2)")
-    args = parser.parse_args(argv)
-    config = DocsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DocsConfig)})
-    started = time.perf_counter()
-    manifest = generate(args.out, config, args.num_workers)
-    print(f"world documents written to {args.out} in {time.perf_counter() - started:.1f} s: "
-          + ", ".join(f"{s} {e['num_samples']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items()))
-    return 0
+    return writer_main(argv, "lit-vlm data docs", "Write the synthetic world's interleaved documents (MMC4's converted "
+                       "layout) as webdataset shards.", DocsConfig, generate, "world documents")
 
 
 __all__ = ["DocsConfig", "FORMAT", "change_scene", "generate", "is_generated", "make_document"]
