@@ -8,7 +8,8 @@
   lit-vlm checkpoint here, anything else (OpenAI / open_clip files, Hugging Face directories, state
   dicts in lit-vlm names) through :func:`lit_vlm.interop.read_state_dict`;
 - :func:`load_init_from` / :func:`load_parts` put those weights into a family (all of it, or some
-  parts), or explain in one paragraph why they do not fit.
+  parts), or explain in one paragraph why they do not fit; plain weights go into a LoRA-adapted
+  tower's base layers, its adapters starting fresh.
 """
 
 from __future__ import annotations
@@ -141,8 +142,22 @@ def read_weights(path: str | Path, model: nn.Module | None = None) -> tuple[dict
         check_checkpoint(file, f"model init_from={path}")
     state_dict = _lightning_state_dict(file)
     if state_dict is not None:
-        return rename_keys(state_dict, getattr(model, "renamed_keys", {})), f"{LIGHTNING_LAYOUT} ({file})"
-    return interop.read_state_dict(file, model)
+        state_dict = rename_keys(state_dict, getattr(model, "renamed_keys", {}))
+        return adapted_names(state_dict, model), f"{LIGHTNING_LAYOUT} ({file})"
+    state_dict, layout = interop.read_state_dict(file, model)
+    return adapted_names(state_dict, model), layout
+
+
+def adapted_names(state_dict: dict[str, torch.Tensor], model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each ``x.weight`` (``.bias``) that ``model`` holds as a LoRA-adapted
+    ``x.base_layer.weight`` (``peft``'s layers keep the layer they adapt so) under that name."""
+    if model is None:
+        return state_dict
+    own = set(model.state_dict())
+    bases = {k.replace(".base_layer.", "."): k for k in own if ".base_layer." in k}
+    if not bases:
+        return state_dict
+    return {(bases.get(k, k) if k not in own else k): v for k, v in state_dict.items()}
 
 
 def rename_keys(state_dict: dict[str, torch.Tensor], renamed: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -173,7 +188,8 @@ def load_parts(
                 raise UserError(f"model init_from_parts: {type(module).__name__} has no part named {part!r}")
         wanted = [k for k in own if any(k == p or k.startswith(p + ".") for p in parts)]
         unexpected = []
-    missing = [k for k in wanted if k not in source]
+    fresh_adapters = not any(is_adapter_key(k) for k in source)  # plain weights into a LoRA-adapted tower
+    missing = [k for k in wanted if k not in source and not (fresh_adapters and is_adapter_key(k))]
     update, mismatched = {}, []
     for key in (k for k in wanted if k in source):
         value = source[key]
@@ -195,6 +211,11 @@ def load_parts(
         for key, value in update.items():
             own[key].copy_(value)
     return list(update)
+
+
+def is_adapter_key(key: str) -> bool:
+    """A ``peft`` LoRA adapter's tensor (``...lora_A.default.weight``, ``...lora_B...``)."""
+    return ".lora_" in key
 
 
 def _resize_positions(module: nn.Module, key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -225,5 +246,5 @@ def load_state_dict(path: str | Path, model: nn.Module | None = None) -> dict[st
 
 __all__ = [
     "INDEX_FILE", "check_checkpoint", "checkpoint_problem", "load_init_from", "load_parts", "load_state_dict", "read_weights",
-    "rename_keys", "resolve_init_from", "run_checkpoint",
+    "adapted_names", "is_adapter_key", "rename_keys", "resolve_init_from", "run_checkpoint",
 ]

@@ -289,7 +289,7 @@ def test_msrvtt_and_esc50_layouts_convert_into_clip_shards(tmp_path):
 # ---- binding (ImageBind / LanguageBind) ---------------------------------------------------------
 
 
-def _binding(anchor: str = "image", modalities=("audio",)):
+def _binding(anchor: str = "image", modalities=("audio",), **kwargs):
     from lit_vlm.models import Binding
     from lit_vlm.modules import AudioTransformer, ConvNet, TextTransformer
 
@@ -297,7 +297,7 @@ def _binding(anchor: str = "image", modalities=("audio",)):
     return Binding(ConvNet(channels=[8, 16], strides=[2, 2], convs_per_stage=1, image_size=32),
                    TextTransformer(preset="tiny", vocab_size=50, context_length=8), embed_dim=16, anchor=anchor,
                    modalities=list(modalities),
-                   audio=AudioTransformer(num_mel_bins=32, target_frames=48, width=32, layers=1, heads=2))
+                   audio=AudioTransformer(num_mel_bins=32, target_frames=48, width=32, layers=1, heads=2), **kwargs)
 
 
 def test_binding_embeddings_follow_their_definitions():
@@ -343,6 +343,54 @@ def test_binding_trains_only_the_bound_towers():
         _binding("image", ("audio", "video"))
 
 
+def test_frame_lora_tunes_the_video_path_and_leaves_the_anchor_as_it_was():
+    plain, model = _binding("text", ("audio", "video")).eval(), _binding("text", ("audio", "video"), frame_tuning="lora",
+                                                                          lora={"rank": 2, "dropout": 0.5}).eval()
+    trainable = [n for n, p in model.vision.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)  # the tower itself stays frozen
+    video, images = torch.randn(2, 1, 2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    # B starts at zero: the adapted tower computes what the frozen one did
+    assert torch.allclose(model.encode_video(video), plain.encode_video(video), atol=1e-6)
+    with torch.no_grad():
+        for name, p in model.vision.named_parameters():
+            if ".lora_B." in name:
+                p.normal_()
+    assert not torch.allclose(model.encode_video(video), plain.encode_video(video), atol=1e-3)  # the video path moved,
+    assert torch.allclose(model.encode_image(images), plain.encode_image(images), atol=1e-6)  # the anchor did not
+    assert all(model.vision.get_parameter(n).requires_grad for n in trainable)  # still trainable after adapters_off
+    model.train()
+    model.on_train_start()
+    modes = {n: m.training for n, m in model.vision.named_modules()}
+    assert not any(t for n, t in modes.items() if "norm" in type(model.vision.get_submodule(n)).__name__.lower())
+    assert [n for n, t in modes.items() if t] and all(".lora_dropout." in n for n, t in modes.items() if t)
+    model.encode_video(video).sum().backward()
+    assert all(model.vision.get_parameter(n).grad is not None for n in trainable)
+
+
+def test_tower_lora_loads_plain_weights_into_its_base_layers(tmp_path):
+    from lit_vlm.errors import UserError
+
+    source = _binding("image")
+    torch.save(source.state_dict(), tmp_path / "binding.pt")
+    parts = ["vision", "text", "image_projection", "text_projection", "audio"]
+    model = _binding("image", audio_tuning="lora", init_from=str(tmp_path / "binding.pt"), init_from_parts=parts)
+    with torch.no_grad():
+        model.audio.transformer.blocks[0].attn.qkv.base_layer.weight.zero_()
+    loaded = model.load_initial_weights()
+    assert "audio.transformer.blocks.0.attn.qkv.base_layer.weight" in loaded and not any(".lora_" in k for k in loaded)
+    assert torch.equal(model.audio.transformer.blocks[0].attn.qkv.base_layer.weight,
+                       source.audio.transformer.blocks[0].attn.qkv.weight)
+    spectrogram = torch.randn(2, 1, 1, 32, 48)
+    assert torch.allclose(model.encode_audio(spectrogram), source.encode_audio(spectrogram), atol=1e-6)
+    assert all(".lora_" in n or not n.startswith("audio.") for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(UserError, match="audio_tuning: lora adapts a trained audio tower"):
+        _binding("image", audio_tuning="lora")  # nothing to adapt: no init_from
+    with pytest.raises(UserError, match="frame_tuning: lora adapts the image tower for the video path"):
+        _binding("image", frame_tuning="lora")
+    with pytest.raises(UserError, match=r"unknown option\(s\) \['r'\]"):
+        _binding("text", ("video",), frame_tuning="lora", lora={"r": 4})
+
+
 @pytest.mark.slow
 def test_binding_and_video_chat_tiny_run_through_the_cli(tmp_path):
     import subprocess
@@ -373,11 +421,22 @@ def test_binding_and_video_chat_tiny_run_through_the_cli(tmp_path):
     text_row = sections["retrieval_audio_text"].groups[0].rows[0]
     assert text_row.baselines["t2a_R@1"] == pytest.approx(1 / 6)
     assert text_row.baselines["a2t_R@1"] == pytest.approx(1 - math.comb(10, 1) / math.comb(12, 1))  # 2 of 12 texts
-    # LanguageBind: audio against its captions, video against its captions, through a temporal head
-    run("fit", "--model.init_args.anchor", "text", "--model.init_args.modalities", "[audio, video]",
-        "--trainer.logger.init_args.name", "languagebind-tiny")
+    # LanguageBind: audio against its captions, video against its captions, through a temporal head; LoRA on the
+    # frames' tower and on the audio tower taken from the run above; checkpoints without the frozen weights
+    lora = ["--model.init_args.frame_tuning", "lora", "--model.init_args.audio_tuning", "lora",
+            "--model.init_args.lora", "{rank: 2}", "--model.init_args.init_from", "runs/binding-tiny",
+            "--model.init_args.init_from_parts", "[vision, text, image_projection, text_projection, audio]",
+            "--model.init_args.save_frozen", "false"]
+    languagebind = ["--model.init_args.anchor", "text", "--model.init_args.modalities", "[audio, video]",
+                    "--trainer.logger.init_args.name", "languagebind-tiny", *lora]
+    run("fit", *languagebind)
     fit = json.loads((tmp_path / "runs/languagebind-tiny/version_0/fit.json").read_text())
     assert fit["global_step"] == 2 and fit["data"]["train"]["skipped"] == 0
+    saved = torch.load(tmp_path / "runs/languagebind-tiny/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert any(".lora_A." in k for k in saved) and not any(".base_layer." in k for k in saved)
+    run("test", "--ckpt_path", "best", *languagebind)  # the frozen base layers read again from init_from
+    assert "test/retrieval_video_text/v2t_R@1" in json.loads(
+        (tmp_path / "runs/languagebind-tiny/version_1/results.json").read_text())["metrics"]
     # Video-ChatGPT on the same clips: their conversations train the projector; video QA with its prior
     from test_bridges import lm_folder
 

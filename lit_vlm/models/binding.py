@@ -13,11 +13,15 @@ The anchor stays frozen, so everything bound to it lands in one space: audio can
 text and images it never saw beside it (ImageBind's emergent retrieval and zero-shot audio).
 The anchor's weights come from ``init_from`` (a CLIP run) with ``init_from_parts: [vision, text,
 image_projection, text_projection]``.
+LoRA (LanguageBind's tuning): ``frame_tuning: lora`` puts adapters on the image tower for the video
+path only (the anchor's image embedding runs without them); ``audio_tuning: lora`` adapts a trained
+audio tower (from ``init_from``, e.g. a binding run) instead of training all of it.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +31,12 @@ from lit_vlm.errors import UserError
 from lit_vlm.losses import clip_loss
 from lit_vlm.models.base import VLMModule
 from lit_vlm.modules import AudioTransformer, ConvNet, TemporalHead, TextTransformer, VisionTransformer, trim_padding
-from lit_vlm.modules.freeze import lock
+from lit_vlm.modules.freeze import LORA_KEYS, adapters_off, add_tower_lora, lock
 
 ANCHORS = ("image", "text")
 MODALITIES = ("audio", "video")
+AUDIO_TUNING = ("full", "lora")
+FRAME_TUNING = ("frozen", "lora")
 
 
 class Binding(VLMModule):
@@ -48,6 +54,12 @@ class Binding(VLMModule):
         temporal_layers: Blocks of the temporal transformer.
         init_logit_scale: Initial log temperature of each bound modality (CLIP's log(1/0.07)).
         max_logit_scale: Upper clamp of each exp(t).
+        audio_tuning: ``full`` (every weight of the audio tower trains) or ``lora`` (adapters on a
+            tower loaded by ``init_from``; its own weights frozen).
+        frame_tuning: ``frozen`` or ``lora``: adapters on the image tower, used by the video path
+            only (``modalities`` with ``video``); the anchor's image embedding runs without them.
+        lora: LoRA options: ``rank`` (8), ``alpha`` (16), ``dropout`` (0), ``target_modules``
+            (default: every linear and convolution layer of the tower).
 
     Optimiser and ``init_from`` arguments are :class:`VLMModule`'s (lr 5e-4, weight decay 0.2).
     """
@@ -58,7 +70,8 @@ class Binding(VLMModule):
     def __init__(self, vision: VisionTransformer | ConvNet, text: TextTransformer, audio: AudioTransformer | None = None,
                  embed_dim: int = 512, anchor: str = "image", modalities: list[str] = ["audio"],
                  temporal: str = "transformer", temporal_layers: int = 1, init_logit_scale: float = math.log(1 / 0.07),
-                 max_logit_scale: float = 100.0, **kwargs) -> None:
+                 max_logit_scale: float = 100.0, audio_tuning: str = "full", frame_tuning: str = "frozen",
+                 lora: dict | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if anchor not in ANCHORS:
             raise UserError(f"model anchor must be one of {ANCHORS}, got {anchor!r}")
@@ -70,7 +83,9 @@ class Binding(VLMModule):
         if "video" in modalities and anchor == "image":
             raise UserError("model modalities: video is bound with anchor: text (with anchor: image, video is the anchor's "
                             "image embedding of its frames, as in ImageBind; nothing to train)")
+        self._check_tuning(audio_tuning, frame_tuning, lora, modalities)
         self.anchor, self.modalities = anchor, modalities
+        self.audio_tuning, self.frame_tuning = audio_tuning, frame_tuning
         self.vision, self.text = vision, text
         self.image_projection = nn.Linear(vision.width, embed_dim, bias=False)
         self.text_projection = nn.Linear(text.width, embed_dim, bias=False)
@@ -86,12 +101,36 @@ class Binding(VLMModule):
             nn.init.normal_(self.video_projection.weight, std=vision.width**-0.5)
             self.video_logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.max_log_scale = math.log(max_logit_scale)
+        if frame_tuning == "lora":
+            add_tower_lora(self.vision, **(lora or {}), what="model lora (frame_tuning)")
+        if audio_tuning == "lora":
+            add_tower_lora(self.audio, **(lora or {}), what="model lora (audio_tuning)")
+
+    def _check_tuning(self, audio_tuning: str, frame_tuning: str, lora: dict | None, modalities: list[str]) -> None:
+        if audio_tuning not in AUDIO_TUNING or frame_tuning not in FRAME_TUNING:
+            raise UserError(f"model audio_tuning must be one of {AUDIO_TUNING} and frame_tuning one of {FRAME_TUNING}, "
+                            f"got {audio_tuning!r} and {frame_tuning!r}")
+        unknown = sorted(set(lora or {}) - set(LORA_KEYS))
+        if unknown:
+            raise UserError(f"model lora: unknown option(s) {unknown}; valid: {list(LORA_KEYS)}")
+        if lora and "lora" not in (audio_tuning, frame_tuning):
+            raise UserError("model lora options are set but neither audio_tuning nor frame_tuning is lora")
+        if frame_tuning == "lora" and "video" not in modalities:
+            raise UserError("model frame_tuning: lora adapts the image tower for the video path: bind video "
+                            "(anchor: text, modalities: [audio, video] or [video])")
+        if audio_tuning == "lora":
+            parts = self.init_from_parts
+            if "audio" not in modalities or self.init_from is None or (parts is not None and "audio" not in parts):
+                raise UserError("model audio_tuning: lora adapts a trained audio tower: bind audio, set init_from to a "
+                                "run that has one (a binding run) and include audio in init_from_parts; to train the "
+                                "tower from scratch use audio_tuning: full")
 
     # ---- the anchor (frozen) --------------------------------------------------------------------
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """images [B, 3, H, W] -> the anchor's embeddings [B, E]."""
-        emb = self.image_projection(self.vision(images).pooled)  # [B, E]
+        """images [B, 3, H, W] -> the anchor's embeddings [B, E] (without the video path's adapters)."""
+        with adapters_off(self.vision) if self.frame_tuning == "lora" else nullcontext():
+            emb = self.image_projection(self.vision(images).pooled)  # [B, E]
         return F.normalize(emb, dim=-1) if normalize else emb
 
     @torch.no_grad()
@@ -112,7 +151,7 @@ class Binding(VLMModule):
         """video [B, C, T, 3, H, W], video_mask [B, C, T] (real frames) -> [B, E]."""
         b, c, t = video.shape[:3]
         mask = video_mask if video_mask is not None else torch.ones(b, c, t, dtype=torch.bool, device=video.device)
-        with torch.no_grad():
+        with torch.no_grad() if self.frame_tuning == "frozen" else nullcontext():  # LoRA: the adapters learn
             frames = self.vision(video.flatten(0, 2)).pooled.view(b * c, t, -1)  # [B*C, T, W]
         if self.anchor == "image":  # ImageBind: the anchor's embedding of the frames, averaged
             emb = F.normalize(self.image_projection(frames), dim=-1)  # [B*C, T, E]

@@ -28,7 +28,7 @@ from lit_vlm.losses import caption_loss, global_token_mean
 from lit_vlm.models.base import VLMModule
 from lit_vlm.models.generating import GeneratingMixin, check_generation_options
 from lit_vlm.modules import trim_padding
-from lit_vlm.modules.freeze import lock
+from lit_vlm.modules.freeze import LORA_KEYS, lock
 from lit_vlm.modules.language_model import (
     GENERATE_WITH,
     CausalLM,
@@ -40,7 +40,6 @@ from lit_vlm.modules.language_model import (
 )
 
 TRAIN_LM = ("frozen", "lora", "full")
-LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
 
 
 class Bridge(GeneratingMixin, VLMModule):

@@ -1,16 +1,19 @@
 """Freezing a tower, or any ``nn.Module`` (a Hugging Face model included): open_clip's ``lock()``
-as a building block.
+as a building block, and LoRA on a frozen tower.
 
 :func:`lock` sets ``requires_grad=False`` on the module's parameters (so :func:`lit_vlm.optim.param_groups`
 leaves them out of the optimiser: no AdamW state), unlocks the last ``unlocked_groups`` layer groups
 and, optionally, every normalisation layer, and keeps the fully frozen submodules in eval mode even
 when their owner is switched to training (dropout off, batch-norm statistics fixed).
 :func:`vit_groups` gives a lit-vlm ViT's layer groups as open_clip counts them.
+:func:`add_tower_lora` puts ``peft`` LoRA adapters on a lit-vlm tower (LanguageBind tunes its
+modality towers so); :func:`adapters_off` runs a tower as it was before them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -23,18 +26,22 @@ Group = Sequence[nn.Module | nn.Parameter]
 
 
 class _EvalOnly:
-    """``train`` of a frozen module: eval mode whatever is asked. An instance attribute of that
-    module only; picklable, and ``copy.deepcopy`` points the copy's at the copy."""
+    """``train`` of a frozen module: eval mode whatever is asked, but for the ``keep`` submodules
+    (a LoRA adapter's dropout), which follow the mode. An instance attribute of that module only;
+    picklable, and ``copy.deepcopy`` points the copy's at the copy."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, keep: Sequence[nn.Module] = ()) -> None:
+        self.module, self.keep = module, list(keep)
 
     def __call__(self, mode: bool = True) -> nn.Module:
-        return nn.Module.train(self.module, False)
+        nn.Module.train(self.module, False)
+        for sub in self.keep:
+            sub.train(mode)
+        return self.module
 
 
-def _stay_in_eval(module: nn.Module) -> None:
-    module.train = _EvalOnly(module)  # type: ignore[method-assign]
+def _stay_in_eval(module: nn.Module, keep: Sequence[nn.Module] = ()) -> None:
+    module.train = _EvalOnly(module, keep)  # type: ignore[method-assign]
     module.eval()
 
 
@@ -92,4 +99,57 @@ def vit_groups(vision: Any) -> list[list[nn.Module | nn.Parameter]]:
     return [stem, *[[b] for b in blocks[:-1]], head]
 
 
-__all__ = ["NORM_LAYERS", "lock", "vit_groups"]
+#: LoRA options of a tower (``peft``'s ``LoraConfig`` under the names the bridges use).
+LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
+
+
+def add_tower_lora(tower: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                   target_modules: list[str] | None = None, what: str = "model lora") -> list[str]:
+    """Put ``peft`` LoRA adapters on ``tower`` in place and freeze everything else in it. B starts
+    at zero, so the tower computes what it did; its frozen layers stay in eval mode (batch-norm
+    statistics fixed), the adapters' dropout follows training. A loaded checkpoint's ``x.weight``
+    is the adapted layer's ``x.base_layer.weight`` (:func:`lit_vlm.weights.read_weights`).
+
+    Args:
+        tower: A lit-vlm tower (or any ``nn.Module`` with linear or convolution layers).
+        rank, alpha, dropout: LoRA's r, alpha (the update is scaled by alpha / r) and dropout.
+        target_modules: Layer names as ``peft`` matches them (a name or a dotted suffix, e.g.
+            ``[qkv, proj]``); None: every linear and 2-D convolution layer.
+        what: The option's name, for error messages.
+    Returns the adapted layers' names.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if rank < 1:
+        raise UserError(f"{what} rank must be >= 1, got {rank}")
+    names = list(target_modules) if target_modules is not None else [
+        n for n, m in tower.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    try:
+        inject_adapter_in_model(config, tower)
+    except ValueError as exc:
+        layers = [n for n, m in tower.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise UserError(f"{what} target_modules={target_modules!r} on {type(tower).__name__}: {exc} Its linear and "
+                        f"convolution layers: {', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}") from exc
+    adapted = [n for n, m in tower.named_modules() if isinstance(m, BaseTunerLayer)]
+    _stay_in_eval(tower, keep=[d for n in adapted for d in tower.get_submodule(n).lora_dropout.values()])
+    return adapted
+
+
+@contextmanager
+def adapters_off(tower: nn.Module) -> Iterator[nn.Module]:
+    """Run ``tower`` without its LoRA adapters (as it was before :func:`add_tower_lora`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in tower.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield tower
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+__all__ = ["LORA_KEYS", "NORM_LAYERS", "adapters_off", "add_tower_lora", "lock", "vit_groups"]
