@@ -25,12 +25,8 @@ import dataclasses
 import io
 import json
 import math
-import multiprocessing as mp
 import os
-import sys
 import tarfile
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,17 +36,14 @@ from PIL import Image, ImageDraw
 
 from lit_vlm.datamodules import synth
 from lit_vlm.datamodules.instructions import vqa_prompt
-from lit_vlm.datamodules.writer_cli import writer_main
+from lit_vlm.datamodules.writer_cli import SPLITS, finish, is_written, write_splits, writer_main
 from lit_vlm.errors import UserError
 from lit_vlm.io import write_json_atomic
 
 FORMAT = "lit-vlm-world-clips"
 VERSION = 3  # 2: conversations (video instruction data, LLaVA format); 3: their turns in a random order
-SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 201, "val": 202, "test": 203}
 _CLIP_ID_OFFSET = {"train": 1, "val": 1_000_000, "test": 2_000_000}
-_MARKER = ".lit-vlm-world-clips-incomplete"
-
 #: Video action classes (``label``): what the main shape does.
 ACTIONS: tuple[str, ...] = ("moving to the left", "moving to the right", "moving to the top", "moving to the bottom",
                             "appearing", "changing colour")
@@ -369,10 +362,8 @@ def _write_shard(task: tuple[dict, str, str, int, int, int]) -> tuple[str, list[
 
 
 def is_generated(root: str | os.PathLike) -> bool:
-    try:
-        return json.loads((Path(root) / "manifest.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    """True when ``root`` holds complete world clips."""
+    return is_written(root, FORMAT)
 
 
 def generate(out_dir: str | os.PathLike, config: ClipsConfig | None = None, num_workers: int = 2, progress: bool = True) -> dict:
@@ -380,29 +371,11 @@ def generate(out_dir: str | os.PathLike, config: ClipsConfig | None = None, num_
     config = config or ClipsConfig()
     config.check()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (is_generated(out) or (out / _MARKER).exists()):
-        raise UserError(f"{out} is not empty and holds no world clips; refusing to write into it")
-    (out / "manifest.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).touch()
-    started = time.perf_counter()
-    tasks, shards = [], {}
-    for split in SPLITS:
-        (out / split).mkdir(exist_ok=True)
-        n = getattr(config, f"num_{split}")
-        bounds = list(range(0, n, config.shard_size))
-        shards[split] = [f"{split}/shard-{s:06d}.tar" for s in range(len(bounds))]
-        tasks += [(dataclasses.asdict(config), str(out), split, s, b, min(b + config.shard_size, n))
-                  for s, b in enumerate(bounds)]
     # spawned, not forked: a forked child can inherit (and crash on) the parent's FFmpeg objects
-    pool = ProcessPoolExecutor(min(num_workers, len(tasks) or 1), mp_context=mp.get_context("spawn")) if num_workers > 1 else None
+    shards, written = write_splits(out, config, _write_shard, FORMAT, "world clips", num_workers, progress, spawn=True)
     records: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for k, (path, recs) in enumerate(pool.map(_write_shard, tasks) if pool else map(_write_shard, tasks), 1):
+    for path, recs in written:
         records[Path(path).parent.name] += recs
-        if progress:
-            print(f"[clips] {k}/{len(tasks)} shards ({path}, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    if pool:
-        pool.shutdown()
     annotations = {}
     (out / "annotations").mkdir(exist_ok=True)
     for split in ("val", "test"):
@@ -410,14 +383,11 @@ def generate(out_dir: str | os.PathLike, config: ClipsConfig | None = None, num_
         for name, obj in ((f"vqa_{split}_questions", q_json), (f"vqa_{split}_annotations", a_json)):
             write_json_atomic(out / "annotations" / f"{name}.json", obj)
             annotations[name] = f"annotations/{name}.json"
-    manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config),
-                "splits": {s: {"shards": shards[s], "num_samples": getattr(config, f"num_{s}")} for s in SPLITS},
-                "annotations": annotations,
-                "classes": {"label": {"classnames": list(ACTIONS), "templates": ACTION_TEMPLATES},
-                            "audio_label": {"classnames": AUDIO_CLASSES, "templates": AUDIO_TEMPLATES}}}
-    write_json_atomic(out / "manifest.json", manifest, indent=2)
-    (out / _MARKER).unlink(missing_ok=True)
-    return manifest
+    return finish(out, {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config),
+                        "splits": {s: {"shards": shards[s], "num_samples": getattr(config, f"num_{s}")} for s in SPLITS},
+                        "annotations": annotations,
+                        "classes": {"label": {"classnames": list(ACTIONS), "templates": ACTION_TEMPLATES},
+                                    "audio_label": {"classnames": AUDIO_CLASSES, "templates": AUDIO_TEMPLATES}}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,11 +35,8 @@ import dataclasses
 import io
 import json
 import os
-import sys
 import tarfile
-import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,16 +44,12 @@ from typing import Any
 import numpy as np
 
 from lit_vlm.datamodules import synth
-from lit_vlm.datamodules.writer_cli import writer_main
+from lit_vlm.datamodules.writer_cli import SPLITS, finish, is_written, write_splits, writer_main
 from lit_vlm.errors import UserError
-from lit_vlm.io import write_json_atomic
 
 FORMAT = "lit-vlm-world-docs"
 VERSION = 2  # 2: detailed pages (captions with a background sentence, answers in sentences); labels pages
-SPLITS = ("train", "val", "test")
 _SPLIT_SEED = {"train": 101, "val": 102, "test": 103}
-_MARKER = ".lit-vlm-world-docs-incomplete"
-
 PAGE_KINDS: dict[str, float] = {"captions": 0.35, "questions": 0.35, "labels": 0.1, "story": 0.2}
 CAPTION_LABELS: tuple[str, ...] = ("Output:", "Caption:", "Description:", "Image:", "")
 CAPTION_FORMS: tuple[str, ...] = ("listing", "there_is", "counted", "grouped", "positional", "position_first", "relational")
@@ -248,45 +241,16 @@ def _write_shard(task: tuple[dict, str, str, int, int, int]) -> str:
 
 def is_generated(root: str | os.PathLike) -> bool:
     """True when ``root`` holds complete world documents."""
-    try:
-        return json.loads((Path(root) / "manifest.json").read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
+    return is_written(root, FORMAT)
 
 
 def generate(out_dir: str | os.PathLike, config: DocsConfig | None = None, num_workers: int = 2, progress: bool = True) -> dict:
     """Write the documents' shards and ``manifest.json`` (last) to ``out_dir``; return the manifest."""
     config = config or DocsConfig()
     config.check()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (is_generated(out) or (out / _MARKER).exists()):
-        raise UserError(f"{out} is not empty and holds no world documents; refusing to write into it")
-    (out / "manifest.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).touch()
-    started = time.perf_counter()
-    tasks, shards = [], {}
-    for split in SPLITS:
-        (out / split).mkdir(exist_ok=True)
-        n = getattr(config, f"num_{split}")
-        bounds = list(range(0, n, config.shard_size))
-        shards[split] = [f"{split}/shard-{s:06d}.tar" for s in range(len(bounds))]
-        tasks += [(dataclasses.asdict(config), str(out), split, s, b, min(b + config.shard_size, n)) for s, b in enumerate(bounds)]
-    if num_workers <= 1:
-        done = map(_write_shard, tasks)
-    else:
-        pool = ProcessPoolExecutor(min(num_workers, len(tasks) or 1))
-        done = pool.map(_write_shard, tasks)
-    for k, path in enumerate(done, 1):
-        if progress:
-            print(f"[docs] {k}/{len(tasks)} shards ({path}, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    if num_workers > 1:
-        pool.shutdown()
-    manifest = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config),
-                "splits": {s: {"shards": shards[s], "num_samples": getattr(config, f"num_{s}")} for s in SPLITS}}
-    write_json_atomic(out / "manifest.json", manifest, indent=2)
-    (out / _MARKER).unlink(missing_ok=True)
-    return manifest
+    shards, _ = write_splits(out_dir, config, _write_shard, FORMAT, "world documents", num_workers, progress)
+    return finish(out_dir, {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config),
+                            "splits": {s: {"shards": shards[s], "num_samples": getattr(config, f"num_{s}")} for s in SPLITS}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,6 +214,28 @@ def test_world_documents_are_mmc4_pages_whose_weak_images_are_dropped_as_counted
     assert dm.skip_counts("val")["too_few_images"] == empty
 
 
+def test_world_writers_refuse_a_foreign_folder_and_redo_an_interrupted_write(tmp_path):
+    from lit_vlm.datamodules.world_docs import FORMAT, DocsConfig, generate, is_generated
+    from lit_vlm.errors import UserError
+
+    config = DocsConfig(num_train=3, num_val=0, num_test=0, image_size=32, shard_size=2)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="mine is not empty and holds no world documents; refusing"):
+        generate(tmp_path / "mine", config, num_workers=1, progress=False)
+    assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
+    out = tmp_path / "docs"
+    (out / "train").mkdir(parents=True)
+    (out / f".{FORMAT}-incomplete").touch()  # a write that died: no manifest, its marker left
+    (out / "train/shard-000000.tar").write_bytes(b"cut short")
+    assert not is_generated(out)
+    manifest = generate(out, config, num_workers=1, progress=False)
+    assert is_generated(out) and not (out / f".{FORMAT}-incomplete").exists()
+    assert manifest["splits"]["train"] == {"shards": ["train/shard-000000.tar", "train/shard-000001.tar"], "num_samples": 3}
+    assert all((out / s).stat().st_size > 1000 for s in manifest["splits"]["train"]["shards"])
+    generate(out, config, num_workers=1, progress=False)  # a complete write may be written again
+
+
 def test_train_mix_reads_a_batch_per_source_and_resumes_mid_epoch_exactly(tmp_path):
     import lightning.pytorch as pl
     import torch
