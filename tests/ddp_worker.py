@@ -1,6 +1,6 @@
 """One rank of the 2-process CLIP DDP check (run by tests/test_ddp_loss.py as a plain subprocess).
 
-usage: python tests/ddp_worker.py RANK WORLD OUT_DIR [vit|convnet]
+usage: python tests/ddp_worker.py RANK WORLD OUT_DIR [vit|convnet|binding]
 
 The ranks meet through a file store in OUT_DIR (not a TCP port, which two concurrent test runs could
 both pick).
@@ -25,7 +25,7 @@ def main(rank: int, world: int, out_dir: str, tower: str = "vit") -> None:
     model = make_model(tower).train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     per = GLOBAL_BATCH // world
-    batch = {k: v[rank * per : (rank + 1) * per] for k, v in make_batch().items()}
+    batch = {k: v[rank * per : (rank + 1) * per] for k, v in make_batch(tower).items()}
     loss = ddp(batch)["loss"]
     loss.backward()  # DDP averages gradients over ranks
     global_loss = loss.detach().clone()

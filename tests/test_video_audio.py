@@ -317,6 +317,8 @@ def test_binding_embeddings_follow_their_definitions():
     image = _binding("image").eval()
     frames = torch.stack([image.encode_image(video[b, 0, :3 - b]).mean(0) for b in range(2)])  # [2, E]
     assert torch.allclose(image.encode_video(video, mask), torch.nn.functional.normalize(frames, dim=-1), atol=1e-5)
+    # video not bound (LanguageBind on audio only): the same frame mean, so video callbacks still run
+    assert torch.allclose(_binding("text", ("audio",)).eval().encode_video(video, mask), image.encode_video(video, mask))
 
 
 def test_binding_trains_only_the_bound_towers():

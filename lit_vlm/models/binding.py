@@ -4,8 +4,9 @@ LanguageBind (Zhu et al., 2024).
 frozen anchor (a lit-vlm CLIP run: image tower + projection, text tower + projection)
 audio [B, A, 1, M, F] -> AudioTransformer -> audio projection -> L2 norm -> mean over the A clips -> L2 norm
 video [B, C, T, 3, H, W] -> frozen image tower per frame ->
-    anchor "image": the anchor's image projection, L2 norm, mean over the real frames and clips (ImageBind: no new weights)
-    anchor "text":  TemporalHead over the frames -> video projection -> L2 norm -> mean over clips -> L2 norm
+    anchor "image" (or video not bound): the anchor's image projection, L2 norm, mean over the real
+        frames and clips (ImageBind: no new weights)
+    video bound (anchor "text"): TemporalHead over the frames -> video projection -> L2 norm -> mean over clips -> L2 norm
 loss = sum over the bound modalities of symmetric InfoNCE, each with its own learnable temperature:
     anchor "image" (ImageBind): audio against the anchor's embedding of the clip's frames;
     anchor "text" (LanguageBind): audio against its audio caption, video against its caption.
@@ -153,7 +154,7 @@ class Binding(VLMModule):
         mask = video_mask if video_mask is not None else torch.ones(b, c, t, dtype=torch.bool, device=video.device)
         with torch.no_grad() if self.frame_tuning == "frozen" else nullcontext():  # LoRA: the adapters learn
             frames = self.vision(video.flatten(0, 2)).pooled.view(b * c, t, -1)  # [B*C, T, W]
-        if self.anchor == "image":  # ImageBind: the anchor's embedding of the frames, averaged
+        if "video" not in self.modalities:  # ImageBind (or video not bound): the anchor's embedding of the frames, averaged
             emb = F.normalize(self.image_projection(frames), dim=-1)  # [B*C, T, E]
             weights = mask.view(b * c, t, 1).float()
             clips = F.normalize((emb * weights).sum(1) / weights.sum(1).clamp_min(1), dim=-1)  # [B*C, E]
