@@ -136,7 +136,8 @@ def read_weights(path: str | Path, model: nn.Module | None = None) -> tuple[dict
         )
     if file.is_dir():
         if not any(file.glob(f"**/{INDEX_FILE}")) and (file / "config.json").is_file():
-            return interop.read_state_dict(file, model)  # a Hugging Face model directory
+            state_dict, layout = interop.read_state_dict(file, model)  # a Hugging Face model directory
+            return adapted_names(state_dict, model), layout
         file = resolve_init_from(file)
     if file.suffix == ".ckpt":
         check_checkpoint(file, f"model init_from={path}")
