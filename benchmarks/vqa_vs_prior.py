@@ -30,6 +30,11 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def ratio(d: float, se: float) -> str:
+    """``d`` in units of ``se``; a zero error (every answer scored alike) gives inf, or 0 for no difference."""
+    return f"{d / se if se else math.copysign(math.inf, d) if d else 0.0:>6.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a test run's folder (holding vqa_predictions_test.json)")
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         base = [question_accuracy(prior[a.get("question_type", "")], a["answers"]) for a in chosen]
         m, se = mean_se(model)
         d, paired = mean_se([x - y for x, y in zip(model, base)])
-        print(f"{kind:<12} {len(chosen):>5} {m:>7.4f} {se:>7.4f} {m - d:>7.4f} {d:>+7.4f} {d / se:>6.2f} {paired:>10.4f} {d / paired:>6.2f}")
+        print(f"{kind:<12} {len(chosen):>5} {m:>7.4f} {se:>7.4f} {m - d:>7.4f} {d:>+7.4f} {ratio(d, se)} {paired:>10.4f} {ratio(d, paired)}")
     return 0
 
 

@@ -96,6 +96,9 @@ def test_protocols_are_never_ranked_together_and_seeds_merge(tmp_path):
     assert first.rows[1].intervals["top1"].value == 0.5 and "top1" not in first.rows[0].intervals  # seeds: std, not CI
     assert [r.label for r in other.rows] == ["c (CLIP)"] and other.differs == ["annotations"]
     assert first.rows[0].baselines["top1"] == 0.25  # chance with 4 classes
+    # one run alone (as merged into a committed leaderboard) is named by its run and version, not a local path
+    write_run(tmp_path / "runs/d/version_3", r1=0.5)
+    assert [r.label for r in load_runs([str(tmp_path / "runs/d/version_3")])] == ["d/version_3 (CLIP)"]
 
 
 def test_user_strings_are_escaped_and_every_figure_exists(tmp_path):

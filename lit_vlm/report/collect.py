@@ -120,8 +120,8 @@ def load_runs(paths: list[str]) -> list[Run]:
                 per_sample[prefix] = json.loads((path.parent / name).read_text(encoding="utf-8")).get(prefix)
         runs.append(Run(path, results, fit, fit_dir, per_sample))
     common = Path(os.path.commonpath([str(r.path.parent) for r in runs])) if len(runs) > 1 else None
-    for run in runs:  # "<its folder, relative to what all runs share> (<family class>)"
-        folder = run.path.parent if common is None else run.path.parent.relative_to(common)
+    for run in runs:  # "<its folder, relative to what all runs share; one run: <run>/<version>> (<family class>)"
+        folder = Path(*run.path.parent.parts[-2:]) if common is None else run.path.parent.relative_to(common)
         name = str(folder) if str(folder) != "." else run.path.parent.name
         run.label = f"{name} ({run.results.get('family', '?')})" + (f" [{run.path.stem}]" if run.path.stem != "results" else "")
     return runs
