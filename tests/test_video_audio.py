@@ -411,7 +411,8 @@ def test_binding_and_video_chat_tiny_run_through_the_cli(tmp_path):
     results = json.loads((tmp_path / "runs/binding-tiny/version_1/results.json").read_text())
     metrics = results["metrics"]
     assert {"test/zeroshot_audio/top1", "test/retrieval_audio_text/a2t_R@1", "test/retrieval_audio_image/a2i_R@1",
-            "test/retrieval_video_text/v2t_R@1", "test/zeroshot_video/top1"} <= set(metrics)
+            "test/retrieval_video_text/v2t_R@1", "test/zeroshot_video/top1", "test/retrieval_audio_video/a2v_R@1",
+            "test/retrieval_audio_video/v2a_R@1"} <= set(metrics)
     assert results["data"]["corpus"]["decoders"]["av"] and results["data"]["corpus"]["sampling"]["num_frames"] == 2
     # the leaderboard knows each section by its callback: chance of 8 audio classes, of 6 clips with 2 audio captions each
     from lit_vlm.report.collect import load_runs
