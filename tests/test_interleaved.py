@@ -270,7 +270,8 @@ def test_train_mix_reads_a_batch_per_source_and_resumes_mid_epoch_exactly(tmp_pa
         model = Recorder()
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
         trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[every] if ckpt is None else [], enable_progress_bar=False,
-                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+                             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                             default_root_dir=str(tmp_path))  # the resumed run's default checkpoints too
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
         return model.steps, dm
 
