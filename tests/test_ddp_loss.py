@@ -21,8 +21,13 @@ def make_model(tower: str = "vit") -> CLIP | Binding:
     text = TextTransformer("tiny", vocab_size=50, context_length=8)
     if tower == "binding":  # audio and video (LoRA on the frozen ConvNet, whose batch-norm statistics stay fixed)
         audio = AudioTransformer(num_mel_bins=32, target_frames=32, width=32, layers=1, heads=2)
-        return Binding(vision, text, audio, embed_dim=16, anchor="text", modalities=["audio", "video"],
-                       frame_tuning="lora", lora={"rank": 2})
+        model = Binding(vision, text, audio, embed_dim=16, anchor="text", modalities=["audio", "video"],
+                        frame_tuning="lora", lora={"rank": 2})
+        with torch.no_grad():  # B away from zero, so the adapters' A matrices get gradients too
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(std=0.1)
+        return model
     return CLIP(vision, text, embed_dim=16)
 
 
