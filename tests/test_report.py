@@ -175,3 +175,18 @@ def test_bench_runs_a_suite_skips_what_is_done_and_builds_the_report(tmp_path):
     data = json.loads((tmp_path / "report" / "leaderboard.json").read_text())
     rows = data["sections"][0]["groups"][0]["rows"]
     assert rows[0]["intervals"] and rows[0]["provenance"]["samples_seen"] == 32  # 2 steps of 16
+
+
+def test_compare_prints_the_paired_difference_of_two_runs(tmp_path, capsys):
+    from lit_vlm.report import main as report
+
+    write_run(tmp_path / "runs/a/version_0", r1=0.75, hits=[1, 0, 1, 1])
+    write_run(tmp_path / "runs/b/version_0", r1=1.0, hits=[1, 1, 1, 1])
+    report([str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--resamples", "2000",
+          "--compare", "a/version_0 (CLIP)", "b/version_0 (CLIP)"])
+    comparison = json.loads((tmp_path / "report/leaderboard.json").read_text())["comparison"]["metrics"]["zeroshot/top1"]
+    assert comparison["difference"] == pytest.approx(0.25)  # one sample of four flips to right
+    # B is not better exactly when a resample misses that sample: (3/4)^4 = 0.316
+    assert comparison["p_b_not_better"] == pytest.approx(0.75**4, abs=0.04)
+    printed = capsys.readouterr().out
+    assert "A: a/version_0 (CLIP)" in printed and "zeroshot/top1  +0.2500 [" in printed

@@ -103,4 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Leaderboard: {len(data['sections'])} task(s), {rows} row(s)")
     for kind, path in files.items():
         print(f"  {kind:8s} {path.resolve()}")
+    if "comparison" in data:
+        print(format_comparison(data["comparison"]))
     return 0
+
+
+def format_comparison(comparison: dict) -> str:
+    """``compare_runs``' result as lines: each metric's B - A, its 95% interval and p."""
+    lines = [f"B - A, paired bootstrap over the samples both runs scored (95% interval; p: share of resamples "
+             f"where B is not better)\n  A: {comparison['a']}\n  B: {comparison['b']}"]
+    width = max((len(m) for m in comparison["metrics"]), default=0)
+    for metric, d in comparison["metrics"].items():
+        lines.append(f"  {metric:<{width}}  {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]  p={d['p_b_not_better']:.3f}")
+    return "\n".join(lines)
