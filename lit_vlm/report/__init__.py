@@ -114,5 +114,6 @@ def format_comparison(comparison: dict) -> str:
              f"where B is not better)\n  A: {comparison['a']}\n  B: {comparison['b']}"]
     width = max((len(m) for m in comparison["metrics"]), default=0)
     for metric, d in comparison["metrics"].items():
-        lines.append(f"  {metric:<{width}}  {d['difference']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]  p={d['p_b_not_better']:.3f}")
+        interval = f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+        lines.append(f"  {metric:<{width}}  {d['difference']:+.4f} {interval}  p={d['p_b_not_better']:.3f}")
     return "\n".join(lines)
